@@ -1,0 +1,490 @@
+"""Datasets that decode images to uint8 tensors for the trainer.
+
+Every item is ``(image, label)``: ``image`` a ``torch.uint8`` tensor of shape
+(C, H, W) with C = 1 (grayscale source) or 3 (colour source), ``label`` an
+``int`` (-1 when unknown). Every dataset has ``.files`` (one identifier per
+item) and ``.classes`` (class names, empty when unlabeled). Workers only decode
+and resize; random augmentation happens later, on the device.
+
+``image_size`` (everywhere): ``None`` keeps the source size; an int ``s`` or a
+pair ``(h, w)`` scales the image (antialiased, bilinear) until it covers
+``h x w`` while keeping its aspect ratio, then crops the centre. For an int
+this is "shorter side to ``s``, centre crop to a square".
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "ImageFolder", "FashionMNIST", "Digits",
+    "TensorImages", "as_uint8_dataset", "load_dataset", "collate", "read_idx",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_FASHION_MNIST_HELP = (
+    "Install them with `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu; "
+    f"files land in {FASHION_MNIST_DIR}), or download the four *-ubyte.gz files from "
+    "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion) into a "
+    "folder and pass root=that_folder."
+)
+_GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_FLOAT_TOLERANCE = 1e-4  # float pipelines produce 1.0000001; that is not a user error
+_CHANNEL_PEEK = 32  # headers read to decide a folder's channel count
+
+
+Size = tuple[int, int]
+
+
+def _pair(image_size: int | Sequence[int] | None) -> Size | None:
+    """Return image_size as (h, w), or None."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    size = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ValueError(f"image_size must be a positive int or a pair (height, width) of them, got {image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _cover_scale(height: int, width: int, size: Size) -> float:
+    """Scale factor at which a height x width image just covers size."""
+    return max(size[0] / height, size[1] / width)
+
+
+def _resize_tensor(image: torch.Tensor, size: Size | None) -> torch.Tensor:
+    """Resize a uint8 (C, H, W) tensor to cover size, then centre-crop it."""
+    if size is None or tuple(image.shape[1:]) == size:
+        return image
+    _, height, width = image.shape
+    scale = _cover_scale(height, width, size)
+    new_h, new_w = max(size[0], round(height * scale)), max(size[1], round(width * scale))
+    if (new_h, new_w) != (height, width):
+        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
+                                antialias=True, align_corners=False)[0]
+        image = resized.round_().clamp_(0, 255).to(torch.uint8)
+    top, left = (new_h - size[0]) // 2, (new_w - size[1]) // 2
+    return image[:, top:top + size[0], left:left + size[1]].contiguous()
+
+
+def _source_channels(image: Image.Image) -> int:
+    """1 for grayscale PIL modes, 3 for everything else."""
+    return 1 if image.mode in _GRAY_MODES or image.mode.startswith("I;16") else 3
+
+
+def _pil_to_tensor(image: Image.Image, channels: int | None = None, size: Size | None = None) -> torch.Tensor:
+    """Decode a PIL image to a uint8 (C, H, W) tensor with the given channel count and size."""
+    channels = channels or _source_channels(image)
+    # phone photos store their rotation in EXIF (tag 0x0112); 5-8 swap height and width
+    turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    if size is not None and image.format == "JPEG":
+        # let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers size: much faster
+        scale = _cover_scale(image.height, image.width, size[::-1] if turned else size)
+        image.draft(None, (int(np.ceil(image.width * scale)), int(np.ceil(image.height * scale))))
+    ImageOps.exif_transpose(image, in_place=True)
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        # transparent pixels carry arbitrary colours; show them on white as a viewer would
+        rgba = image.convert("RGBA")
+        flat = Image.new(mode, image.size, 255 if channels == 1 else (255, 255, 255))
+        flat.paste(rgba.convert(mode), mask=rgba.getchannel("A"))
+        image = flat
+    elif image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit grayscale; PIL's convert("L") would clip at 255 instead of scaling.
+        # Mode "I" does not say its depth: treat it as 16-bit once a value exceeds 255.
+        deep = np.asarray(image, dtype=np.float64)
+        if image.mode != "I" or deep.max(initial=0) > 255:
+            deep = deep * (255 / 65535)
+        image = Image.fromarray(np.clip(np.round(deep), 0, 255).astype(np.uint8)).convert(mode)
+    elif image.mode != mode:
+        image = image.convert(mode)
+    if size is not None and image.size != (size[1], size[0]):
+        scale = _cover_scale(image.height, image.width, size)
+        crop_w, crop_h = size[1] / scale, size[0] / scale
+        left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR,
+                             box=(left, top, left + crop_w, top + crop_h))
+    array = np.asarray(image, dtype=np.uint8)
+    array = array[:, :, None] if array.ndim == 2 else array
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _tensor_to_uint8(image: torch.Tensor, where: str) -> torch.Tensor:
+    """Convert an image tensor (uint8, integer 0..255, or float in [0, 1]) to uint8."""
+    if image.dtype == torch.uint8:
+        return image
+    if image.is_floating_point():
+        if torch.isnan(image).any():
+            raise ValueError(f"{where} contains NaN; expected floats in [0, 1]")
+        low, high = image.min().item(), image.max().item()
+        if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+            raise ValueError(f"{where} has float values in [{low:g}, {high:g}]; expected [0, 1]. "
+                             "Divide 0..255 data by 255, undo any normalization, or pass uint8.")
+        return image.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    if image.dtype != torch.bool and not image.is_complex():
+        low, high = image.min().item(), image.max().item()
+        if 0 <= low and high <= 255:
+            return image.to(torch.uint8)
+        raise ValueError(f"{where} has integer values in [{low}, {high}]; expected 0..255 (uint8)")
+    raise TypeError(f"{where} has dtype {image.dtype}; expected uint8 or float in [0, 1]")
+
+
+def _check_chw(image: torch.Tensor, where: str) -> torch.Tensor:
+    """Return image as (C, H, W) with C in {1, 3}; (H, W) becomes (1, H, W)."""
+    image = image[None] if image.dim() == 2 else image
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        hint = " (looks like HWC: use .permute(2, 0, 1))" if image.dim() == 3 and image.shape[-1] in (1, 3) else ""
+        raise ValueError(f"{where} has shape {tuple(image.shape)}; expected (C, H, W) with C = 1 or 3{hint}")
+    return image
+
+
+def _identifiers(prefix: str, n: int) -> list[str]:
+    """Zero-padded item names like 'prefix/00042'."""
+    width = max(5, len(str(max(n - 1, 0))))
+    return [f"{prefix}/{i:0{width}d}" for i in range(n)]
+
+
+class ImageFolder(Dataset):
+    """Images under a folder: flat (unlabeled) or one subfolder per class.
+
+    Files directly in ``root`` get label -1; files anywhere below a subfolder
+    get that subfolder's class. Hidden files and folders (".name") are ignored.
+    ``channels``: None decides once per folder (3 if any of up to 32 sampled
+    images is colour, else 1) so that a folder never mixes channel counts; 1 or 3
+    forces it. Unreadable files are replaced by the next readable one; they are
+    counted in ``num_bad`` (shared by DataLoader workers) and warned about once.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int | Sequence[int] | None = None,
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, channels: int | None = None) -> None:
+        self.root = Path(root).expanduser()
+        self.image_size = _pair(image_size)
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+        if not self.root.exists():
+            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"{str(self.root)!r} is a file; pass the folder that holds the images")
+        extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        self.files, skipped = self._scan(extensions)
+        if not self.files:
+            others = f"; found {len(skipped)} other files, e.g. {skipped[0]!r}" if skipped else ""
+            raise ValueError(
+                f"no images ({', '.join(extensions)}) found in {str(self.root)!r}{others}. Expected images "
+                "directly in the folder (unlabeled) or one subfolder per class holding that class's images.")
+        tops = [f.split("/", 1)[0] if "/" in f else None for f in self.files]
+        self.classes: list[str] = sorted({t for t in tops if t is not None})
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.labels: list[int] = [-1 if t is None else index[t] for t in tops]
+        self.channels = channels or self._peek_channels()
+        # shared memory so that files found bad inside DataLoader workers are counted here too
+        self._bad = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
+        self._warned = torch.zeros(1, dtype=torch.bool).share_memory_()
+
+    def _scan(self, extensions: tuple[str, ...]) -> tuple[list[str], list[str]]:
+        """Sorted relative paths of images below root, and of other files seen."""
+        found, others, seen = [], [], set()
+        for folder, subfolders, names in os.walk(self.root, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a symlink loop would otherwise walk forever
+                subfolders[:] = []
+                continue
+            seen.add(real)
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            rel = Path(folder).relative_to(self.root)
+            for name in sorted(names):
+                if name.startswith("."):  # e.g. macOS "._x.jpg" resource forks: not images
+                    continue
+                path = (rel / name).as_posix()
+                (found if os.path.splitext(name)[1].lower() in extensions else others).append(path)
+        return found, others
+
+    def _peek_channels(self) -> int:
+        """3 if any sampled image header is colour, else 1."""
+        step = max(1, len(self.files) // _CHANNEL_PEEK)
+        for rel in self.files[::step][:_CHANNEL_PEEK]:
+            try:
+                with Image.open(self.root / rel) as image:
+                    if _source_channels(image) == 3:
+                        return 3
+            except Exception:  # unreadable files are dealt with (and reported) when loaded
+                continue
+        return 1
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_bad(self) -> int:
+        """How many unreadable files were found so far (in any worker)."""
+        return int(self._bad.sum())
+
+    @property
+    def bad_files(self) -> list[str]:
+        """The unreadable files found so far (in any worker)."""
+        return [self.files[i] for i in self._bad.nonzero().flatten().tolist()]
+
+    def load(self, index: int) -> torch.Tensor:
+        """Decode one file; raises whatever PIL raises for a bad file."""
+        with Image.open(self.root / self.files[index]) as image:
+            return _pil_to_tensor(image, self.channels, self.image_size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.files)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        index %= n
+        error: Exception | None = None
+        for offset in range(n):
+            i = (index + offset) % n
+            if self._bad[i]:
+                continue
+            try:
+                return self.load(i), self.labels[i]
+            except Exception as exc:  # any decoder failure: one bad file must not end a long run
+                error = exc
+                self._bad[i] = True
+                self._warn(i, exc)
+        raise RuntimeError(f"none of the {n} images under {str(self.root)!r} could be read; last error: {error!r}")
+
+    def _warn(self, index: int, error: Exception) -> None:
+        """Warn about the first unreadable file of this dataset, in whichever process finds it."""
+        if self._warned[0]:
+            return
+        self._warned[0] = True
+        warnings.warn(
+            f"{self.num_bad} unreadable image(s) under {str(self.root)!r} so far, e.g. {self.files[index]!r} "
+            f"({type(error).__name__}: {error}); each is replaced by the next readable image. "
+            "This warning is shown once; dataset.num_bad and dataset.bad_files list them all.",
+            RuntimeWarning, stacklevel=3)
+
+
+class TensorImages(Dataset):
+    """Images held in one tensor (N, C, H, W) or (N, H, W), uint8 or float in [0, 1]."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int] | torch.Tensor | None = None,
+                 image_size: int | Sequence[int] | None = None, classes: Sequence[str] = (),
+                 name: str = "tensor") -> None:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
+        images = images[:, None] if images.dim() == 3 else images
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images has shape {tuple(images.shape)}; expected (N, C, H, W) with C = 1 or 3, "
+                             "or (N, H, W) for grayscale")
+        self.images = _tensor_to_uint8(images.detach().cpu(), "images").contiguous()
+        n = len(self.images)
+        if labels is None:
+            self.labels = [-1] * n
+        else:
+            self.labels = [int(y) for y in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+            if len(self.labels) != n:
+                raise ValueError(f"got {len(self.labels)} labels for {n} images; pass one label per image")
+        self.image_size = _pair(image_size)
+        self.classes = list(classes)
+        self.files = _identifiers(name, n)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return _resize_tensor(self.images[index], self.image_size), self.labels[index]
+
+
+def read_idx(path: str | os.PathLike, ndim: int | None = None) -> torch.Tensor:
+    """Read an unsigned-byte IDX file (optionally gzip-compressed) into a uint8 tensor."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path}: corrupt gzip data ({exc}); download the file again") from exc
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] == 0:
+        magic = raw[:4].hex() or "empty file"
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic number {magic}, expected 000008 "
+                         "followed by the number of dimensions); is it the right, complete file?")
+    dims_found = raw[3]
+    if ndim is not None and dims_found != ndim:
+        raise ValueError(f"{path}: IDX file has {dims_found} dimensions, expected {ndim} "
+                         "(images have 3, labels 1); are the file names swapped?")
+    header = 4 + 4 * dims_found
+    if len(raw) < header:
+        raise ValueError(f"{path}: IDX header is truncated; download the file again")
+    shape = struct.unpack(f">{dims_found}I", raw[4:header])
+    if len(raw) - header != int(np.prod(shape)):
+        raise ValueError(f"{path}: IDX header promises {int(np.prod(shape))} bytes of data for shape {shape}, "
+                         f"found {len(raw) - header}; download the file again")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+
+
+class FashionMNIST(TensorImages):
+    """Fashion-MNIST (60k train / 10k test, 1x28x28, 10 classes) from its IDX files."""
+
+    FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+    def __init__(self, root: str | os.PathLike = FASHION_MNIST_DIR, train: bool = True,
+                 image_size: int | Sequence[int] | None = None, limit: int | None = None) -> None:
+        root = Path(root).expanduser()
+        split = "train" if train else "t10k"
+        images = read_idx(self._find(root, f"{split}-images-idx3-ubyte"), ndim=3)
+        labels = read_idx(self._find(root, f"{split}-labels-idx1-ubyte"), ndim=1)
+        if len(images) != len(labels):
+            raise ValueError(f"{root}: {len(images)} {split} images but {len(labels)} labels; "
+                             "the files are from different sets or truncated")
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        super().__init__(images, labels, image_size, FASHION_MNIST_CLASSES,
+                         name=f"fashion-mnist/{'train' if train else 'test'}")
+        self.root, self.train = root, train
+
+    @staticmethod
+    def _find(root: Path, stem: str) -> Path:
+        """The .gz or uncompressed file for stem; FileNotFoundError with install advice."""
+        for path in (root / f"{stem}.gz", root / stem):
+            if path.is_file():
+                return path
+        raise FileNotFoundError(f"Fashion-MNIST file {stem}.gz (or {stem}) not found in {str(root)!r}. "
+                                + _FASHION_MNIST_HELP)
+
+    @staticmethod
+    def download(root: str | os.PathLike, url: str = FASHION_MNIST_URL) -> Path:
+        """Fetch the four IDX files into root (needs internet); returns root."""
+        root = Path(root).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        for stem in FashionMNIST.FILES:
+            target = root / f"{stem}.gz"
+            if target.is_file():
+                continue
+            try:
+                with urllib.request.urlopen(url + target.name, timeout=60) as response:
+                    data = response.read()
+            except (urllib.error.URLError, OSError) as exc:
+                raise ConnectionError(f"could not download {url + target.name}: {exc}. Without internet: "
+                                      + _FASHION_MNIST_HELP) from exc
+            # write then rename, so an interrupted download never leaves a half file behind
+            with tempfile.NamedTemporaryFile(dir=root, delete=False) as tmp:
+                tmp.write(data)
+            os.replace(tmp.name, target)
+        return root
+
+
+class Digits(TensorImages):
+    """scikit-learn's 1,797 8x8 handwritten digits as 1x8x8 uint8, labels 0-9 (no train/test split)."""
+
+    def __init__(self, image_size: int | Sequence[int] | None = None) -> None:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as exc:
+            raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from exc
+        bunch = load_digits()
+        images = np.round(bunch.images * (255 / 16)).clip(0, 255).astype(np.uint8)  # values are 0..16
+        super().__init__(torch.from_numpy(images), torch.from_numpy(bunch.target), image_size,
+                         [str(d) for d in range(10)], name="digits")
+
+
+class _Uint8View(Dataset):
+    """Any map-style dataset of tensors or PIL images, seen through the item contract."""
+
+    def __init__(self, dataset: Dataset, image_size: Size | None) -> None:
+        try:
+            n = len(dataset)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise TypeError(f"{type(dataset).__name__} has no __len__; wrap a map-style dataset") from exc
+        self.dataset, self.image_size = dataset, image_size
+        files = getattr(dataset, "files", None)
+        self.files = list(files) if isinstance(files, (list, tuple)) and len(files) == n \
+            else _identifiers(type(dataset).__name__, n)
+        classes = getattr(dataset, "classes", None)
+        self.classes = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.dataset[index]
+        image, label = item, -1
+        if isinstance(item, (tuple, list)):
+            if not item:
+                raise ValueError(f"item {index} is an empty {type(item).__name__}; expected an image first")
+            image = item[0]
+            if len(item) > 1:
+                label = _as_label(item[1])
+        where = f"item {index} of {type(self.dataset).__name__}"
+        if isinstance(image, Image.Image):
+            return _pil_to_tensor(image, size=self.image_size), label
+        if isinstance(image, torch.Tensor):
+            image = _tensor_to_uint8(_check_chw(image.detach().cpu(), where), where)
+            return _resize_tensor(image, self.image_size), label
+        raise TypeError(f"{where} is a {type(image).__name__}; expected a (C, H, W) tensor or a PIL image, "
+                        "alone or first in a tuple")
+
+
+def _as_label(value: Any) -> int:
+    """An int label from an int or an integer scalar tensor; -1 for anything else."""
+    if isinstance(value, bool):
+        return -1
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return int(value.item())
+    return -1
+
+
+def as_uint8_dataset(dataset: Dataset | torch.Tensor, image_size: int | Sequence[int] | None = None) -> Dataset:
+    """A dataset following the item contract, from a tensor or any dataset of tensors/PIL images."""
+    if isinstance(dataset, torch.Tensor):
+        return TensorImages(dataset, image_size=image_size)
+    return _Uint8View(dataset, _pair(image_size))
+
+
+def load_dataset(spec: str, image_size: int | Sequence[int] | None = None, train: bool = True,
+                 root: str | os.PathLike | None = None, channels: int | None = None) -> Dataset:
+    """'fashion-mnist', 'digits' or an image folder path, as a dataset of uint8 images.
+
+    ``train`` and ``root`` (where the IDX files are) apply to Fashion-MNIST only;
+    ``channels`` to folders only. Prefix a folder named like a built-in with "./".
+    """
+    name = str(spec).strip().lower().replace("_", "-")
+    if name in ("fashion-mnist", "fashionmnist"):
+        return FashionMNIST(root if root is not None else FASHION_MNIST_DIR, train=train, image_size=image_size)
+    if name == "digits":
+        return Digits(image_size=image_size)
+    if Path(spec).expanduser().exists():
+        return ImageFolder(spec, image_size=image_size, channels=channels)
+    raise ValueError(f"unknown dataset {spec!r}: expected 'fashion-mnist', 'digits', "
+                     "or the path of an existing image folder")
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (image, label) items into uint8 images (B, C, H, W) and int64 labels (B,)."""
+    images = [item[0] for item in batch]
+    shapes = sorted({tuple(image.shape) for image in images})
+    if len(shapes) > 1:
+        what = "channel counts" if len({s[0] for s in shapes}) > 1 else "sizes"
+        advice = ("pass channels=3 (or 1) to the dataset" if what == "channel counts"
+                  else "pass image_size=... (an int or (height, width)) to the dataset")
+        raise ValueError(f"images in this batch have different {what}: {shapes[:3]}; {advice}")
+    labels = torch.tensor([int(item[1]) for item in batch], dtype=torch.int64)
+    return torch.stack(images), labels
