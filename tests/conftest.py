@@ -1,0 +1,45 @@
+"""Shared test helpers: tiny nets and a naive Fashion-MNIST reader."""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+FMNIST = Path(os.environ.get("WRAPSSL_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def small_cnn(channels: int = 3, width: int = 32, num_classes: int = 10) -> nn.Sequential:
+    """A small ResNet-like stem for CPU tests; child -2 is the global pool."""
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Naive IDX reader, independent of wrapssl.data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+@pytest.fixture(scope="session")
+def fmnist_train():
+    """The first 4096 Fashion-MNIST training images as uint8 (N,1,28,28) and their labels."""
+    img = FMNIST / "train-images-idx3-ubyte.gz"
+    if not img.exists():
+        pytest.skip("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
+    x = torch.from_numpy(read_idx(img)[:4096].copy()).unsqueeze(1)
+    y = torch.from_numpy(read_idx(FMNIST / "train-labels-idx1-ubyte.gz")[:4096].astype(np.int64))
+    return x, y
