@@ -1,0 +1,318 @@
+"""The Learner contract: untouched net, parameters, losses, EMA, embeddings, errors, real training."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+import wrapssl
+from wrapssl import BYOL, Learner
+from wrapssl.ema import cosine_momentum
+
+from conftest import small_cnn
+
+SMALL = dict(projection_hidden_size=64, projection_size=16)
+
+
+def snapshot(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}, [m.training for m in net.modules()]
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+@pytest.mark.parametrize("method", ["byol", "simsiam"])
+def test_construction_leaves_net_bit_identical(train_mode, method):
+    net = models.resnet18()
+    net.train(train_mode)
+    net.layer1.eval()  # mixed modes must survive too
+    state, modes = snapshot(net)
+    Learner(net, image_size=32, hidden_layer="avgpool", method=method)
+    assert [m.training for m in net.modules()] == modes
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_parameters_hold_heads_before_any_forward():
+    net = small_cnn()
+    learner = Learner(net, image_size=16, hidden_layer=-2, **SMALL)
+    trainable = {id(p) for p in learner.parameters() if p.requires_grad}
+    expected = {id(p) for p in net.parameters()}
+    expected |= {id(p) for p in learner.method.projector.parameters()}
+    expected |= {id(p) for p in learner.method.predictor.parameters()}
+    assert trainable == expected
+    # the target exists already and has no trainable parameter
+    assert learner.target_encoder is not None
+    assert not any(p.requires_grad for p in learner.target_encoder.parameters())
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1)
+    before = net[0].weight.clone()
+    learner(torch.rand(4, 3, 16, 16)).backward()
+    opt.step()
+    assert not torch.equal(before, net[0].weight)
+
+
+def naive_byol_loss(learner, v1, v2):
+    """BYOL's loss recomputed by hand, one sample at a time."""
+    m, norm = learner.method, learner.normalize
+    both = norm(torch.cat([v1, v2]))  # views of one size share a forward pass (and BN batch)
+    z = m.projector(learner.net[:-1](both)).chunk(2)
+    p = m.predictor(torch.cat(z)).chunk(2)
+    with torch.no_grad():
+        t = learner.target_projector(learner.target_encoder.net[:-1](both)).chunk(2)
+    total = 0.0
+    for i, j in ((0, 1), (1, 0)):
+        per = []
+        for b in range(v1.shape[0]):
+            a, c = p[i][b], t[j][b]
+            cos = (a * c).sum() / (a.norm() * c.norm())
+            per.append(2 - 2 * cos)
+        total = total + sum(per) / len(per)
+    return total
+
+
+def test_byol_loss_matches_naive_computation():
+    torch.manual_seed(0)
+    x1, x2 = torch.rand(6, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    # deterministic "augmentations" so the naive computation sees the same views
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, augment_fn=lambda x: x1,
+                      augment_fn2=lambda x: x2, **SMALL)
+    # make the target differ from the online net so the test sees which branch is which
+    with torch.no_grad():
+        for p in learner.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss = learner(x1)
+    torch.testing.assert_close(loss, naive_byol_loss(learner, x1, x2), rtol=1e-5, atol=1e-5)
+
+
+def test_simsiam_loss_matches_naive_and_stops_gradient():
+    torch.manual_seed(0)
+    x1, x2 = torch.rand(5, 3, 16, 16), torch.rand(5, 3, 16, 16)
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, method="simsiam",
+                      augment_fn=lambda x: x1, augment_fn2=lambda x: x2,
+                      projection_size=32, prediction_hidden_size=8)
+    assert learner.target_encoder is None
+    assert learner.method.projection_size == 32
+    m, norm = learner.method, learner.normalize
+    z1, z2 = m.projector(learner.net[:-1](norm(torch.cat([x1, x2])))).chunk(2)
+    p1, p2 = m.predictor(torch.cat([z1, z2])).chunk(2)
+    naive = 0.0
+    for b in range(5):
+        naive -= 0.5 * (F.cosine_similarity(p1[b], z2[b].detach(), dim=0)
+                        + F.cosine_similarity(p2[b], z1[b].detach(), dim=0)) / 5
+    loss = learner(x1)
+    torch.testing.assert_close(loss, naive, rtol=1e-5, atol=1e-6)
+    # the stop-gradient: the loss has no path to z through the target side
+    z = torch.randn(4, 32, requires_grad=True)
+    m.eval()
+    m.loss([z, z], None).backward()
+    g_full = z.grad.clone()
+    z.grad = None
+    p = m.predictor(torch.cat([z, z])).chunk(2)
+    (-(F.cosine_similarity(p[0], z.detach()).mean() + F.cosine_similarity(p[1], z.detach()).mean()) / 2).backward()
+    torch.testing.assert_close(g_full, z.grad)
+
+
+def test_ema_update_equals_naive_loop_with_cosine_schedule():
+    torch.manual_seed(0)
+    net = small_cnn()
+    learner = Learner(net, image_size=16, hidden_layer=-2, moving_average_decay=0.9, total_steps=10, **SMALL)
+    opt = torch.optim.SGD(learner.parameters(), lr=0.5)
+    online = nn.ModuleList([net, learner.method.projector])
+    target = nn.ModuleList([learner.target_encoder.net, learner.target_projector])
+    for step in range(4):
+        learner(torch.rand(4, 3, 16, 16)).backward()
+        opt.step()
+        opt.zero_grad()
+        expected_t = [t.clone() for t in target.parameters()]
+        m = 1 - (1 - 0.9) * (math.cos(math.pi * step / 10) + 1) / 2
+        assert learner.current_momentum == pytest.approx(m)
+        for i, o in enumerate(online.parameters()):
+            expected_t[i] = m * expected_t[i] + (1 - m) * o.detach()
+        learner.update_moving_average()
+        for got, exp in zip(target.parameters(), expected_t):
+            torch.testing.assert_close(got, exp)
+        for ob, tb in zip(online.buffers(), target.buffers()):
+            assert torch.equal(ob, tb)  # BN statistics kept in sync
+    assert learner.step == 4
+    assert cosine_momentum(0.9, 10, 10) == 1.0 and cosine_momentum(0.9, 3, None) == 0.9
+
+
+def test_ema_survives_moving_the_learner():
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, moving_average_decay=0.0, **SMALL)
+    learner.to(torch.float64)
+    with torch.no_grad():
+        for p in learner.net.parameters():
+            p.add_(1.0)
+    learner.update_moving_average()  # momentum 0: target == online
+    for o, t in zip(learner.net.parameters(), learner.target_encoder.net.parameters()):
+        assert t.dtype == torch.float64 and torch.equal(o, t)
+
+
+def test_use_momentum_false_has_no_target_and_still_learns():
+    learner = BYOL(small_cnn(), image_size=16, use_momentum=False, **SMALL)
+    assert learner.target_encoder is None
+    learner(torch.rand(4, 3, 16, 16)).backward()
+    learner.update_moving_average()
+    assert learner.step == 1 and learner.net[0].weight.grad is not None
+
+
+def test_per_sample_augmentation_differs_within_a_batch():
+    torch.manual_seed(0)
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, **SMALL)
+    img = torch.rand(1, 3, 32, 32).expand(8, -1, -1, -1).contiguous()  # eight copies of one image
+    crop = learner.views.transforms[0][0]
+    out = crop(img)
+    diffs = [(out[0] - out[i]).abs().max().item() for i in range(1, 8)]
+    assert min(diffs) > 1e-3, "two samples of one batch received the same crop"
+    views = learner.views(img)
+    assert len(views) == 2 and views[0].shape == (8, 3, 16, 16)
+
+
+def test_uint8_and_one_channel_inputs_are_accepted():
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, **SMALL)
+    x = torch.randint(0, 256, (4, 1, 20, 24), dtype=torch.uint8)
+    assert torch.isfinite(learner(x))
+    ref = x.float().div(255).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(wrapssl.augment.to_float(x), ref)
+    emb_u8 = learner.embed(x)
+    emb_f = learner.embed(x.float() / 255)
+    torch.testing.assert_close(emb_u8, emb_f)
+
+
+def test_embed_has_no_grad_and_leaves_bn_statistics():
+    net = small_cnn()
+    learner = Learner(net, image_size=16, hidden_layer=-2, **SMALL)
+    learner.train()
+    state, modes = snapshot(net)
+    x = torch.rand(4, 3, 16, 16)
+    e = learner.embed(x)
+    assert e.shape == (4, 64) and not e.requires_grad
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert [m.training for m in net.modules()] == modes
+    with torch.no_grad():
+        expected = net.eval()[:-1](learner.normalize(x))
+    torch.testing.assert_close(e, expected)
+
+
+def test_return_embedding_gives_projection_and_embedding_without_augmentation():
+    net = small_cnn().eval()
+    learner = Learner(net, image_size=16, hidden_layer=-2, **SMALL).eval()
+    x = torch.rand(3, 3, 16, 16)
+    proj, emb = learner(x, return_embedding=True)
+    expected_emb = net[:-1](learner.normalize(x))
+    torch.testing.assert_close(emb, expected_emb)
+    torch.testing.assert_close(proj, learner.method.projector(expected_emb))
+    torch.testing.assert_close(learner(x, return_embedding=True, return_projection=False), expected_emb)
+
+
+def test_byol_pytorch_readme_example_runs_with_only_the_import_changed():
+    resnet = models.resnet18()
+    learner = BYOL(resnet, image_size=32, hidden_layer="avgpool")
+    opt = torch.optim.Adam(learner.parameters(), lr=3e-4)
+    before = resnet.conv1.weight.clone()
+    for _ in range(2):
+        images = torch.randn(4, 3, 32, 32).clamp(0, 1)
+        loss = learner(images)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        learner.update_moving_average()
+    assert not torch.equal(before, resnet.conv1.weight)
+    assert learner.momentum == 0.99 and learner.method.projection_hidden_size == 4096
+    kw = BYOL(models.resnet18(), image_size=32, hidden_layer=-2, projection_size=128, projection_hidden_size=256,
+              moving_average_decay=0.9, use_momentum=True,
+              augment_fn=nn.Sequential(wrapssl.view_transform(32)))
+    assert kw.method.projector[-1].out_features == 128 and kw.momentum == 0.9
+
+
+def test_state_dict_round_trip_keeps_step_and_target():
+    a = Learner(small_cnn(), image_size=16, hidden_layer=-2, **SMALL)
+    a(torch.rand(4, 3, 16, 16)).backward()
+    a.update_moving_average()
+    a.update_moving_average()
+    b = Learner(small_cnn(), image_size=16, hidden_layer=-2, **SMALL)
+    b.load_state_dict(a.state_dict())
+    assert b.step == 2
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        if isinstance(p, torch.Tensor):
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.rand(1, 3, 16, 16), ValueError, "at least 2 images"),
+    (torch.rand(3, 16, 16), ValueError, r"unsqueeze\(0\)"),
+    (torch.rand(4, 3, 16, 16).double().mul(300), ValueError, r"\[0,1\]"),
+    (torch.full((4, 3, 16, 16), float("nan")), ValueError, "NaN"),
+    (torch.ones(4, 3, 16, 16, dtype=torch.int32), TypeError, "uint8 or floating"),
+    (torch.rand(4, 4, 16, 16), ValueError, "alpha"),
+    ([1, 2, 3], TypeError, "torch.Tensor"),
+])
+def test_bad_input_is_a_clear_error(bad, error, match):
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, **SMALL)
+    with pytest.raises(error, match=match):
+        learner(bad)
+
+
+def test_net_errors_are_surfaced_with_context():
+    net = small_cnn(channels=1)
+    with pytest.raises(RuntimeError, match="channels"):
+        learner = Learner(net, image_size=16, hidden_layer=-2, channels=3, **SMALL)
+        learner(torch.rand(4, 3, 16, 16))
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown method 'byl'.*'byol'"):
+        Learner(small_cnn(), image_size=16, method="byl")
+    with pytest.raises(ValueError, match="image_size"):
+        Learner(small_cnn(), image_size=0)
+    with pytest.raises(TypeError, match="method 'byol'"):
+        Learner(small_cnn(), image_size=16, projection_sise=3)
+    with pytest.raises(ValueError, match="moving_average_decay"):
+        Learner(small_cnn(), image_size=16, moving_average_decay=1.5)
+
+
+def test_user_method_instance():
+    class Cosine(wrapssl.Method):
+        uses_target = False
+
+        def build(self, dim):
+            self.projector = nn.Linear(dim, 8)
+
+        def default_views(self, image_size, channels=3):
+            return wrapssl.simclr_views(image_size, channels=channels)
+
+        def loss(self, online, target, step=0):
+            return -F.cosine_similarity(online[0], online[1]).mean()
+
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, method=Cosine())
+    loss = learner(torch.rand(4, 3, 16, 16))
+    loss.backward()
+    assert learner.method.projector.weight.grad is not None
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    ("byol", dict(projection_hidden_size=512, projection_size=64)),
+    ("simsiam", dict(projection_size=256, prediction_hidden_size=64)),
+])
+def test_short_fashion_mnist_run_lowers_loss_without_collapse(fmnist_train, method, kwargs):
+    torch.manual_seed(0)
+    x, _ = fmnist_train
+    net = small_cnn(channels=1)
+    learner = Learner(net, image_size=28, hidden_layer=-2, channels=1, method=method,
+                      normalize=((0.286,), (0.353,)), total_steps=120, **kwargs)
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    losses = []
+    g = torch.Generator().manual_seed(0)
+    for step in range(120):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = learner(x[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        learner.update_moving_average()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 0.05 * abs(first), (first, last)
+    emb = F.normalize(learner.embed(x[:512]), dim=1)
+    assert emb.std(dim=0).mean() > 0.02, "embeddings collapsed to a point"

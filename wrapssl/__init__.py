@@ -1,0 +1,12 @@
+"""wrapssl: self-supervised pretraining of any PyTorch vision network in three lines."""
+from .augment import Views, byol_views, multicrop_views, simclr_views, view_transform
+from .compat import BYOL
+from .learner import Learner
+from .methods import Method, available_methods, get_method, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Learner", "BYOL", "Method", "available_methods", "get_method", "register_method",
+    "Views", "view_transform", "byol_views", "simclr_views", "multicrop_views",
+]

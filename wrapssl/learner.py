@@ -1,0 +1,230 @@
+"""Learner: wraps a user's net into a self-supervised objective. Knows no method by name."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, Views, resize, to_float
+from .ema import EMA, cosine_momentum, make_target
+from .hidden import Encoder, LayerSpec
+from .methods import Method, get_method
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode and restore every submodule's own flag afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+
+
+@contextlib.contextmanager
+def _on_meta(module: nn.Module) -> Iterator[None]:
+    """Swap every parameter and buffer of ``module`` for a meta tensor; restore the originals after."""
+    saved = []
+    for m in module.modules():
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is not None:
+                    saved.append((store, name, t))
+    try:
+        for store, name, t in saved:
+            meta = torch.empty_like(t, device="meta")
+            store[name] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        yield
+    finally:
+        for store, name, t in saved:
+            store[name] = t
+
+
+def _feature_dim(encoder: Encoder, channels: int, image_size: int) -> int:
+    """Width of the pooled hidden layer, found without touching the user's net.
+
+    A forward on the meta device costs no memory or compute and moves no
+    BN statistics; nets that meta tensors cannot run through get a forward
+    on a throw-away copy in eval mode instead.
+    """
+    x = torch.zeros(2, channels, image_size, image_size, device="meta")
+    try:
+        with torch.no_grad(), _on_meta(encoder):
+            return encoder(x).shape[-1]
+    except Exception:
+        pass
+    net = copy.deepcopy(encoder.net)
+    probe = Encoder(net, encoder.fn or encoder.layer_name, encoder.pooling)
+    device = next(iter([*net.parameters(), *net.buffers()]), torch.empty(0)).device
+    try:
+        with torch.no_grad(), _eval_mode(net):
+            return probe(torch.zeros(x.shape, device=device)).shape[-1]
+    except Exception as e:
+        raise RuntimeError(f"could not run {type(net).__name__} on images of shape (2,{channels},{image_size},"
+                           f"{image_size}) to find the width of its hidden layer: {e}. Check image_size, "
+                           "channels and hidden_layer") from e
+    finally:
+        probe.close()
+
+
+class Learner(nn.Module):
+    """Self-supervised pretraining of ``net`` in three lines.
+
+    >>> learner = Learner(net, image_size=224, hidden_layer="avgpool", method="byol")
+    >>> loss = learner(images); loss.backward(); opt.step()
+    >>> learner.update_moving_average()
+
+    Args:
+        net: any vision network taking (B, channels, H, W) images. It is trained in place.
+        image_size: side of the square views (the crops resize to it).
+        hidden_layer: a dotted name from ``net.named_modules()``, an int index into
+            ``net.children()`` (negative allowed, ``-1`` = the net's own output) or a
+            callable ``f(net, x) -> features``. The net stops computing after it.
+        method: a registered method name (see ``wrapssl.available_methods()``) or a
+            ``Method`` instance. Extra keyword arguments go to the method.
+        pooling: how hidden outputs become vectors: ``"mean"`` (feature maps over space,
+            tokens over tokens), ``"cls"`` (first token), ``"none"`` (flatten).
+        channels: the channel count the net takes; 1-channel images are repeated to it.
+        augment_fn, augment_fn2: replace the default views with callables on float
+            images in [0,1] (``augment_fn2`` defaults to ``augment_fn``).
+        views: a full ``Views`` recipe (overrides augment_fn and the method's default).
+        normalize: (mean, std) applied after augmentation and in ``embed``; None to skip.
+        moving_average_decay: EMA momentum at step 0 (default: the method's published one).
+        total_steps: when given, momentum follows a cosine from ``moving_average_decay`` to 1.0.
+    """
+
+    def __init__(self, net: nn.Module, image_size: int, hidden_layer: LayerSpec = -2,
+                 method: str | Method = "byol", *, pooling: str = "mean", channels: int = 3,
+                 augment_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 augment_fn2: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 views: Views | None = None,
+                 normalize: tuple[Sequence[float], Sequence[float]] | None = (IMAGENET_MEAN, IMAGENET_STD),
+                 moving_average_decay: float | None = None, total_steps: int | None = None,
+                 **method_kwargs):
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive int (the side of the square views), got {image_size!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be a positive number of optimiser steps, got {total_steps}")
+        self.image_size, self.channels, self.total_steps = image_size, channels, total_steps
+        self.step = 0  # optimiser steps taken, advanced by update_moving_average()
+
+        self.method = get_method(method, **method_kwargs)
+        self.momentum = self.method.momentum if moving_average_decay is None else float(moving_average_decay)
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"moving_average_decay must lie in [0, 1], got {self.momentum}")
+
+        # the target's copy of the net is taken before our hook is attached to the net
+        target_net = make_target(net) if self.method.uses_target else None
+        self.encoder = Encoder(net, hidden_layer, pooling)
+        self.feature_dim = _feature_dim(self.encoder, channels, image_size)
+        self.method.build(self.feature_dim)
+
+        if views is None:
+            views = (Views([augment_fn, augment_fn2 or augment_fn]) if augment_fn is not None
+                     else self.method.default_views(image_size, channels))
+        elif augment_fn is not None:
+            raise ValueError("pass either views or augment_fn/augment_fn2, not both")
+        self.views = views
+        self.normalize = Normalize(*normalize) if normalize is not None else Normalize(None, None)
+
+        # The EMA target: encoder + projector, created here once and visibly.
+        self.target_encoder: Encoder | None = None
+        self.target_projector: nn.Module | None = None
+        self._ema: EMA | None = None
+        if target_net is not None:
+            self.target_encoder = Encoder(target_net, hidden_layer, pooling)
+            self.target_projector = make_target(self.method.projector)
+            self._ema = EMA(nn.ModuleList([net, self.method.projector]),
+                            nn.ModuleList([target_net, self.target_projector]))
+
+    @property
+    def net(self) -> nn.Module:
+        """The user's network (trained in place)."""
+        return self.encoder.net
+
+    @property
+    def current_momentum(self) -> float:
+        """The EMA momentum the next ``update_moving_average()`` will use."""
+        return cosine_momentum(self.momentum, self.step, self.total_steps)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Checked, resized, normalised images for an embedding (no augmentation)."""
+        return self.normalize(resize(to_float(images, self.channels), self.image_size))
+
+    def _encode(self, encoder: Encoder, projector: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Projections of each view; views of one size share one forward pass."""
+        out: list[torch.Tensor] = []
+        i = 0
+        while i < len(views):
+            j = i + 1
+            while j < len(views) and views[j].shape == views[i].shape:
+                j += 1
+            batch = torch.cat(views[i:j]) if j - i > 1 else views[i]
+            try:
+                h = encoder(batch)
+            except RuntimeError as e:
+                raise RuntimeError(f"{type(encoder.net).__name__} failed on views of shape {tuple(batch.shape)}: "
+                                   f"{e}\nCheck that the net takes {self.channels}-channel images of size "
+                                   f"{batch.shape[-1]} (Learner's channels= and image_size=)") from e
+            out.extend(projector(h).chunk(j - i))
+            i = j
+        return out
+
+    def forward(self, images: torch.Tensor, return_embedding: bool = False,
+                return_projection: bool = True):
+        """The loss for a batch of images; with ``return_embedding``, ``(projection, embedding)``."""
+        if return_embedding:
+            emb = self.encoder(self._prepare(images))
+            return (self.method.projector(emb), emb) if return_projection else emb
+        x = to_float(images, self.channels)
+        if self.training and x.shape[0] < 2:
+            raise ValueError(f"training needs a batch of at least 2 images (batch norm and the losses "
+                             f"compare samples), got {x.shape[0]}; increase batch_size or use drop_last=True")
+        views = [self.normalize(v) for v in self.views(x)]
+        online = self._encode(self.encoder, self.method.projector, views)
+        target = None
+        if self.target_encoder is not None:
+            with torch.no_grad():
+                target = [t.detach() for t in
+                          self._encode(self.target_encoder, self.target_projector, views[:self.views.n_global])]
+        return self.method(online, target, step=self.step)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The representation (B, D) of un-augmented images; no gradient, BN statistics untouched."""
+        with _eval_mode(self.encoder):
+            return self.encoder(self._prepare(images))
+
+    def update_moving_average(self) -> None:
+        """One EMA step of the target (a no-op for methods without one); advances the step count."""
+        if self._ema is not None:
+            self._ema.update(self.current_momentum)
+        self.step += 1
+
+    def get_extra_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        """Remove every hook; ``net(x)`` then behaves exactly as before wrapping."""
+        self.encoder.close()
+        if self.target_encoder is not None:
+            self.target_encoder.close()
+
+    def __enter__(self) -> "Learner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

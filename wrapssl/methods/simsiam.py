@@ -1,0 +1,42 @@
+"""SimSiam: Exploring Simple Siamese Representation Learning (Chen & He, 2021, arXiv:2011.10566)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..augment import Views, view_transform
+from ..heads import mlp
+from .base import Method, register_method
+
+
+@register_method("simsiam")
+class SimSiam(Method):
+    """Siamese views, a predictor and a stop-gradient: no negatives, no EMA target.
+
+    Knobs: ``projection_size`` (2048, 3-layer projector ending in a BN without
+    affine) and ``prediction_hidden_size`` (512, the bottleneck that the paper
+    finds important against collapse). Paper: SGD lr 0.05·B/256, wd 1e-4,
+    momentum 0.9, batch 512; the predictor's lr is best kept fixed.
+    """
+
+    uses_target = False
+
+    def __init__(self, projection_size: int = 2048, prediction_hidden_size: int = 512):
+        super().__init__()
+        self.projection_size, self.prediction_hidden_size = projection_size, prediction_hidden_size
+
+    def build(self, dim: int) -> None:
+        d = self.projection_size
+        self.projector = mlp([dim, d, d, d], last_bn=True, last_bn_affine=False)
+        self.predictor = mlp([d, self.prediction_hidden_size, d])
+
+    def default_views(self, image_size: int, channels: int = 3) -> Views:
+        one = dict(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5, channels=channels)
+        return Views([view_transform(image_size, **one), view_transform(image_size, **one)])
+
+    def loss(self, online, target, step=0):
+        z1, z2 = online[0], online[1]
+        p1, p2 = self.predictor(torch.cat([z1, z2])).chunk(2)
+        # symmetric negative cosine, each side against the other's stop-gradient projection
+        return -(F.cosine_similarity(p1, z2.detach(), dim=-1).mean()
+                 + F.cosine_similarity(p2, z1.detach(), dim=-1).mean()) / 2
