@@ -316,3 +316,11 @@ def test_short_fashion_mnist_run_lowers_loss_without_collapse(fmnist_train, meth
     assert last < first - 0.05 * abs(first), (first, last)
     emb = F.normalize(learner.embed(x[:512]), dim=1)
     assert emb.std(dim=0).mean() > 0.02, "embeddings collapsed to a point"
+
+
+def test_one_channel_net_gets_grey_normalisation():
+    learner = Learner(small_cnn(channels=1), image_size=16, hidden_layer=-2, channels=1, **SMALL)
+    x = torch.rand(4, 1, 16, 16)
+    mean, std = sum(wrapssl.augment.IMAGENET_MEAN) / 3, sum(wrapssl.augment.IMAGENET_STD) / 3
+    torch.testing.assert_close(learner.normalize(x), (x - mean) / std)
+    assert torch.isfinite(learner(x))

@@ -135,6 +135,9 @@ class Learner(nn.Module):
         elif augment_fn is not None:
             raise ValueError("pass either views or augment_fn/augment_fn2, not both")
         self.views = views
+        if normalize is not None and channels == 1 and len(normalize[0]) == 3:
+            # grey images: the mean of the per-channel statistics (e.g. ImageNet's)
+            normalize = ((sum(normalize[0]) / 3,), (sum(normalize[1]) / 3,))
         self.normalize = Normalize(*normalize) if normalize is not None else Normalize(None, None)
 
         # The EMA target: encoder + projector, created here once and visibly.
@@ -195,8 +198,7 @@ class Learner(nn.Module):
         target = None
         if self.target_encoder is not None:
             with torch.no_grad():
-                target = [t.detach() for t in
-                          self._encode(self.target_encoder, self.target_projector, views[:self.views.n_global])]
+                target = self._encode(self.target_encoder, self.target_projector, views[:self.views.n_global])
         return self.method(online, target, step=self.step)
 
     @torch.no_grad()
