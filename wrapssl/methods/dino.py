@@ -1,0 +1,120 @@
+"""DINO: Emerging Properties in Self-Supervised Vision Transformers (Caron et al., 2021, arXiv:2104.14294)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed
+from ..augment import Views, multicrop_views
+from ..heads import mlp
+from .base import Method, register_method
+
+
+class DINOHead(nn.Module):
+    """MLP (GELU, no BN) to a bottleneck, L2-normalisation, then a weight-normalised linear layer with g = 1."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_size: int = 2048, bottleneck_size: int = 256,
+                 layers: int = 3):
+        super().__init__()
+        self.mlp = mlp([in_dim, *[hidden_size] * (layers - 1), bottleneck_size], batchnorm=False, act="gelu")
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # Only the direction of each output row is learned: its norm is fixed to 1
+        # (DINO's norm_last_layer), which the paper finds stabilises training.
+        self.last_layer = nn.Parameter(nn.init.trunc_normal_(torch.empty(out_dim, bottleneck_size), std=0.02))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, F.normalize(self.last_layer, dim=1))
+
+
+def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
+              student_temp: float, teacher_temp: float) -> torch.Tensor:
+    """Mean cross-entropy H(teacher_i, student_j) over all pairs with j ≠ i (teacher on global views only)."""
+    log_p = torch.stack([F.log_softmax(s.float() / student_temp, dim=-1) for s in student])    # (V, n, K)
+    q = torch.stack([F.softmax((t.float() - center) / teacher_temp, dim=-1) for t in teacher])  # (G, n, K)
+    # Σ_{j≠i} log p_j = Σ_j log p_j − log p_i: all pairs at the cost of one sum
+    others = log_p.sum(0, keepdim=True) - log_p[:len(teacher)]
+    n_pairs = len(teacher) * (len(student) - 1)
+    return -(q * others).sum(-1).mean(-1).sum() / n_pairs
+
+
+@register_method("dino")
+class DINO(Method):
+    """Self-distillation: a student matches an EMA teacher's centred, sharpened softmax across crops.
+
+    The Learner's EMA target is the teacher; ``projector`` is the whole DINO head
+    (MLP, L2-norm, weight-normalised last layer), so the EMA covers all of it.
+    Views: 2 global crops (teacher and student) + ``n_local`` (6) local crops of
+    ``local_size`` (default 96/224 of ``image_size``) for the student only. The
+    net must accept the local size: ResNets and other convolutional nets do;
+    torchvision ViTs do not (use ``n_local=0`` or a net that interpolates its
+    position embeddings).
+
+    Knobs: ``out_dim`` (65536; smaller, e.g. 4096-16384, works for small data),
+    ``hidden_size`` (2048), ``bottleneck_size`` (256); ``student_temp`` (0.1);
+    the teacher temperature rises linearly from ``warmup_teacher_temp`` (0.04) to
+    ``teacher_temp`` (0.07) over ``warmup_teacher_temp_steps`` optimiser steps
+    (default 37530 = the paper's 30 epochs of ImageNet at batch 1024; set it to
+    30 epochs of your data); above 0.07 training is unstable, and if the loss
+    does not fall early keep the teacher at 0.04. ``center_momentum`` (0.9)
+    smooths the center (a buffer, updated with the global batch mean of the
+    teacher outputs after each loss) that keeps the teacher from collapsing to
+    one dimension. Teacher momentum 0.996 → 1 (cosine). Paper: AdamW lr
+    5e-4·B/256 with warm-up, wd 0.04 → 0.4, gradient clipping 3.0, batch 1024;
+    the paper also freezes the last layer during the first epoch (not done here).
+    """
+
+    uses_target = True
+    momentum = 0.996
+
+    def __init__(self, out_dim: int = 65536, hidden_size: int = 2048, bottleneck_size: int = 256,
+                 student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
+                 warmup_teacher_temp_steps: int = 37530, center_momentum: float = 0.9, n_local: int = 6,
+                 local_size: int | None = None):
+        super().__init__()
+        if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0:
+            raise ValueError("DINO's temperatures must be positive (student 0.1, teacher 0.04-0.07)")
+        if not 0 <= center_momentum <= 1:
+            raise ValueError(f"center_momentum must lie in [0, 1], got {center_momentum}")
+        if warmup_teacher_temp_steps < 0 or n_local < 0:
+            raise ValueError("warmup_teacher_temp_steps and n_local must be non-negative")
+        self.out_dim, self.hidden_size, self.bottleneck_size = out_dim, hidden_size, bottleneck_size
+        self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
+        self.warmup_teacher_temp, self.warmup_teacher_temp_steps = float(warmup_teacher_temp), warmup_teacher_temp_steps
+        self.center_momentum, self.n_local, self.local_size = float(center_momentum), n_local, local_size
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def build(self, dim: int) -> None:
+        self.projector = DINOHead(dim, self.out_dim, self.hidden_size, self.bottleneck_size)
+
+    def default_views(self, image_size: int, channels: int = 3) -> Views:
+        return multicrop_views(image_size, n_local=self.n_local, local_size=self.local_size, channels=channels)
+
+    def teacher_temperature(self, step: int) -> float:
+        """The teacher's softmax temperature at optimiser step ``step``."""
+        if step >= self.warmup_teacher_temp_steps:
+            return self.teacher_temp
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * step / self.warmup_teacher_temp_steps
+
+    @torch.no_grad()
+    def update_center(self, teacher: list[torch.Tensor]) -> None:
+        """EMA of the center towards the mean teacher output over the global batch."""
+        t = torch.cat(teacher).float()
+        batch_mean = distributed.all_reduce_sum(t.sum(0, keepdim=True)) / (t.shape[0] * distributed.world_size())
+        self.center.lerp_(batch_mean.to(self.center.dtype), 1 - self.center_momentum)
+
+    def loss(self, online, target, step=0):
+        if target is None:
+            raise ValueError("DINO needs the teacher's outputs; keep uses_target=True")
+        if len(online) < 2 or len(online) < len(target):
+            raise ValueError(f"DINO needs at least two views and a student output for every teacher view, "
+                             f"got {len(online)} student and {len(target)} teacher views")
+        teacher = [t.detach() for t in target]
+        loss = dino_loss(online, teacher, self.center, self.student_temp, self.teacher_temperature(step))
+        if self.training:
+            self.update_center(teacher)
+        return loss

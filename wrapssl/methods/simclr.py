@@ -1,0 +1,66 @@
+"""SimCLR: A Simple Framework for Contrastive Learning (Chen et al., 2020, arXiv:2002.05709)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed
+from ..augment import Views, simclr_views
+from ..heads import mlp
+from .base import Method, register_method
+
+
+def nt_xent(views: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """NT-Xent: each sample must pick its other views among all views of the global batch.
+
+    ``views`` holds V tensors (n, d), row i of each being one image. Anchors are
+    this process's V·n rows; candidates are the V·N rows of the global batch
+    (negatives from every process), minus the anchor itself. With V > 2 an
+    anchor's loss averages over its V−1 positives. V = 2 is SimCLR's loss.
+    """
+    n_views, n = len(views), views[0].shape[0]
+    local = [F.normalize(v.float(), dim=1) for v in views]
+    everyone = [distributed.gather(z) for z in local]
+    big_n = everyone[0].shape[0]
+    logits = torch.cat(local) @ torch.cat(everyone).T / temperature      # (V·n, V·N)
+    device = logits.device
+    # column of image i of view v in the global batch: v·N + rank·n + i
+    offsets = torch.arange(n_views, device=device) * big_n
+    image = distributed.rank() * n + torch.arange(n, device=device)
+    same_image = (offsets[None, :] + image.repeat(n_views)[:, None])          # (V·n, V): all views of the anchor's image
+    own = (offsets[:, None] + image[None, :]).reshape(-1)                    # (V·n,): the anchor itself
+    pos_sum = logits.gather(1, same_image).sum(1) - logits.gather(1, own[:, None]).squeeze(1)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, own[:, None], True)
+    lse = logits.masked_fill(self_mask, float("-inf")).logsumexp(1)
+    return (lse - pos_sum / (n_views - 1)).mean()
+
+
+@register_method("simclr")
+class SimCLR(Method):
+    """Two views of an image attract; every other image of the global batch repels.
+
+    Knobs: ``temperature`` (0.5; the paper uses 0.1 with large batches and LARS,
+    lower values weight hard negatives more), ``projection_hidden_size`` (2048)
+    and ``projection_size`` (128) size the 2-layer projector. More negatives help:
+    the paper trains at batch 4096 (LARS lr 0.3·B/256 at τ=0.1); below 256
+    expect weaker results, and consider NNCLR or a non-contrastive method.
+    Negatives are gathered from every process, so the effective batch is global.
+    """
+
+    uses_target = False
+
+    def __init__(self, temperature: float = 0.5, projection_size: int = 128, projection_hidden_size: int = 2048):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}; SimCLR uses 0.1-0.5")
+        self.temperature = float(temperature)
+        self.projection_size, self.projection_hidden_size = projection_size, projection_hidden_size
+
+    def build(self, dim: int) -> None:
+        self.projector = mlp([dim, self.projection_hidden_size, self.projection_size])
+
+    def default_views(self, image_size: int, channels: int = 3) -> Views:
+        return simclr_views(image_size, channels=channels)
+
+    def loss(self, online, target, step=0):
+        return nt_xent(online, self.temperature)
