@@ -1,0 +1,384 @@
+"""Trainer: byol-pytorch arguments, schedules, checkpoints (atomic, resumable bit-exactly), NaN stop, kNN monitor."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from torch import nn
+from torch.utils.data import Dataset
+
+import wrapssl.trainer as trainer_mod
+from conftest import small_cnn
+from wrapssl.data import TensorImages
+from wrapssl.ema import cosine_momentum
+from wrapssl.methods import BYOLMethod
+from wrapssl.trainer import NonFiniteLossError, Trainer, latest_checkpoint, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+HEADS = dict(projection_size=16, projection_hidden_size=32)  # tiny heads keep every step cheap
+QUIET = dict(progress=False, log_with=("csv",), plot=False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """One intra-op thread (tiny tensors; a shared CPU punishes more) and a clean Accelerate singleton per test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def images(n: int = 48, size: int = 12, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    """Random uint8 images (N, C, size, size)."""
+    return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_net(channels: int = 1) -> nn.Module:
+    """A small CNN; child -2 is the pooled, flattened representation and the Linear after it is unused."""
+    torch.manual_seed(0)
+    return small_cnn(channels=channels, width=8)
+
+
+def make(folder: Path, steps: int = 8, data: Dataset | torch.Tensor | None = None, **kwargs) -> Trainer:
+    """A tiny Trainer on 48 random 12-px images, global batch 8 (6 steps per epoch)."""
+    settings = dict(dataset=images() if data is None else data, image_size=12, hidden_layer=-2,
+                    num_train_steps=steps, batch_size=8, checkpoint_every=2, checkpoint_folder=folder,
+                    log_every=1, keep_checkpoints=10, **QUIET, **HEADS)
+    settings.update(kwargs)
+    return Trainer(tiny_net(), **settings)
+
+
+def learner_state(path: Path) -> dict:
+    return load_checkpoint(path)["learner"]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Equal keys and bit-identical tensors."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        elif isinstance(a[k], dict):
+            assert_same_tensors(a[k], b[k])
+        else:
+            assert a[k] == b[k], k
+
+
+# ----------------------------------------------------------------------------- byol-pytorch compatibility
+
+def test_byol_pytorch_trainer_arguments(tmp_path):
+    """BYOLTrainer's keyword set (byol-pytorch 0.9.1) runs unchanged; byol_kwargs reach the learner."""
+    net = tiny_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = Trainer(
+        net, image_size=12, hidden_layer="9", learning_rate=3e-4, dataset=images(), num_train_steps=2,
+        batch_size=8, optimizer_klass=torch.optim.Adam, checkpoint_every=1, checkpoint_folder=str(tmp_path),
+        byol_kwargs=dict(moving_average_decay=0.9, use_momentum=True, sync_batchnorm=False, **HEADS),
+        optimizer_kwargs=dict(betas=(0.8, 0.95)), accelerator_kwargs=dict(cpu=True), **QUIET)
+    assert isinstance(trainer.optimizer.optimizer, torch.optim.Adam)
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.8, 0.95)
+    assert trainer.learner.momentum == 0.9
+    assert trainer() is net
+    assert trainer.step == 2 and trainer.learner.step == 2
+    changed = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(k.startswith("0.") for k in changed)  # the stem trained
+    assert not any(k.startswith("11.") for k in changed)  # the Linear past the hidden layer is untouched
+    exported = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    assert_same_tensors(exported, net.state_dict())
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*.pt"))] == ["checkpoint-00000001.pt",
+                                                                         "checkpoint-00000002.pt"]
+
+
+class _Items(Dataset):
+    """Yields images in one of the accepted item forms."""
+
+    def __init__(self, x: torch.Tensor, form: str):
+        self.x, self.form = x, form
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        img = self.x[i] if self.form.startswith("uint8") else self.x[i].float() / 255
+        return (img, i % 3) if self.form.endswith("tuple") else img
+
+
+@pytest.mark.parametrize("form", ["uint8", "uint8_tuple", "float", "float_tuple"])
+def test_dataset_item_forms(tmp_path, form):
+    trainer = make(tmp_path, steps=1, data=_Items(images(16), form), checkpoint_every=1)
+    trainer()
+    assert trainer.step == 1 and latest_checkpoint(tmp_path).name == "checkpoint-00000001.pt"
+
+
+def test_bad_arguments_raise_helpfully(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of num_train_steps and epochs"):
+        make(tmp_path, steps=None)
+    with pytest.raises(ValueError, match="lower batch_size"):
+        make(tmp_path, data=images(4))
+    with pytest.raises(ValueError, match="eval_dataset"):
+        make(tmp_path, eval_every=2)
+    with pytest.raises(FileNotFoundError, match="resume='auto'"):
+        make(tmp_path, resume=tmp_path / "nope.pt")
+
+
+# ----------------------------------------------------------------------------- schedules and steps
+
+def test_lr_and_momentum_follow_their_schedules(tmp_path):
+    """Logged lr = scaled base · warmup/cosine closed form; logged momentum = the EMA's cosine."""
+    steps, warmup, base = 10, 3, 0.02
+    trainer = make(tmp_path, steps=steps, learning_rate=base, scale_lr=True, warmup_steps=warmup,
+                   gradient_accumulation_steps=2, batch_size=4, checkpoint_every=100)
+    trainer()
+    scaled = base * (4 * 1 * 2) / 256  # batch · processes · accumulation / 256
+    for step, lr in trainer.history["lr"]:
+        s = step - 1  # the lr used by optimiser step number `step`
+        factor = (s + 1) / warmup if s < warmup else (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))) / 2
+        assert lr == pytest.approx(scaled * factor, rel=1e-9)
+    m0 = trainer.learner.momentum
+    for step, m in trainer.history["momentum"]:
+        assert m == pytest.approx(cosine_momentum(m0, step - 1, steps))
+    assert [s for s, _ in trainer.history["loss"]] == list(range(1, steps + 1))
+
+
+def test_gradient_accumulation_counts_optimiser_steps(tmp_path):
+    """With 3 batches per step, Adam's own step counter and the data position move by 3 batches per step."""
+    trainer = make(tmp_path, steps=5, gradient_accumulation_steps=3, batch_size=4, optimizer="adamw",
+                   checkpoint_every=100)
+    trainer()
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert adam_steps == {5}
+    batches = 5 * 3
+    per_epoch = 48 // 4
+    assert (trainer.epoch, trainer.samples_in_epoch) == (batches // per_epoch, batches % per_epoch * 4)
+
+
+def test_epochs_set_the_step_count(tmp_path):
+    trainer = make(tmp_path, steps=None, epochs=1.5)
+    assert trainer.num_train_steps == 9  # 48 images / batch 8 = 6 steps per epoch
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    """Everything is loadable with weights_only=True and restores an equal trainer."""
+    first = make(tmp_path / "a", steps=4, optimizer="lars")
+    first()
+    raw = torch.load(latest_checkpoint(tmp_path / "a"), weights_only=True)  # no pickled objects inside
+    assert raw["step"] == 4 and raw["config"]["num_train_steps"] == 4 and raw["data"]["samples_in_epoch"] == 32
+    assert {"torch", "numpy", "python"} <= set(raw["rng"][0])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    second = make(tmp_path / "b", steps=4, optimizer="lars", resume=latest_checkpoint(tmp_path / "a"))
+    assert second.step == 4 and second.learner.step == 4
+    assert (second.epoch, second.samples_in_epoch) == (first.epoch, first.samples_in_epoch)
+    assert_same_tensors(second.learner.state_dict(), first.learner.state_dict())
+    assert_same_tensors(second.optimizer.state_dict()["state"], first.optimizer.state_dict()["state"])
+    assert second.scheduler.state_dict()["last_epoch"] == 4
+    assert second.history == first.history
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """A crash half-way through writing leaves the last complete checkpoint in place and no temp file."""
+    trainer = make(tmp_path, steps=4, checkpoint_every=2)
+    trainer()
+    good = latest_checkpoint(tmp_path)
+    good_bytes = good.read_bytes()
+
+    def torn_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer_mod.torch, "save", torn_save)
+    trainer.step = 6  # pretend two more steps were taken
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    assert latest_checkpoint(tmp_path) == good and good.read_bytes() == good_bytes
+    assert not list(tmp_path.glob(".*tmp"))
+    with pytest.raises(OSError):  # same for the exported backbone
+        trainer.save_backbone(good)
+    assert good.read_bytes() == good_bytes
+
+
+def test_old_checkpoints_are_pruned(tmp_path):
+    make(tmp_path, steps=8, checkpoint_every=2, keep_checkpoints=2)()
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*.pt"))] == ["checkpoint-00000006.pt",
+                                                                         "checkpoint-00000008.pt"]
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingImages(TensorImages):
+    """Raises once ``marker`` exists (e.g. right after a checkpoint), like a crash in the data pipeline."""
+
+    def __init__(self, x: torch.Tensor, marker: Path):
+        super().__init__(x)
+        self.marker = marker
+
+    def __getitem__(self, i):
+        if self.marker.exists():
+            raise _Crash
+        return super().__getitem__(i)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The final checkpoint of an uninterrupted 8-step run (crossing an epoch end at step 6)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    torch.set_num_threads(1)
+    make(folder)()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return load_checkpoint(latest_checkpoint(folder))
+
+
+def test_resume_after_crash_at_epoch_end_is_bit_exact(tmp_path, uninterrupted):
+    data = _CrashingImages(images(), tmp_path / "checkpoint-00000006.pt")
+    with pytest.raises(_Crash):
+        make(tmp_path, data=data)()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000006.pt"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = make(tmp_path, resume="auto")
+    assert resumed.step == 6 and (resumed.epoch, resumed.samples_in_epoch) == (0, 48)
+    resumed()
+    final = load_checkpoint(latest_checkpoint(tmp_path))
+    assert final["step"] == uninterrupted["step"] == 8
+    assert_same_tensors(final["learner"], uninterrupted["learner"])
+    assert_same_tensors(final["optimizer"]["state"], uninterrupted["optimizer"]["state"])
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows if ",loss," in r] == list(range(1, 9))  # no step logged twice
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    sys.path.insert(0, {tests!r})
+    from test_trainer import images, make
+    from wrapssl.data import TensorImages
+    torch.set_num_threads(1)  # as in the test process: thread counts change float rounding
+
+    class Stalling(TensorImages):
+        '''Hangs once the marker checkpoint exists, so the parent can SIGKILL us right there.'''
+        def __getitem__(self, i):
+            if os.path.exists(sys.argv[2]):
+                time.sleep(3600)
+            return super().__getitem__(i)
+
+    make(sys.argv[1], data=Stalling(images()))()
+""")
+
+
+def test_sigkill_then_resume_is_bit_exact(tmp_path, uninterrupted):
+    """A run killed with SIGKILL after its step-4 checkpoint resumes to the uninterrupted run's exact weights."""
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN.format(tests=str(REPO / "tests")))
+    folder, marker = tmp_path / "ck", tmp_path / "ck" / "checkpoint-00000004.pt"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), str(marker)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before its checkpoint:\n{proc.stdout.read().decode()[-3000:]}")
+            if time.time() > deadline:
+                pytest.fail("no checkpoint within 120 s")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (folder / "backbone.pt").exists()
+    resumed = make(folder, resume="auto")
+    assert resumed.step == 4 and resumed.samples_in_epoch == 32
+    resumed()
+    final = load_checkpoint(latest_checkpoint(folder))
+    assert final["step"] == 8
+    assert_same_tensors(final["learner"], uninterrupted["learner"])
+    assert_same_tensors(final["optimizer"]["state"], uninterrupted["optimizer"]["state"])
+
+
+# ----------------------------------------------------------------------------- NaN
+
+class NaNFrom(BYOLMethod):
+    """BYOL whose loss turns NaN from optimiser step ``bad_step`` (1-based) on."""
+
+    def __init__(self, bad_step: int):
+        super().__init__(**HEADS)
+        self.bad_step = bad_step
+
+    def loss(self, online, target, step=0):
+        value = super().loss(online, target, step)
+        return value * float("nan") if step + 1 >= self.bad_step else value
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny_net(), dataset=images(), image_size=12, hidden_layer=-2, num_train_steps=12,
+                      batch_size=8, checkpoint_every=2, checkpoint_folder=tmp_path, log_every=4,
+                      method=NaNFrom(5), **QUIET)
+    with pytest.raises(NonFiniteLossError, match=r"step 5 \(of 12\)") as err:
+        trainer()
+    message = str(err.value)
+    assert "checkpoint-00000004.pt" in message and "learning rate" in message and "max_grad_norm" in message
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*.pt"))] == ["checkpoint-00000002.pt",
+                                                                         "checkpoint-00000004.pt"]
+    kept = learner_state(tmp_path / "checkpoint-00000004.pt")
+    assert all(torch.isfinite(v).all() for v in kept.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    assert not (tmp_path / "backbone.pt").exists()
+
+
+def test_nan_weights_are_never_checkpointed(tmp_path):
+    trainer = make(tmp_path, steps=2, checkpoint_every=1)
+    trainer()
+    with torch.no_grad():
+        next(trainer.net.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="weights"):
+        trainer.save_checkpoint()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000002.pt"
+
+
+# ----------------------------------------------------------------------------- monitor and outputs
+
+def test_knn_monitor_and_outputs(tmp_path, monkeypatch):
+    """eval_every logs a kNN accuracy that equals an independent embed + kNN; CSV, TensorBoard and PNG are written."""
+    from wrapssl import evaluate
+
+    x, labels = images(32, seed=1), torch.arange(32) % 4
+    train, test = TensorImages(x[:24], labels[:24]), TensorImages(x[24:], labels[24:])
+    trainer = make(tmp_path, steps=4, eval_every=2, eval_dataset=(train, test), eval_k=5,
+                   log_with=("csv", "tensorboard"), plot=True)
+    trainer()
+    assert [s for s, _ in trainer.history["knn"]] == [2, 4]
+    a = evaluate.embed_dataset(trainer.learner, train)
+    b = evaluate.embed_dataset(trainer.learner, test)
+    assert trainer.history["knn"][-1][1] == pytest.approx(evaluate.knn_accuracy(a.embeddings, a.labels, b.embeddings,
+                                                                                b.labels, k=5, temperature=0.1))
+    rows = [r.split(",") for r in (tmp_path / "metrics.csv").read_text().splitlines()]
+    assert rows[0] == ["step", "name", "value"]
+    assert {r[1] for r in rows[1:]} == {"loss", "lr", "momentum", "images_per_s", "knn"}
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+
+
+def test_missing_plots_module_is_a_notice(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wrapssl.plots", None)
+    make(tmp_path, steps=2, plot=True)()
+    assert "no loss-curve plot" in capsys.readouterr().out
+    assert (tmp_path / "backbone.pt").exists() and not (tmp_path / "loss_curve.png").exists()
