@@ -60,5 +60,7 @@ class BarlowTwins(Method):
         return byol_views(image_size, channels)
 
     def loss(self, online, target, step=0):
+        if len(online) < 2:
+            raise ValueError(f"Barlow Twins needs at least two views, got {len(online)}")
         pairs = list(combinations(range(len(online)), 2))
         return sum(barlow_twins_loss(online[i], online[j], self.lambd) for i, j in pairs) / len(pairs)

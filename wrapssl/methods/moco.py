@@ -63,6 +63,8 @@ class MoCo(Method):
     def loss(self, online, target, step=0):
         if target is None:
             raise ValueError("MoCo needs the momentum encoder's keys; keep uses_target=True")
+        if len(online) < 2:
+            raise ValueError(f"MoCo needs at least two views, got {len(online)}")
         queries = self.predictor(torch.cat(online)).chunk(len(online))
         # every online view queries every other global view's key: ctr(q1,k2) + ctr(q2,k1) for two views
         pairs = [(i, j) for i in range(len(queries)) for j in range(len(target)) if i != j]

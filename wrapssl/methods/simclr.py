@@ -63,4 +63,6 @@ class SimCLR(Method):
         return simclr_views(image_size, channels=channels)
 
     def loss(self, online, target, step=0):
+        if len(online) < 2:
+            raise ValueError(f"SimCLR needs at least two views, got {len(online)}")
         return nt_xent(online, self.temperature)

@@ -104,7 +104,10 @@ class SwAV(Method):
         with torch.no_grad():
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         w = self.prototypes.weight
-        w = (w if step >= self.freeze_prototypes_steps else w.detach()).float()
+        if step < self.freeze_prototypes_steps:
+            # a zero gradient rather than none: DDP must still see the prototypes take part
+            w = w.detach() + 0 * w
+        w = w.float()
         z = [F.normalize(v.float(), dim=1) for v in online]
         scores = [v @ w.T for v in z]
         log_p = torch.stack([F.log_softmax(s / self.temperature, dim=1) for s in scores])  # (V, n, K)

@@ -67,6 +67,8 @@ class VICReg(Method):
         return byol_views(image_size, channels)
 
     def loss(self, online, target, step=0):
+        if len(online) < 2:
+            raise ValueError(f"VICReg needs at least two views, got {len(online)}")
         pairs = list(combinations(range(len(online)), 2))
         return sum(vicreg_loss(online[i], online[j], self.sim_weight, self.var_weight, self.cov_weight, self.eps)
                    for i, j in pairs) / len(pairs)
