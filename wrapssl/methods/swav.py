@@ -51,10 +51,11 @@ class SwAV(Method):
     (default 96/224 of ``image_size``), crop scales (0.14, 1) and (0.05, 0.14).
     The net must accept the local size: ResNets do; torchvision ViTs do not.
 
-    Knobs: ``queue_length`` (0 = off) keeps that many past projections per
-    assigned view on this process and adds them to the Sinkhorn problem; turn it
-    on when the global batch is small next to ``n_prototypes`` (the paper uses
-    3840 for batch 256); entries are used as soon as they are filled.
+    Knobs: ``queue_length`` (0 = off) keeps that many past projections of the
+    global batch per assigned view and adds them to the Sinkhorn problem (every
+    process holds the same queue and brings its 1/W share of it); turn it on
+    when the global batch is small next to ``n_prototypes`` (the paper uses 3840
+    for batch 256); entries are used as soon as they are filled.
     ``freeze_prototypes_steps`` (313, one ImageNet epoch at batch 4096) keeps the
     prototypes fixed at the start. Paper: batch 4096, LARS lr 4.8, wd 1e-6.
     """
@@ -91,8 +92,8 @@ class SwAV(Method):
 
     @torch.no_grad()
     def _enqueue(self, z: list[torch.Tensor]) -> None:
-        """Push this step's normalised projections of the assigned views to the front of the queue."""
-        new = torch.stack(z).to(self.queue.dtype)[:, -self.queue_length:]
+        """Push this step's normalised projections of the assigned views (global batch) to the front of the queue."""
+        new = torch.stack([distributed.gather(v) for v in z]).to(self.queue.dtype)[:, -self.queue_length:]
         n = new.shape[1]
         self.queue.copy_(torch.cat([new, self.queue[:, :self.queue_length - n]], dim=1))
         self.queue_len.copy_(torch.clamp(self.queue_len + n, max=self.queue_length))
@@ -126,8 +127,11 @@ class SwAV(Method):
         """Sinkhorn codes for view ``i``'s scores, with the queued projections in the problem when on."""
         if not self.queue_length:
             return sinkhorn(scores, self.sinkhorn_epsilon, self.sinkhorn_iterations)
-        queued = self.queue[i].float() @ w.T
-        valid = torch.cat([torch.arange(self.queue_length, device=scores.device) < self.queue_len,
-                           torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)])
+        # the queue is the same on every process: each brings its share, so the global problem holds it once
+        world, rank = distributed.world_size(), distributed.rank()
+        start, end = rank * self.queue_length // world, (rank + 1) * self.queue_length // world
+        queued = self.queue[i, start:end].float() @ w.T
+        slots = torch.arange(start, end, device=scores.device)
+        valid = torch.cat([slots < self.queue_len, torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)])
         codes = sinkhorn(torch.cat([queued, scores]), self.sinkhorn_epsilon, self.sinkhorn_iterations, valid)
         return codes[-scores.shape[0]:]
