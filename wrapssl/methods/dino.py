@@ -98,7 +98,8 @@ class DINO(Method):
         """The teacher's softmax temperature at optimiser step ``step``."""
         if step >= self.warmup_teacher_temp_steps:
             return self.teacher_temp
-        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * step / self.warmup_teacher_temp_steps
+        progress = step / self.warmup_teacher_temp_steps
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * progress
 
     @torch.no_grad()
     def update_center(self, teacher: list[torch.Tensor]) -> None:

@@ -1,4 +1,7 @@
-"""MoCo v3: An Empirical Study of Training Self-Supervised Vision Transformers (Chen, Xie & He, 2021, arXiv:2104.02057)."""
+"""MoCo v3: An Empirical Study of Training Self-Supervised Vision Transformers.
+
+Chen, Xie & He, 2021, arXiv:2104.02057.
+"""
 from __future__ import annotations
 
 import torch
@@ -34,8 +37,9 @@ class MoCo(Method):
     (4096) sizes the 2-layer predictor. The key encoder momentum starts at 0.99
     and rises to 1.0 on a cosine when the Learner knows ``total_steps``. Keys
     are gathered from every process, so negatives cover the global batch.
-    Paper: batch 4096, LARS lr 0.3·B/256 (ResNet) or AdamW 1.5e-4·B/256 (ViT);
-    for many processes convert the heads' BatchNorms to SyncBatchNorm.
+    Paper: batch 4096; ResNet: LARS lr 0.6·B/256 for 100 epochs (0.3 for longer
+    runs), wd 1e-6; ViT: AdamW lr 1.5e-4·B/256, wd 0.1, τ 0.2. For many
+    processes convert the heads' BatchNorms to SyncBatchNorm.
     """
 
     uses_target = True

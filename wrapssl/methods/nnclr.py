@@ -32,7 +32,8 @@ class NNCLR(Method):
     ``projection_size`` (256) / ``projection_hidden_size`` (2048) for the 3-layer
     projector, ``prediction_hidden_size`` (4096) for the predictor. Memory: the
     queue is ``queue_size × projection_size`` floats (100 MB by default).
-    Paper: batch 4096, LARS lr 4.8 (= 0.3·B/256), wd 1e-6, cosine schedule.
+    Paper: batch 4096 with LARS and a cosine schedule; as for SimCLR, start
+    from lr 0.3·B/256 (LARS) or Adam 1e-3 for small batches.
     """
 
     uses_target = False
@@ -84,8 +85,8 @@ class NNCLR(Method):
         have_queue = self.queue_len > 0
         neighbours = [torch.where(have_queue, self.nearest_neighbours(z), F.normalize(z, dim=1)) for z in online]
         pairs = [(i, j) for i in range(len(online)) for j in range(len(online)) if i != j]
-        total = sum(info_nce(neighbours[i], preds[j], self.temperature) + info_nce(preds[j], neighbours[i], self.temperature)
-                    for i, j in pairs)
+        tau = self.temperature
+        total = sum(info_nce(neighbours[i], preds[j], tau) + info_nce(preds[j], neighbours[i], tau) for i, j in pairs)
         loss = total / (2 * len(pairs))
         if self.training:
             self.enqueue(online[0].detach())

@@ -27,8 +27,8 @@ def nt_xent(views: list[torch.Tensor], temperature: float) -> torch.Tensor:
     # column of image i of view v in the global batch: v·N + rank·n + i
     offsets = torch.arange(n_views, device=device) * big_n
     image = distributed.rank() * n + torch.arange(n, device=device)
-    same_image = (offsets[None, :] + image.repeat(n_views)[:, None])          # (V·n, V): all views of the anchor's image
-    own = (offsets[:, None] + image[None, :]).reshape(-1)                    # (V·n,): the anchor itself
+    same_image = offsets[None, :] + image.repeat(n_views)[:, None]   # (V·n, V): every view of the anchor's image
+    own = (offsets[:, None] + image[None, :]).reshape(-1)             # (V·n,): the anchor itself
     pos_sum = logits.gather(1, same_image).sum(1) - logits.gather(1, own[:, None]).squeeze(1)
     self_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, own[:, None], True)
     lse = logits.masked_fill(self_mask, float("-inf")).logsumexp(1)

@@ -1,4 +1,7 @@
-"""SwAV: Unsupervised Learning of Visual Features by Contrasting Cluster Assignments (Caron et al., 2020, arXiv:2006.09882)."""
+"""SwAV: Unsupervised Learning of Visual Features by Contrasting Cluster Assignments.
+
+Caron et al., 2020, arXiv:2006.09882.
+"""
 from __future__ import annotations
 
 import torch
@@ -32,8 +35,9 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
     tiny = torch.finfo(q.dtype).tiny
     q = q / distributed.all_reduce_sum(q.sum())
     for _ in range(iterations):
-        q = q / distributed.all_reduce_sum(q.sum(1, keepdim=True)).clamp_min(tiny) / k  # each prototype: 1/K of the mass
-        q = q / q.sum(0, keepdim=True).clamp_min(tiny) / n_total                      # each sample: 1/B of the mass
+        # each prototype gets 1/K of the mass, then each sample 1/B
+        q = q / distributed.all_reduce_sum(q.sum(1, keepdim=True)).clamp_min(tiny) / k
+        q = q / q.sum(0, keepdim=True).clamp_min(tiny) / n_total
     return (q * n_total).T
 
 
