@@ -63,7 +63,10 @@ class DINO(Method):
     does not fall early keep the teacher at 0.04. ``center_momentum`` (0.9)
     smooths the center (a buffer, updated with the global batch mean of the
     teacher outputs after each loss) that keeps the teacher from collapsing to
-    one dimension. Teacher momentum 0.996 → 1 (cosine). Paper: AdamW lr
+    one dimension. Expect the loss to rise towards log(out_dim) in the first
+    steps, while the center catches up, and to fall after that; a learning rate
+    well above the paper's (e.g. Adam 1e-3 at batch 64) can leave the head at a
+    uniform output. Teacher momentum 0.996 → 1 (cosine). Paper: AdamW lr
     5e-4·B/256 with warm-up, wd 0.04 → 0.4, gradient clipping 3.0, batch 1024;
     the paper also freezes the last layer during the first epoch (not done here).
     """
