@@ -1,0 +1,389 @@
+"""Evaluation metrics against independent computations (naive loops, scikit-learn), and embedding export."""
+import csv
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wrapssl import evaluate as ev
+from wrapssl.evaluate import Embeddings
+
+
+
+def blobs(n_per: int, n_classes: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian blobs around random centres, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, dim, generator=g) * 3
+    y = torch.arange(n_classes).repeat_interleave(n_per)
+    x = centres[y] + spread * torch.randn(len(y), dim, generator=g)
+    perm = torch.randperm(len(y), generator=g)
+    return x[perm], y[perm]
+
+
+# ----------------------------------------------------------------------------- kNN
+
+def naive_knn(train, ytrain, test, k, t, c):
+    """Per-query loop in float64: top-k cosine neighbours, exp(sim/t) votes, argmax."""
+    a = train.double().numpy()
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    preds = []
+    for q in test.double().numpy():
+        sims = a @ (q / np.linalg.norm(q))
+        top = np.argsort(-sims, kind="stable")[:k]
+        votes = np.zeros(c)
+        for i in top:
+            votes[ytrain[i]] += math.exp(sims[i] / t)
+        preds.append(int(np.argmax(votes)))
+    return np.array(preds)
+
+
+@pytest.mark.parametrize("k,t,batch", [(1, 0.1, 7), (5, 0.07, 64), (20, 0.5, 13), (50, 0.01, 1000), (500, 0.1, 32)])
+def test_knn_matches_naive_loop(k, t, batch):
+    x, y = blobs(30, 4, 16, spread=4.0, seed=k)  # overlapping classes so the vote matters
+    train, ytr, test, yte = x[:100], y[:100], x[100:], y[100:]
+    pred = ev.knn_predict(train, ytr, test, k=k, temperature=t, batch_size=batch)
+    ref = naive_knn(train, ytr.numpy(), test, min(k, 100), t, 4)  # k > 100 is clamped to the train size
+    assert np.array_equal(pred.numpy(), ref)
+    acc = ev.knn_accuracy(train, ytr, test, yte, k=k, temperature=t, batch_size=batch)
+    assert acc == pytest.approx((ref == yte.numpy()).mean())
+
+
+def test_knn_small_temperature_stays_finite():
+    x, y = blobs(20, 3, 8, spread=2.0, seed=1)
+    # exp(1/0.005) overflows float32 but not float64: the vote must still match the float64 loop
+    pred = ev.knn_predict(x[:40], y[:40], x[40:], k=10, temperature=0.005)
+    assert np.array_equal(pred.numpy(), naive_knn(x[:40], y[:40].numpy(), x[40:], 10, 0.005, 3))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x, y: ev.knn_accuracy(x[0], y, x, y), "shape"),
+    (lambda x, y: ev.knn_accuracy(x, y[:-1], x, y), "shape"),
+    (lambda x, y: ev.knn_accuracy(x, y - 1, x, y), "labels >= 0"),
+    (lambda x, y: ev.knn_accuracy(x, y.float(), x, y), "integer"),
+    (lambda x, y: ev.knn_accuracy(x, y, x[:, :3], y), "dims"),
+    (lambda x, y: ev.knn_accuracy(x, y, x, y, k=0), "k must"),
+    (lambda x, y: ev.knn_accuracy(x, y, x, y, temperature=0), "temperature"),
+    (lambda x, y: ev.knn_accuracy(x, y, x, y, num_classes=1), "num_classes"),
+    (lambda x, y: ev.knn_accuracy(x * float("nan"), y, x, y), "NaN"),
+    (lambda x, y: ev.knn_accuracy(x[:0], y[:0], x, y), "empty"),
+])
+def test_knn_rejects_bad_input(call, match):
+    x, y = blobs(5, 2, 4, 1.0, 0)
+    with pytest.raises(ValueError, match=match):
+        call(x, y)
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+def sklearn_probe(xtr, ytr, xte, yte, weight_decay):
+    """scikit-learn's L2 logistic regression on the same standardised features and objective."""
+    LogisticRegression = pytest.importorskip("sklearn.linear_model").LogisticRegression
+    StandardScaler = pytest.importorskip("sklearn.preprocessing").StandardScaler
+
+    scaler = StandardScaler().fit(xtr)
+    clf = LogisticRegression(C=1.0 / (weight_decay * len(ytr)), max_iter=2000, tol=1e-8)
+    clf.fit(scaler.transform(xtr), ytr)
+    return clf.score(scaler.transform(xte), yte)
+
+
+def test_linear_probe_matches_sklearn_on_blobs():
+    x, y = blobs(60, 5, 20, spread=2.5, seed=3)
+    xtr, ytr, xte, yte = x[:200], y[:200], x[200:], y[200:]
+    ours = ev.linear_probe(xtr, ytr, xte, yte, epochs=100, weight_decay=1e-2)
+    ref = sklearn_probe(xtr.numpy(), ytr.numpy(), xte.numpy(), yte.numpy(), 1e-2)
+    assert ours == pytest.approx(ref, abs=0.02)
+    assert ours > 0.9
+
+
+def test_linear_probe_on_real_digits_beats_chance_and_agrees_with_sklearn():
+    load_digits = pytest.importorskip("sklearn.datasets").load_digits
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    ours = ev.linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=30, weight_decay=1e-3)
+    ref = sklearn_probe(x[:1000].numpy(), y[:1000].numpy(), x[1000:].numpy(), y[1000:].numpy(), 1e-3)
+    assert ours > 0.85  # chance is 0.1
+    assert ours == pytest.approx(ref, abs=0.03)
+
+
+def test_linear_probe_is_deterministic_and_checks_input():
+    x, y = blobs(20, 3, 6, spread=3.0, seed=0)
+    a = ev.linear_probe(x[:40], y[:40], x[40:], y[40:], epochs=20)
+    assert a == ev.linear_probe(x[:40], y[:40], x[40:], y[40:], epochs=20)
+    with pytest.raises(ValueError, match="dims"):
+        ev.linear_probe(x, y, x[:, :2], y)
+    with pytest.raises(ValueError, match="epochs"):
+        ev.linear_probe(x, y, x, y, epochs=0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        ev.linear_probe(x, y, x, y, weight_decay=-1.0)
+
+
+# ----------------------------------------------------------------------------- clustering
+
+@pytest.mark.parametrize("n,ka,kb,seed", [(10, 2, 3, 0), (60, 4, 4, 1), (300, 10, 7, 2), (1000, 3, 20, 3), (400, 25, 25, 4)])
+@pytest.mark.parametrize("correlated", [False, True])
+def test_nmi_ami_match_sklearn(n, ka, kb, seed, correlated):
+    sk_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, ka, n)
+    b = rng.integers(0, kb, n)
+    if correlated:  # half the items copy their label, so the scores are far from 0
+        copy = rng.random(n) < 0.5
+        b[copy] = a[copy] % kb
+    assert ev.normalized_mutual_info(a, b) == pytest.approx(sk_metrics.normalized_mutual_info_score(a, b), abs=1e-10)
+    assert ev.adjusted_mutual_info(a, b) == pytest.approx(sk_metrics.adjusted_mutual_info_score(a, b), abs=1e-10)
+
+
+def test_nmi_ami_limit_cases():
+    a = np.array([0, 0, 1, 1, 2])
+    assert ev.normalized_mutual_info(a, 7 - a) == pytest.approx(1.0)
+    assert ev.adjusted_mutual_info(a, 7 - a) == pytest.approx(1.0)
+    assert ev.normalized_mutual_info(np.zeros(5), np.zeros(5)) == 1.0
+    assert ev.normalized_mutual_info(a, np.zeros(5)) == 0.0
+    with pytest.raises(ValueError, match="equally long"):
+        ev.adjusted_mutual_info(a, a[:3])
+
+
+def test_kmeans_finds_planted_blobs():
+    x, y = blobs(50, 6, 10, spread=0.3, seed=5)
+    centres, assign = ev.kmeans(x, 6, seed=0)
+    for c in range(6):  # each blob is exactly one cluster, and no two blobs share one
+        assert len(torch.unique(assign[y == c])) == 1
+    assert len(torch.unique(assign)) == 6
+    for c in range(6):  # centres are the blob means
+        assert torch.allclose(centres[assign[y == c][0]], x[y == c].mean(0), atol=1e-4)
+
+
+def test_cluster_scores_on_blobs_and_unknown_labels():
+    x, y = blobs(40, 4, 12, spread=0.3, seed=2)
+    scores = ev.cluster_scores(x, y)
+    assert scores["nmi"] == pytest.approx(1.0) and scores["ami"] == pytest.approx(1.0)
+    y_partial = y.clone()
+    y_partial[::3] = -1  # unknown labels are clustered but not scored
+    assert ev.cluster_scores(x, y_partial)["ami"] == pytest.approx(1.0)
+    noise = torch.randn(160, 12, generator=torch.Generator().manual_seed(0))
+    assert ev.cluster_scores(noise, y)["ami"] < 0.1
+    with pytest.raises(ValueError, match="unknown"):
+        ev.cluster_scores(x, torch.full_like(y, -1))
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+def naive_retrieval(x, y):
+    """Precision@1 and MAP@R by a per-query loop in float64."""
+    x, y = x.double().numpy(), y.numpy()
+    keep = y >= 0
+    x, y = x[keep], y[keep]
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    p1, ap = [], []
+    for q in range(len(y)):
+        r = int((y == y[q]).sum()) - 1
+        if r == 0:
+            continue
+        order = [i for i in np.argsort(-(x @ x[q]), kind="stable") if i != q][:r]
+        hits, total = 0, 0.0
+        for rank, i in enumerate(order, start=1):
+            if y[i] == y[q]:
+                hits += 1
+                total += hits / rank
+        p1.append(float(y[order[0]] == y[q]))
+        ap.append(total / r)
+    return np.mean(p1), np.mean(ap)
+
+
+@pytest.mark.parametrize("seed,spread,batch", [(0, 3.0, 256), (1, 6.0, 7), (2, 1.5, 1)])
+def test_retrieval_matches_naive_loop(seed, spread, batch):
+    x, y = blobs(15, 5, 8, spread=spread, seed=seed)
+    y = y.clone()
+    y[:6] = -1  # unknown rows take no part
+    y[6] = 99  # a singleton label: no relevant item, skipped
+    got = ev.retrieval_scores(x, y, batch_size=batch)
+    p1, mapr = naive_retrieval(x, y)
+    assert got["precision_at_1"] == pytest.approx(p1, abs=1e-6)
+    assert got["map_at_r"] == pytest.approx(mapr, abs=1e-6)
+
+
+def test_retrieval_perfect_and_errors():
+    x, y = blobs(10, 3, 6, spread=0.1, seed=0)
+    assert ev.retrieval_scores(x, y) == pytest.approx({"precision_at_1": 1.0, "map_at_r": 1.0})
+    with pytest.raises(ValueError, match="repeated labels"):
+        ev.retrieval_scores(x[:3], torch.arange(3))
+
+
+def test_evaluate_runs_every_metric():
+    x, y = blobs(40, 4, 12, spread=0.5, seed=4)
+    files = [f"img{i}.png" for i in range(len(y))]
+    y_train = y[:100].clone()
+    y_train[:10] = -1
+    scores = ev.evaluate(Embeddings(x[:100], y_train, files[:100]), Embeddings(x[100:], y[100:], files[100:]),
+                         k=10, probe_epochs=30)
+    assert set(scores) == {"knn_top1", "linear_top1", "nmi", "ami", "precision_at_1", "map_at_r", "n_train", "n_test"}
+    assert scores["n_train"] == 90 and scores["n_test"] == 60
+    for key in ("knn_top1", "linear_top1", "nmi", "ami", "precision_at_1", "map_at_r"):
+        assert scores[key] > 0.95, key
+    with pytest.raises(ValueError, match="no labelled rows"):
+        ev.evaluate(Embeddings(x, torch.full_like(y, -1), files), Embeddings(x, y, files))
+
+
+# ----------------------------------------------------------------------------- export
+
+def sample_embeddings(n=5, d=3):
+    g = torch.Generator().manual_seed(0)
+    return Embeddings(torch.randn(n, d, generator=g) * 1e3, torch.tensor([0, -1, 2, 1, 0])[:n],
+                      ["a.png", "dir/b,c.jpg", "ü.png", "d", "e"][:n])
+
+
+def test_npz_round_trip(tmp_path):
+    e = sample_embeddings()
+    e.save_npz(tmp_path / "e.npz")
+    back = Embeddings.load_npz(tmp_path / "e.npz")
+    assert torch.equal(back.embeddings, e.embeddings) and back.embeddings.dtype == torch.float32
+    assert torch.equal(back.labels, e.labels) and back.labels.dtype == torch.long
+    assert back.files == e.files
+    assert os.listdir(tmp_path) == ["e.npz"]  # no temp file left behind
+
+
+def test_csv_round_trip(tmp_path):
+    e = sample_embeddings()
+    e.save_csv(tmp_path / "e.csv")
+    with open(tmp_path / "e.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["file", "label", "e0", "e1", "e2"]
+    assert [r[0] for r in rows[1:]] == e.files
+    assert [int(r[1]) for r in rows[1:]] == e.labels.tolist()
+    values = torch.tensor([[float(v) for v in r[2:]] for r in rows[1:]], dtype=torch.float32)
+    assert torch.equal(values, e.embeddings)  # exact: float32 survives the text round trip
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "e.npz"
+    target.write_bytes(b"old contents")
+
+    def broken_savez(f, **arrays):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ev.np, "savez", broken_savez)
+    with pytest.raises(OSError, match="disk full"):
+        sample_embeddings().save_npz(target)
+    assert target.read_bytes() == b"old contents"
+    assert os.listdir(tmp_path) == ["e.npz"]
+    with pytest.raises(OSError, match="disk full"):
+        sample_embeddings().save_npz(tmp_path / "new.npz")
+    assert os.listdir(tmp_path) == ["e.npz"]
+
+
+def test_failed_csv_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    real_writer = csv.writer
+
+    class FailingWriter:
+        """Writes the header and two rows, then fails."""
+
+        def __init__(self, f):
+            self.inner, self.rows = real_writer(f), 0
+
+        def writerow(self, row):
+            if self.rows == 3:
+                raise RuntimeError("disk full")
+            self.rows += 1
+            self.inner.writerow(row)
+
+    monkeypatch.setattr(ev.csv, "writer", FailingWriter)
+    with pytest.raises(RuntimeError, match="disk full"):
+        sample_embeddings().save_csv(tmp_path / "e.csv")
+    assert os.listdir(tmp_path) == []
+
+
+def test_embeddings_validate_and_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="one name per embedding"):
+        Embeddings(torch.zeros(3, 2), torch.zeros(3), ["a"])
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        Embeddings(torch.zeros(3, 2), torch.zeros(2), ["a", "b", "c"])
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="save_npz"):
+        Embeddings.load_npz(tmp_path / "other.npz")
+
+
+# ----------------------------------------------------------------------------- embed_dataset
+
+class ImageSet(torch.utils.data.Dataset):
+    """uint8 (C,H,W) images with int labels, optionally with file names."""
+
+    def __init__(self, n=11, channels=3, files=True):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (n, channels, 8, 8), dtype=torch.uint8, generator=g)
+        self.labels = [i % 3 - (i == 4) * 2 for i in range(n)]  # item 4 is unknown (-1)
+        if files:
+            self.files = [f"img_{i}.png" for i in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+class StubLearner:
+    """Learner-like: .embed takes raw uint8 batches and returns (B, D)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def embed(self, images):
+        self.calls += 1
+        return images.float().mean(dim=(2, 3))
+
+
+def test_embed_dataset_with_learner_keeps_order_labels_files():
+    data = ImageSet(11)
+    stub = StubLearner()
+    e = ev.embed_dataset(stub, data, batch_size=4)
+    assert stub.calls == 3
+    assert torch.allclose(e.embeddings, data.images.float().mean(dim=(2, 3)))
+    assert e.labels.tolist() == data.labels and e.labels.dtype == torch.long
+    assert e.files == data.files
+    e2 = ev.embed_dataset(stub, ImageSet(5, files=False))
+    assert e2.files == ["0", "1", "2", "3", "4"]
+
+
+def test_embed_dataset_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size"):
+        ev.embed_dataset(StubLearner(), ImageSet(3), batch_size=0)
+    with pytest.raises(TypeError, match="Learner"):
+        ev.embed_dataset(object(), ImageSet(3))
+    bad = ImageSet(3)
+    bad.files = ["only-one"]
+    with pytest.raises(ValueError, match="files"):
+        ev.embed_dataset(StubLearner(), bad)
+
+
+def test_embed_dataset_with_plain_net_restores_modes_and_statistics():
+    pytest.importorskip("wrapssl.hidden")
+    from wrapssl.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(6, 2))
+    net.train()
+    net[2].eval()  # a mixed state that must come back exactly
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    grad_modes = []
+    probe = net[0].register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    data = ImageSet(7, channels=1)  # grey images are expanded to 3 channels
+    e = ev.embed_dataset(net, data, batch_size=3, hidden_layer=-2)
+    probe.remove()
+    assert grad_modes == [False, False, False]
+    assert [m.training for m in net.modules()] == [True, True, True, False, True, True, True]
+    assert all(torch.equal(stats[k], v) for k, v in net.state_dict().items())
+    x = data.images.float().div(255).expand(-1, 3, -1, -1)
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    net.eval()
+    with torch.no_grad():
+        ref = net[:-1](x)
+    assert e.embeddings.shape == (7, 6)
+    assert torch.allclose(e.embeddings, ref, atol=1e-5)
+    assert e.labels.tolist() == data.labels
+    assert all(p.grad is None for p in net.parameters())
+    assert not net[-1]._forward_hooks and not net[-2]._forward_hooks  # the encoder's hook is removed
