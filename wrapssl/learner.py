@@ -96,6 +96,9 @@ class Learner(nn.Module):
         normalize: (mean, std) applied after augmentation and in ``embed``; None to skip.
         moving_average_decay: EMA momentum at step 0 (default: the method's published one).
         total_steps: when given, momentum follows a cosine from ``moving_average_decay`` to 1.0.
+        compile: ``torch.compile`` the online and target encoders (the user's net object stays
+            as it is). The first steps are slow while it compiles; it pays off when the encoder
+            traces as one graph (see benchmarks/RESULTS.md for where it helps and where not).
     """
 
     def __init__(self, net: nn.Module, image_size: int, hidden_layer: LayerSpec = -2,
@@ -105,7 +108,7 @@ class Learner(nn.Module):
                  views: Views | None = None,
                  normalize: tuple[Sequence[float], Sequence[float]] | None = (IMAGENET_MEAN, IMAGENET_STD),
                  moving_average_decay: float | None = None, total_steps: int | None = None,
-                 **method_kwargs):
+                 compile: bool = False, **method_kwargs):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
@@ -149,6 +152,10 @@ class Learner(nn.Module):
             self.target_projector = make_target(self.method.projector)
             self._ema = EMA(nn.ModuleList([net, self.method.projector]),
                             nn.ModuleList([target_net, self.target_projector]))
+        if compile:  # in place on our Encoder wrappers: state_dict keys and the user's net are unchanged
+            for encoder in (self.encoder, self.target_encoder):
+                if encoder is not None:
+                    encoder.compile()
 
     @property
     def net(self) -> nn.Module:
