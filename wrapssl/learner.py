@@ -72,6 +72,17 @@ def _feature_dim(encoder: Encoder, channels: int, image_size: int) -> int:
         probe.close()
 
 
+def normalization(channels: int, normalize: tuple[Sequence[float], Sequence[float]] | None
+                  = (IMAGENET_MEAN, IMAGENET_STD)) -> Normalize:
+    """The input normalisation a net of ``channels`` channels is trained with (None: identity)."""
+    if normalize is None:
+        return Normalize(None, None)
+    mean, std = normalize
+    if channels == 1 and len(mean) == 3:  # grey images: the mean of the per-channel statistics
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return Normalize(mean, std)
+
+
 class Learner(nn.Module):
     """Self-supervised pretraining of ``net`` in three lines.
 
@@ -138,10 +149,7 @@ class Learner(nn.Module):
         elif augment_fn is not None:
             raise ValueError("pass either views or augment_fn/augment_fn2, not both")
         self.views = views
-        if normalize is not None and channels == 1 and len(normalize[0]) == 3:
-            # grey images: the mean of the per-channel statistics (e.g. ImageNet's)
-            normalize = ((sum(normalize[0]) / 3,), (sum(normalize[1]) / 3,))
-        self.normalize = Normalize(*normalize) if normalize is not None else Normalize(None, None)
+        self.normalize = normalization(channels, normalize)
 
         # The EMA target: encoder + projector, created here once and visibly.
         self.target_encoder: Encoder | None = None
