@@ -256,6 +256,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def _has_accelerator() -> bool:
+    """True if torch sees a GPU (or another accelerator)."""
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
+
+
 def _tensorboard_available() -> bool:
     """True if torch's TensorBoard writer can be imported."""
     try:
@@ -462,16 +468,23 @@ class Trainer:
             kwargs["mixed_precision"] = mixed_precision
         # The Learner skips the net past the hidden layer (e.g. a ResNet's fc), so those parameters never
         # get a gradient. static_graph lets DDP learn that set on the first step instead of searching
-        # the autograd graph every step as find_unused_parameters would.
+        # the autograd graph every step as find_unused_parameters would. A static graph cannot skip the
+        # all-reduce of accumulation steps (no_sync trips an internal assert in DDP), so with our handler
+        # every batch is all-reduced; gradients are the same, communication is once per batch.
+        static = "kwargs_handlers" not in kwargs
         kwargs.setdefault("kwargs_handlers", [DistributedDataParallelKwargs(static_graph=True)])
         if "gradient_accumulation_steps" in kwargs or "gradient_accumulation_plugin" in kwargs:
             raise ValueError("pass gradient_accumulation_steps to the Trainer, not in accelerator_kwargs")
         # Accumulation counts batches only: an epoch's end must not force an early optimiser step,
         # or the step count (and the schedules indexed by it) would depend on the dataset size.
         kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(
-            num_steps=self.grad_accum, sync_with_dataloader=False)
+            num_steps=self.grad_accum, sync_with_dataloader=False, sync_each_batch=static)
         # The LR schedule is indexed by optimiser steps; we step it ourselves once per optimiser step.
         kwargs["step_scheduler_with_optimizer"] = False
+        # Accelerate builds a gloo process group on CPU only when told cpu=True; without it, torchrun or
+        # `accelerate launch --multi_gpu` on a machine without accelerators gives N unrelated runs.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            kwargs.setdefault("cpu", True)
         trackers: list[Any] = []
         if "tensorboard" in log_with:
             if _tensorboard_available():
@@ -580,8 +593,9 @@ class Trainer:
                                         f"continue from the latest one in {str(self.folder)!r}")
         state = load_checkpoint(path)
         old = state.get("config", {})
-        changed = {k: (old[k], v) for k, v in self.config.items()
-                   if k in old and old[k] != v and k not in ("num_train_steps",)}
+        # a longer run (more steps, hence a longer warmup and EMA schedule) is a normal way to resume
+        derived = ("num_train_steps", "warmup_steps", "method.total_steps")
+        changed = {k: (old[k], v) for k, v in self.config.items() if k in old and old[k] != v and k not in derived}
         if changed:
             warnings.warn(f"resuming {path} with changed settings {changed}; the run will not match an "
                           "uninterrupted one", stacklevel=3)
@@ -644,7 +658,7 @@ class Trainer:
         if self.max_grad_norm is None:
             hints.append("gradient clipping (max_grad_norm=1.0)")
         hints.append("a longer warmup (warmup_steps)")
-        self.accelerator.end_training()
+        self._finish_trackers()
         raise NonFiniteLossError(
             f"the {what} became NaN or infinite at step {step} (of {self.num_train_steps}); training stopped and "
             f"{kept}. Try {', '.join(hints)}, then resume with resume='auto' or start again.")
@@ -720,6 +734,7 @@ class Trainer:
                     if not acc.sync_gradients:
                         continue
                     lr, momentum = self.optimizer.param_groups[0]["lr"], self.learner.current_momentum
+                    uses_target = self.learner.target_encoder is not None
                     self.scheduler.step()
                     self.learner.update_moving_average()
                     self.step += 1
@@ -729,9 +744,11 @@ class Trainer:
                         mean_loss = self._check_loss(monitor)
                         monitor.reset()
                         rate = window_steps * images_per_step / max(time.perf_counter() - window_start, 1e-9)
-                        self._log({"loss": mean_loss, "lr": lr, "momentum": momentum, "images_per_s": rate})
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", m=f"{momentum:.4f}",
-                                        img_s=f"{rate:.0f}")
+                        values = {"loss": mean_loss, "lr": lr, "momentum": momentum, "images_per_s": rate}
+                        if not uses_target:  # no EMA target, no momentum to report
+                            del values["momentum"]
+                        self._log(values)
+                        bar.set_postfix({k[:5]: f"{v:.4g}" for k, v in values.items()})
                         window_start, window_steps = time.perf_counter(), 0
                     if self.eval_every is not None and (self.step % self.eval_every == 0
                                                         or self.step == self.num_train_steps):
@@ -747,10 +764,23 @@ class Trainer:
                     self.epoch, self.samples_in_epoch = self.epoch + 1, 0
         finally:
             bar.close()
+        self._sync_buffers()
         self.save_backbone()
         self._plot_history()
-        acc.end_training()
+        self._finish_trackers()
         return self.net
+
+    def _finish_trackers(self) -> None:
+        """Close the trackers (not ``end_training``: that would also tear down the process group)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
+
+    def _sync_buffers(self) -> None:
+        """Give every process the main one's buffers (BN statistics drift apart between DDP broadcasts)."""
+        if self.accelerator.num_processes > 1:
+            for buffer in self.learner.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
     def _evaluate(self) -> None:
         """kNN accuracy on the main process, logged as "knn"; the others wait."""
