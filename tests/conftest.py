@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import gzip
 import os
+
+# Idle OpenMP threads spin by default and starve the working ones on a busy machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import numpy as np
