@@ -41,15 +41,26 @@ def make_data(kind: str, n: int, dim: int, dups: int, seed: int) -> tuple[torch.
 
 
 def brute_force_pairs(x: torch.Tensor, threshold: float, block: int = 2048) -> set[tuple[int, int]]:
-    """Every pair i < j with cosine >= threshold by a plain blockwise matmul (slow reference)."""
+    """Every pair i < j with cosine >= threshold by a blockwise upper-triangle matmul (reference)."""
     out = set()
     for a in range(0, len(x), block):
-        s = x[a:a + block] @ x.T
-        i, j = (s >= threshold).nonzero(as_tuple=True)
-        i = i + a
+        i, j = (x[a:a + block] @ x[a:].T >= threshold).nonzero(as_tuple=True)
+        i, j = i + a, j + a
         keep = i < j
         out.update(zip(i[keep].tolist(), j[keep].tolist()))
     return out
+
+
+def plain_greedy(x: torch.Tensor, n: int, first: int) -> list[int]:
+    """Textbook k-center greedy, one full distance pass per pick (slow reference)."""
+    d2 = torch.full((len(x),), float("inf"))
+    chosen = [first]
+    while True:
+        d2 = torch.minimum(d2, (2 - 2 * (x @ x[chosen[-1]])).clamp_min(0))
+        if len(chosen) == n:
+            return chosen
+        d2[chosen] = -1.0
+        chosen.append(int(d2.argmax()))
 
 
 def timed(fn, repeat: int):
@@ -72,7 +83,8 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=["power-law", "isotropic"], choices=["power-law", "isotropic"])
     p.add_argument("--repeat", type=int, default=1, help="runs per measurement; the best is reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--verify", action="store_true", help="also check near_duplicates against a brute-force search")
+    p.add_argument("--verify", action="store_true",
+                   help="also time and compare against plain greedy and brute-force pair search")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.threads:
@@ -88,14 +100,18 @@ def main() -> None:
             secs, s = timed(lambda: select(x, args.select, seed=args.seed, **kw), args.repeat)
             radius = coverage_radius(x, s.indices)
             print(f"| {kind} | {label} | {secs:.2f} | coverage radius {radius:.3f} |", flush=True)
+            if args.verify and not kw:
+                secs, ref = timed(lambda: plain_greedy(x, args.select, int(s.indices[0])), 1)
+                print(f"| {kind} | plain greedy (reference) | {secs:.2f} | same picks: {ref == s.indices.tolist()} |",
+                      flush=True)
         secs, (pairs, sims) = timed(lambda: near_duplicates(x, args.threshold), args.repeat)
         found = {tuple(r) for r in pairs.tolist()}
         hit = sum(tuple(r) in found for r in planted.tolist())
         note = f"{len(found)} pairs, planted found {hit}/{len(planted)}"
-        if args.verify:
-            ref = brute_force_pairs(x, args.threshold)
-            note += f", brute force agrees: {found == ref}"
         print(f"| {kind} | near_duplicates >= {args.threshold} | {secs:.2f} | {note} |", flush=True)
+        if args.verify:
+            secs, ref = timed(lambda: brute_force_pairs(x, args.threshold), 1)
+            print(f"| {kind} | brute-force pairs (reference) | {secs:.2f} | same pairs: {found == ref} |", flush=True)
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

@@ -122,7 +122,8 @@ def test_linear_probe_is_deterministic_and_checks_input():
 
 # ----------------------------------------------------------------------------- clustering
 
-@pytest.mark.parametrize("n,ka,kb,seed", [(10, 2, 3, 0), (60, 4, 4, 1), (300, 10, 7, 2), (1000, 3, 20, 3), (400, 25, 25, 4)])
+@pytest.mark.parametrize("n,ka,kb,seed",
+                         [(10, 2, 3, 0), (60, 4, 4, 1), (300, 10, 7, 2), (1000, 3, 20, 3), (400, 25, 25, 4)])
 @pytest.mark.parametrize("correlated", [False, True])
 def test_nmi_ami_match_sklearn(n, ka, kb, seed, correlated):
     sk_metrics = pytest.importorskip("sklearn.metrics")

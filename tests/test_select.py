@@ -80,7 +80,8 @@ def test_indices_unique_in_range_and_deterministic():
     assert torch.equal(a.indices, sel.select(x, 50, seed=7).indices)
     assert sorted(sel.select(x, 300, seed=1).indices.tolist()) == list(range(300))
     r = sel.select(x, 50, method="random", seed=7)
-    assert len(set(r.indices.tolist())) == 50 and torch.equal(r.indices, sel.select(x, 50, method="random", seed=7).indices)
+    assert len(set(r.indices.tolist())) == 50
+    assert torch.equal(r.indices, sel.select(x, 50, method="random", seed=7).indices)
 
 
 def test_duplicate_rows_still_give_unique_indices():

@@ -145,8 +145,9 @@ def embed_dataset(model: Any, dataset: Dataset, batch_size: int = 256, device: s
     ImageNet-normalised 3-channel float images, and run in eval mode without
     gradients; the train/eval flag of every submodule is restored afterwards.
     ``hidden_layer`` applies to a plain net only. ``device`` is where batches
-    are sent (default: the model's device); the model itself is never moved. File names come from ``dataset.files`` when it
-    exists, else they are the item indices as strings.
+    are sent (default: the model's device); the model itself is never moved.
+    File names come from ``dataset.files`` when it exists, else they are the
+    item indices as strings.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -249,7 +250,8 @@ def knn_predict(train_emb: Any, train_labels: Any, test_emb: Any, k: int = 200, 
     x, y = _as_pair(train_emb, train_labels, "train_")
     q = _as_matrix(test_emb, "test_emb").to(x.device)
     if q.shape[1] != x.shape[1]:
-        raise ValueError(f"train_emb has {x.shape[1]} dims but test_emb has {q.shape[1]}; embed both with the same model")
+        raise ValueError(f"train_emb has {x.shape[1]} dims but test_emb has {q.shape[1]}; "
+                         "embed both with the same model")
     k = min(_positive_int(k, "k"), x.shape[0])
     batch_size = _positive_int(batch_size, "batch_size")
     if not temperature > 0:
@@ -288,7 +290,8 @@ def linear_probe(train_emb: Any, train_labels: Any, test_emb: Any, test_labels: 
     x, y = _as_pair(train_emb, train_labels, "train_")
     xt, yt = _as_pair(test_emb, test_labels, "test_")
     if xt.shape[1] != x.shape[1]:
-        raise ValueError(f"train_emb has {x.shape[1]} dims but test_emb has {xt.shape[1]}; embed both with the same model")
+        raise ValueError(f"train_emb has {x.shape[1]} dims but test_emb has {xt.shape[1]}; "
+                         "embed both with the same model")
     epochs = _positive_int(epochs, "epochs")
     if not lr > 0 or weight_decay < 0:
         raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
@@ -510,7 +513,8 @@ def retrieval_scores(emb: Any, labels: Any, batch_size: int = 256) -> dict[str, 
 def _labelled(e: Embeddings, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of ``e`` whose label is known."""
     if not isinstance(e, Embeddings):
-        raise TypeError(f"{name} must be an Embeddings (from embed_dataset or Embeddings.load_npz), got {type(e).__name__}")
+        raise TypeError(f"{name} must be an Embeddings (from embed_dataset or Embeddings.load_npz), "
+                        f"got {type(e).__name__}")
     keep = e.labels >= 0
     if not bool(keep.any()):
         raise ValueError(f"{name} has no labelled rows (all labels are -1); evaluation needs labels for "

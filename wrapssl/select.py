@@ -130,53 +130,67 @@ def _kcenter(x: torch.Tensor, n: int, w: torch.Tensor | None, gen: torch.Generat
     come closer to the new centre c: the triangle inequality (a row at distance
     d from its centre c_j cannot get closer unless |c - c_j| < 2d) and the
     32-dim upper bound on cosines of ``_rotated_bounds``. Only the remaining
-    rows get a full dot product with c.
+    rows get a full dot product with c. Where the bounds prune little (e.g.
+    isotropic data), steps fall back to one dense pass and re-try them later.
     """
     size = x.shape[0]
     dev = x.device
     w2 = None if w is None else w.square()  # argmax of w·d equals argmax of w²·d², no square roots needed
     d2 = torch.full((size,), math.inf, device=dev)
+    score = d2 if w2 is None else torch.empty(size, device=dev)
     assign = torch.zeros(size, dtype=torch.long, device=dev)
     taken = torch.zeros(size, dtype=torch.bool, device=dev)
     centres = torch.empty(n, x.shape[1], device=dev)
     _, bound = _rotated_bounds(x, 31) if x.shape[1] > 64 else (None, None)
-    retry_bound = 0
-    first = torch.multinomial(torch.ones(size) if w is None else w.cpu(), 1, generator=gen)
-    chosen = [int(first)]
+    prune_from = bound_from = 1  # steps before these skip the triangle / PCA bound (they pruned too little)
+    p = int(torch.multinomial(torch.ones(size) if w is None else w.cpu(), 1, generator=gen))
+    chosen = []
     for t in range(n):
-        p = chosen[t]
+        chosen.append(p)
         c = centres[t] = x[p]
         taken[p] = True
-        mask, count = None, size
-        if t > 0:
-            dc = (2 - 2 * (centres[:t] @ c)).clamp_min_(0).sqrt_()
-            # row i (nearest centre j) can only improve if d_i > (dc_j - slack) / 2
-            thr = (dc - _DIST_SLACK).clamp_min_(0).square_().div_(4)
-            mask = d2 > thr.index_select(0, assign)  # index_select: ~5x faster than [] on CPU
-            if bound is not None and t >= retry_bound:  # cosine > current best 1 - d²/2 is needed to improve
+        count = size
+        if t >= prune_from:
+            mask = _may_improve(d2, assign, centres[:t], c)
+            if bound is not None and t >= bound_from:  # cosine > current best 1 - d²/2 is needed to improve
                 mask &= bound @ bound[p] > 1 - d2 / 2 - _SIM_SLACK
             count = int(mask.sum())
-            if bound is not None and t >= retry_bound and count > size // 2:
-                retry_bound = t + 32  # the bound is too loose on this data; try it again later
+            if bound is not None and t >= bound_from and count > size // 2:
+                bound_from = t + 32
+            if count > size // 8:
+                prune_from = t + 8
         if count > size // 8:  # many candidates: one dense pass is cheaper than gathering rows
             new = (2 - 2 * (x @ c)).clamp_min_(0)
             better = new < d2
-            d2 = torch.where(better, new, d2)
+            torch.minimum(d2, new, out=d2)
             assign.masked_fill_(better, t)
-            score = (d2.clone() if w2 is None else d2 * w2).masked_fill_(taken, -1.0)
+            if w2 is not None:
+                torch.mul(d2, w2, out=score)
         else:
             cand = mask.nonzero()[:, 0]
-            new = (2 - 2 * (x.index_select(0, cand) @ c)).clamp_min_(0)
+            new = (2 - 2 * (x.index_select(0, cand) @ c)).clamp_min_(0)  # index_select: ~5x faster than []
             keep = new < d2.index_select(0, cand)
             better, upd = cand[keep], new[keep]
             d2.index_copy_(0, better, upd)
             assign.index_fill_(0, better, t)
-            score.index_copy_(0, better, upd if w2 is None else upd * w2.index_select(0, better))
+            if w2 is not None:
+                score.index_copy_(0, better, upd * w2.index_select(0, better))
         d2[p] = 0.0
-        score[p] = -1.0  # never pick a row twice, even when every distance is 0
+        score[p] = 0.0
         if t + 1 < n:
-            chosen.append(int(score.argmax()))
+            p = int(score.argmax())
+            if taken[p] or not score[p] > 0:  # every row left is covered or weightless: take the farthest
+                free = (~taken).nonzero()[:, 0]
+                p = int(free[d2.index_select(0, free).argmax()])
     return torch.tensor(chosen, dtype=torch.long)
+
+
+def _may_improve(d2: torch.Tensor, assign: torch.Tensor, centres: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Rows that the triangle inequality allows to come closer to the new centre c."""
+    dc = (2 - 2 * (centres @ c)).clamp_min_(0).sqrt_()
+    # row i (nearest centre j) can only improve if d_i > (dc_j - slack) / 2
+    thr = (dc - _DIST_SLACK).clamp_min_(0).square_().div_(4)
+    return d2 > thr.index_select(0, assign)
 
 
 def select(embeddings: Any, n: int, method: str = "kcenter", weights: Any = None, seed: int = 0,
@@ -261,9 +275,10 @@ def near_duplicates(embeddings: Any, threshold: float = 0.95, block_size: int = 
     axis; unit vectors with cosine >= t differ there by at most sqrt(2 - 2t),
     so each block of rows meets only a window of columns. (2) Within it, an
     upper bound on every cosine comes from a 32-dim matmul (see
-    ``_rotated_bounds``); only pairs above it are checked in full. Memory stays
-    at block_size × 8·block_size floats plus the pairs found. Zero rows match nothing. Pairs within
-    ~1e-6 of the threshold may go either way through float32 rounding.
+    ``_rotated_bounds``; for D > 48); only rows whose bound reaches the
+    threshold get exact cosines. Memory stays at block_size × 8·block_size
+    floats plus the pairs found. Zero rows match nothing. Pairs within ~1e-6
+    of the threshold may go either way through float32 rounding.
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}; near-duplicates usually sit above 0.9")
