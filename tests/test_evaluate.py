@@ -388,3 +388,19 @@ def test_embed_dataset_with_plain_net_restores_modes_and_statistics():
     assert e.labels.tolist() == data.labels
     assert all(p.grad is None for p in net.parameters())
     assert not net[-1]._forward_hooks and not net[-2]._forward_hooks  # the encoder's hook is removed
+
+
+def test_embed_dataset_plain_grey_net_matches_a_hand_normalised_forward():
+    from wrapssl.archs import build_arch
+
+    net, layer = build_arch("small_resnet", channels=1)
+    images = torch.randint(0, 256, (6, 1, 12, 12), dtype=torch.uint8)
+    ds = torch.utils.data.TensorDataset(images, torch.arange(6))
+    got = ev.embed_dataset(net, ds, batch_size=4, hidden_layer=layer).embeddings
+    mean, std = sum((0.485, 0.456, 0.406)) / 3, sum((0.229, 0.224, 0.225)) / 3
+    feats = {}
+    handle = net.avgpool.register_forward_hook(lambda m, i, o: feats.setdefault("x", o))
+    with torch.no_grad():
+        net.eval()((images.float() / 255 - mean) / std)
+    handle.remove()
+    torch.testing.assert_close(got, feats["x"].flatten(1))

@@ -111,16 +111,17 @@ def _model_device(model: Any) -> torch.device:
 def _plain_embedder(net: nn.Module, hidden_layer: Any, device: torch.device
                     ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """An images → (B, D) function for a plain net; eval mode inside, every module's flag restored after."""
-    from .augment import IMAGENET_MEAN, IMAGENET_STD, to_float
-    from .hidden import Encoder
+    from .augment import to_float
+    from .hidden import Encoder, input_channels
+    from .learner import normalization
 
     encoder = Encoder(net, hidden_layer)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, -1, 1, 1)
+    channels = input_channels(net)
+    normalize = normalization(channels).to(device)  # what a Learner trains such a net with
     flags = [(m, m.training) for m in net.modules()]
     net.eval()
     try:
-        yield lambda images: encoder((to_float(images, channels=3) - mean) / std)
+        yield lambda images: encoder(normalize(to_float(images, channels)))
     finally:
         encoder.close()
         for m, was_training in flags:
@@ -142,7 +143,8 @@ def embed_dataset(model: Any, dataset: Dataset, batch_size: int = 256, device: s
     """Embed every item of ``dataset`` in order with a Learner (``.embed``) or a plain net.
 
     A plain ``nn.Module`` is cut at ``hidden_layer`` (as in ``Learner``), fed
-    ImageNet-normalised 3-channel float images, and run in eval mode without
+    float images normalised as a Learner would (ImageNet statistics; their
+    grey mean for a net whose first conv takes 1 channel), and run in eval mode without
     gradients; the train/eval flag of every submodule is restored afterwards.
     ``hidden_layer`` applies to a plain net only. ``device`` is where batches
     are sent (default: the model's device); the model itself is never moved.

@@ -129,3 +129,11 @@ class Encoder(nn.Module):
             self._handle.remove()
             self._handle = None
         self._captured = None
+
+
+def input_channels(net: nn.Module) -> int:
+    """The channel count the net takes: its first Conv2d's, if 1 or 3; else 3."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels if m.in_channels in (1, 3) else 3
+    return 3
