@@ -1,0 +1,250 @@
+"""Wrapper overhead: wrapssl's BYOL step against a hand-written floor on the same net, heads and views.
+
+The floor is the least a BYOL step can do: pre-made, pre-normalised views, the
+net's children up to the pool called directly (no hook), the same projector,
+predictor and loss, Adam, and one fused ``torch._foreach_lerp_`` EMA. wrapssl
+runs the same step through ``Learner`` with augmentation switched off
+(``augment_fn=lambda x: x``), so every extra millisecond is the wrapper's.
+Then a full wrapssl step (default BYOL views) is split into augment / forward /
+backward / optimiser / EMA shares.
+
+    python benchmarks/bench_overhead.py --steps 5 --reps 7          # CPU, small ResNet, 28 px
+    python benchmarks/bench_overhead.py --compile                    # also torch.compile contenders
+    python benchmarks/bench_gpu.py                                   # ResNet-50, 224 px, bf16 on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import time
+
+import common  # noqa: F401  (puts the checkout on sys.path)
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+from common import command, machine, markdown_table, median, race, small_resnet, sync
+from wrapssl import Learner
+from wrapssl.augment import IMAGENET_MEAN, IMAGENET_STD
+from wrapssl.heads import mlp
+
+
+def build_net(arch: str) -> nn.Module:
+    if arch == "small":
+        return small_resnet(widths=(16, 32, 64))
+    return getattr(models, arch)()
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
+
+
+class Floor:
+    """A hand-written BYOL step: no hook, no checks, no augmentation, fused EMA."""
+
+    def __init__(self, net: nn.Module, dim: int, hidden: int, out: int, lr: float, momentum: float,
+                 autocast: contextlib.AbstractContextManager):
+        self.trunk = nn.Sequential(*list(net.children())[:-1], nn.Flatten())  # up to and with the pool
+        self.projector, self.predictor = mlp([dim, hidden, out]), mlp([out, hidden, out])
+        self.t_trunk, self.t_projector = copy.deepcopy(self.trunk), copy.deepcopy(self.projector)
+        for m in (self.t_trunk, self.t_projector):
+            m.requires_grad_(False)
+        online = [*self.trunk.parameters(), *self.projector.parameters(), *self.predictor.parameters()]
+        self.opt = torch.optim.Adam(online, lr=lr)
+        self.o_params = [*self.trunk.parameters(), *self.projector.parameters()]
+        self.t_params = [*self.t_trunk.parameters(), *self.t_projector.parameters()]
+        self.o_bufs = [*self.trunk.buffers(), *self.projector.buffers()]
+        self.t_bufs = [*self.t_trunk.buffers(), *self.t_projector.buffers()]
+        self.momentum, self.autocast = momentum, autocast
+
+    def to(self, **kw) -> "Floor":
+        for m in (self.trunk, self.projector, self.predictor, self.t_trunk, self.t_projector):
+            m.to(**kw)
+        return self
+
+    def step(self, both: torch.Tensor) -> None:
+        with self.autocast:
+            z = self.projector(self.trunk(both))
+            p1, p2 = self.predictor(z).chunk(2)
+            with torch.no_grad():
+                t1, t2 = self.t_projector(self.t_trunk(both)).chunk(2)
+            loss = byol_loss(p1, t2) + byol_loss(p2, t1)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.t_params, self.o_params, 1 - self.momentum)
+            torch._foreach_copy_(self.t_bufs, self.o_bufs)
+
+
+class WrapsslStep:
+    """The same step through ``Learner``; ``augment=False`` swaps the views for the identity."""
+
+    def __init__(self, net: nn.Module, args, augment: bool, compile: bool = False, hidden_layer="avgpool"):
+        kw = dict(augment_fn=lambda x: x) if not augment else {}
+        self.learner = Learner(net, image_size=args.image_size, hidden_layer=hidden_layer,
+                               projection_hidden_size=args.hidden, projection_size=args.out,
+                               moving_average_decay=args.momentum, compile=compile, **kw)
+        self.learner.to(args.device, memory_format=args.memory_format)
+        self.opt = torch.optim.Adam([p for p in self.learner.parameters() if p.requires_grad], lr=args.lr)
+        self.autocast = args.autocast
+
+    def step(self, images: torch.Tensor) -> None:
+        with self.autocast:
+            loss = self.learner(images)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.learner.update_moving_average()
+
+
+class BYOLPytorchStep:
+    """byol-pytorch 0.9.1 on the same net and head sizes (its own MLP heads, EMA by Python loop)."""
+
+    def __init__(self, net: nn.Module, args, augment: bool):
+        from byol_pytorch import BYOL
+        kw = dict(augment_fn=lambda x: x) if not augment else {}
+        self.model = BYOL(net.to(args.device, memory_format=args.memory_format), image_size=args.image_size,
+                          hidden_layer="avgpool", projection_size=args.out, projection_hidden_size=args.hidden,
+                          moving_average_decay=args.momentum, use_simplicial_embeddings=False, **kw)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.autocast = args.autocast
+
+    def step(self, images: torch.Tensor) -> None:
+        with self.autocast:
+            loss = self.model(images)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.model.update_moving_average()
+
+
+def shares(args, images: torch.Tensor) -> dict[str, float]:
+    """Seconds per phase of a full wrapssl step with the default BYOL views, medians over steps."""
+    torch.manual_seed(0)
+    w = WrapsslStep(build_net(args.arch), args, augment=True)
+    learner, t = w.learner, {"augment": [], "forward": [], "backward": [], "optimiser": [], "EMA": []}
+    views_forward = learner.views.forward
+    aug_time = [0.0]
+
+    def timed_views(x):
+        sync(args.device)
+        t0 = time.perf_counter()
+        out = views_forward(x)
+        sync(args.device)
+        aug_time[0] += time.perf_counter() - t0
+        return out
+
+    learner.views.forward = timed_views
+    for i in range(args.steps + 2):
+        aug_time[0] = 0.0
+        sync(args.device)
+        t0 = time.perf_counter()
+        with w.autocast:
+            loss = learner(images)
+        sync(args.device)
+        t1 = time.perf_counter()
+        w.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync(args.device)
+        t2 = time.perf_counter()
+        w.opt.step()
+        sync(args.device)
+        t3 = time.perf_counter()
+        learner.update_moving_average()
+        sync(args.device)
+        t4 = time.perf_counter()
+        if i >= 2:
+            for k, v in zip(t, (aug_time[0], t1 - t0 - aug_time[0], t2 - t1, t3 - t2, t4 - t3)):
+                t[k].append(v)
+    return {k: median(v) for k, v in t.items()}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arch", default="small", help="'small' (a narrow ResNet for 28 px) or a torchvision name")
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=1024, help="projector/predictor hidden width")
+    ap.add_argument("--out", type=int, default=256, help="projection size")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--momentum", type=float, default=0.99)
+    ap.add_argument("--steps", type=int, default=3, help="steps per timing sample")
+    ap.add_argument("--reps", type=int, default=7, help="timing samples per contender (median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (GPU)")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--byol-pytorch", action="store_true", help="also time byol-pytorch's step (identity views)")
+    ap.add_argument("--compile", action="store_true", help="also time Learner(compile=True) contenders")
+    ap.add_argument("--json", default=None, help="write the numbers here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    args.autocast = (torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.bf16
+                     else contextlib.nullcontext())
+    dev = args.device
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (args.batch, 3, args.image_size, args.image_size), dtype=torch.uint8, device=dev)
+    x = images.float().div(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    both = ((x - mean) / std).repeat(2, 1, 1, 1).contiguous(memory_format=args.memory_format)
+
+    net = build_net(args.arch)
+    dim = net.fc.in_features
+    torch.manual_seed(1)
+    floor = Floor(copy.deepcopy(net), dim, args.hidden, args.out, args.lr, args.momentum, args.autocast)
+    floor.to(device=dev, memory_format=args.memory_format)
+    wrap = WrapsslStep(copy.deepcopy(net), args, augment=False)
+    contenders = {"floor (hand-written)": lambda: floor.step(both),
+                  "wrapssl, identity views": lambda: wrap.step(images)}
+    warm = {}
+    if args.byol_pytorch:
+        bp = BYOLPytorchStep(copy.deepcopy(net), args, augment=False)
+        xn = x.contiguous(memory_format=args.memory_format)
+        contenders["byol-pytorch, identity views"] = lambda: bp.step(xn)
+    if args.compile:
+        for name, layer in (("avgpool", "avgpool"), ("-1", -1)):
+            n = copy.deepcopy(net)
+            if layer == -1:
+                n.fc = nn.Identity()  # the net's own output is then the pooled feature
+            c = WrapsslStep(n, args, augment=False, compile=True, hidden_layer=layer)
+            t0 = time.perf_counter()
+            c.step(images)
+            sync(dev)
+            warm[f"compile, hidden_layer={name}"] = time.perf_counter() - t0
+            contenders[f"wrapssl compile=True, hidden_layer={name}, identity views"] = (lambda c=c: c.step(images))
+    times = race({k: (lambda f=f: [f() for _ in range(args.steps)]) for k, f in contenders.items()},
+                 reps=args.reps, n=1, device=dev)
+    per_step = {k: median(v) / args.steps for k, v in times.items()}
+    base = per_step["floor (hand-written)"]
+    rows = [[k, f"{v * 1e3:.1f}", f"{args.batch / v:.0f}", f"{v / base:.3f}"] for k, v in per_step.items()]
+    print(f"\n{command()}\n{machine(dev)}\n")
+    print(markdown_table(["contender", "ms/step (median)", "images/s", "× floor"], rows))
+    # per-repetition ratios, to show the spread of the alternated samples
+    ratios = sorted(w / f for w, f in zip(times["wrapssl, identity views"], times["floor (hand-written)"]))
+    print(f"wrapssl/floor per repetition: min {ratios[0]:.3f}, median {median(ratios):.3f}, max {ratios[-1]:.3f}")
+    if warm:
+        print("first (compiling) step: " + ", ".join(f"{k} {v:.1f} s" for k, v in warm.items()))
+
+    sh = shares(args, images)
+    total = sum(sh.values())
+    print("\nFull wrapssl step (default BYOL views), median per phase:\n")
+    print(markdown_table(["phase", "ms", "share"],
+                         [[k, f"{v * 1e3:.1f}", f"{100 * v / total:.1f}%"] for k, v in sh.items()]
+                         + [["total", f"{total * 1e3:.1f}", "100%"]]))
+    result = {"command": command(), "machine": machine(dev), "per_step_s": per_step,
+              "ratio_median": median(ratios), "shares_s": sh, "compile_warmup_s": warm}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
