@@ -52,10 +52,15 @@ def test_knn_matches_naive_loop(k, t, batch):
 
 
 def test_knn_small_temperature_stays_finite():
-    x, y = blobs(20, 3, 8, spread=2.0, seed=1)
-    # exp(1/0.005) overflows float32 but not float64: the vote must still match the float64 loop
-    pred = ev.knn_predict(x[:40], y[:40], x[40:], k=10, temperature=0.005)
-    assert np.array_equal(pred.numpy(), naive_knn(x[:40], y[:40].numpy(), x[40:], 10, 0.005, 3))
+    # one class-1 neighbour at cosine 0.99 against five class-0 neighbours at 0.9: exp(sim/0.005)
+    # overflows float32, yet e^198 > 5·e^180, so class 1 must win as in the float64 loop
+    angle = lambda c: [c, math.sqrt(1 - c * c)]
+    train = torch.tensor([angle(0.99)] + [angle(0.9)] * 5)
+    labels = torch.tensor([1, 0, 0, 0, 0, 0])
+    query = torch.tensor([[1.0, 0.0]])
+    ref = naive_knn(train, labels.numpy(), query, 6, 0.005, 2)
+    assert ref.tolist() == [1]
+    assert ev.knn_predict(train, labels, query, k=6, temperature=0.005).tolist() == [1]
 
 
 @pytest.mark.parametrize("call,match", [
