@@ -1,4 +1,5 @@
 """Subset selection and near-duplicate search against brute force."""
+import importlib
 import itertools
 import math
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wrapssl import select as sel
 from wrapssl.evaluate import Embeddings
+
+# the module, not the function: wrapssl exports select(), which shadows the submodule attribute
+sel = importlib.import_module("wrapssl.select")
 
 
 def unit(x: torch.Tensor) -> np.ndarray:
