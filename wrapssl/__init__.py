@@ -4,7 +4,6 @@ from .compat import BYOL
 from .evaluate import Embeddings, embed_dataset, knn_accuracy, linear_probe
 from .learner import Learner
 from .methods import Method, available_methods, get_method, register_method
-from .select import near_duplicates, select
 from .trainer import Trainer
 
 __version__ = "0.1.0"
@@ -12,5 +11,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Learner", "BYOL", "Trainer", "Method", "available_methods", "get_method", "register_method",
     "Views", "view_transform", "byol_views", "simclr_views", "multicrop_views",
-    "Embeddings", "embed_dataset", "knn_accuracy", "linear_probe", "select", "near_duplicates",
+    "Embeddings", "embed_dataset", "knn_accuracy", "linear_probe",
 ]
