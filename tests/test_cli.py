@@ -88,7 +88,7 @@ def test_bare_backbone_without_metrics_needs_arch(run_folder, tmp_path):
         cli.main(["embed", str(tmp_path / "backbone.pt"), "--data", "digits", "--out", str(tmp_path / "x.npz")])
     cli.main(["embed", str(tmp_path / "backbone.pt"), "--arch", "small_resnet", "--data", "digits",
               "--image-size", "16", "--limit", "8", "--out", str(tmp_path / "x.npz")])
-    assert Embeddings.load_npz(tmp_path / "x.npz").embeddings.shape == (8, 256)
+    assert Embeddings.load_npz(tmp_path / "x.npz").embeddings.shape == (8, net.fc.in_features)
     with pytest.raises(SystemExit, match="do not fit arch"):
         cli.main(["embed", str(tmp_path / "backbone.pt"), "--arch", "resnet18", "--data", "digits",
                   "--out", str(tmp_path / "y.npz")])
