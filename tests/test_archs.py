@@ -42,7 +42,8 @@ def test_small_resnet_default(channels):
     assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
     x = torch.rand(2, channels, 28, 28)
     assert net(x).shape == (2, 10)
-    assert _embed(net, layer, x).shape == (2, 256)
+    assert _embed(net, layer, x).shape == (2, 128)
+    assert sum(p.numel() for p in net.parameters()) < 400_000
 
 
 def test_small_resnet_trains_by_gradient():

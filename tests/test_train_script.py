@@ -110,3 +110,16 @@ def test_two_process_launch_ends_with_identical_weights(tmp_path):
     assert naive_hash(torch.load(out / "backbone.pt", weights_only=True)) == hashes[0]
     config = torch.load(out / "checkpoint-00000003.pt", weights_only=True)["config"]
     assert config["num_processes"] == 2 and config["global_batch"] == 16
+
+
+def test_min_crop_changes_global_views_only(train_script):
+    from conftest import small_cnn
+    from wrapssl import Learner, multicrop_views
+    from wrapssl.augment import RandomResizedCrop
+
+    learner = Learner(small_cnn(width=8), 16, -2, method="simclr", views=multicrop_views(16, n_local=2))
+    train_script.set_min_crop(learner, 0.3)
+    scales = [[op.scale for op in view.modules() if isinstance(op, RandomResizedCrop)]
+              for view in learner.views.transforms]
+    assert scales[:2] == [[(0.3, 1.0)], [(0.3, 1.0)]]
+    assert scales[2:] == [[(0.05, 0.4)], [(0.05, 0.4)]]  # local crops keep their own range

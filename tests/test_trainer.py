@@ -382,3 +382,19 @@ def test_missing_plots_module_is_a_notice(tmp_path, monkeypatch, capsys):
     make(tmp_path, steps=2, plot=True)()
     assert "no loss-curve plot" in capsys.readouterr().out
     assert (tmp_path / "backbone.pt").exists() and not (tmp_path / "loss_curve.png").exists()
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    trainer = make(tmp_path, steps=2, mixed_precision="bf16", checkpoint_every=1)
+    trainer()
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in trainer.history["loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.net.parameters())  # autocast, not a cast of the weights
+
+
+def test_calling_twice_keeps_the_log(tmp_path):
+    trainer = make(tmp_path, steps=2, checkpoint_every=1)
+    trainer()
+    trainer()  # already done: re-exports, logs nothing twice and keeps what was logged
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows if ",loss," in r] == [1, 2]

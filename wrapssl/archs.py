@@ -32,10 +32,12 @@ class SmallResNet(nn.Module):
 
     ``widths`` are the channels of the stages (the first keeps resolution, each
     later one halves it); ``blocks`` the BasicBlocks per stage. The default
-    (32, 64, 128, 256) x 1 has 1.2 M parameters and a 256-d ``avgpool`` output.
+    (16, 32, 64, 128) x 1 has 0.3 M parameters and a 128-d ``avgpool`` output;
+    a pretraining step on 256 Fashion-MNIST images takes about half a second on
+    two CPU cores.
     """
 
-    def __init__(self, channels: int = 3, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128, 256),
+    def __init__(self, channels: int = 3, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64, 128),
                  blocks: Sequence[int] = (1, 1, 1, 1)):
         super().__init__()
         if len(widths) != len(blocks) or not widths:

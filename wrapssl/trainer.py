@@ -67,6 +67,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -74,6 +75,13 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
     return path
+
+
+def _usual_permissions(path: str) -> None:
+    """Give a mkstemp file (created 0600) the permissions a plain open() would: 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -215,6 +223,7 @@ class CSVTracker(GeneralTracker):
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([["step", "name", "value"], *rows])
+        _usual_permissions(tmp)
         os.replace(tmp, self.path)
         self._file = open(self.path, "a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
@@ -249,6 +258,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -277,20 +287,34 @@ class _LossMonitor:
     def __init__(self, device: torch.device):
         self.device = device
         self.reset()
-        self.first_bad = torch.full((), -1, dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1.0, device=device)  # float32: exact to 16M steps, and MPS has no float64
 
     def reset(self) -> None:
         """Start a new logging window (the first-bad record persists)."""
-        self.total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.total = torch.zeros((), device=self.device)
         self.count = 0
 
     def add(self, loss: torch.Tensor, step: int) -> None:
         """Account one micro-batch loss belonging to optimiser step ``step`` (1-based)."""
-        value = loss.detach().double()
+        value = loss.detach().float()
         self.total += value
         self.count += 1
         bad = ~torch.isfinite(value) & (self.first_bad < 0)
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+
+class _Throughput:
+    """Images per second over the optimiser steps since the last restart."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def rate(self) -> float:
+        return self.steps * self.images_per_step / max(time.perf_counter() - self.start, 1e-9)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -384,7 +408,8 @@ class Trainer:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
         if self.eval_every is not None and eval_dataset is None:
-            raise ValueError("eval_every needs eval_dataset=(train_dataset, test_dataset) with labels for the kNN monitor")
+            raise ValueError("eval_every needs eval_dataset=(train_dataset, test_dataset) with labels "
+                             "for the kNN monitor")
         if eval_dataset is not None and (not isinstance(eval_dataset, (tuple, list)) or len(eval_dataset) != 2):
             raise ValueError("eval_dataset must be a pair (train_dataset, test_dataset) of labelled datasets")
         unknown = set(log_with) - {"tensorboard", "csv"}
@@ -411,34 +436,23 @@ class Trainer:
         if seed is not None:
             set_seed(seed)
         self.seed = 0 if seed is None else int(seed)
+        self.net = net
+        self.channels = channels or _input_channels(net)
         learner_kwargs = {**(byol_kwargs or {}), **method_kwargs}
         if "sync_batchnorm" in learner_kwargs:  # byol-pytorch's BYOL argument
             sb = learner_kwargs.pop("sync_batchnorm")
             sync_batchnorm = sb if sync_batchnorm is None else sync_batchnorm
         learner_kwargs.setdefault("total_steps", self.num_train_steps)
-        self.channels = channels or _input_channels(net)
-        self.net = net
-        learner = Learner(net, image_size, hidden_layer, method, channels=self.channels, **learner_kwargs)
-        if sync_batchnorm is None:
-            sync_batchnorm = acc.num_processes > 1 and acc.device.type == "cuda"
-        if sync_batchnorm:
-            learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
-
-        # Optimiser, schedule, data
+        learner = self._build_learner(hidden_layer, method, sync_batchnorm, learner_kwargs)
         self.lr = learning_rate * (self.global_batch * self.grad_accum / 256 if scale_lr else 1.0)
-        opt_name = optimizer_klass if optimizer_klass is not None else optimizer
-        opt = build_optimizer(opt_name, learner, self.lr, weight_decay, **(optimizer_kwargs or {}))
+        opt = build_optimizer(optimizer_klass if optimizer_klass is not None else optimizer, learner, self.lr,
+                              weight_decay, **(optimizer_kwargs or {}))
         self.warmup_steps = self.num_train_steps // 10 if warmup_steps is None else int(warmup_steps)
         self.schedule = WarmupCosine(self.num_train_steps, min(self.warmup_steps, self.num_train_steps),
                                      min_lr_ratio, cosine=schedule == "cosine")
-        scheduler = LambdaLR(opt, self.schedule)
         self.sampler = ResumableSampler(len(self.dataset), self.global_batch, self.seed)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
-                            num_workers=self.num_workers, collate_fn=collate,
-                            pin_memory=acc.device.type == "cuda", persistent_workers=self.num_workers > 0,
-                            # a private generator: creating an iterator must not draw from the global RNG
-                            generator=torch.Generator().manual_seed(self.seed))
-        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(learner, opt, loader, scheduler)
+        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(
+            learner, opt, self._build_loader(), LambdaLR(opt, self.schedule))
         self.learner: Learner = acc.unwrap_model(self.model)
 
         self.eval_dataset = None if eval_dataset is None else (
@@ -460,11 +474,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
 
+    def _build_learner(self, hidden_layer: LayerSpec, method: str | Method, sync_batchnorm: bool | None,
+                       learner_kwargs: dict) -> nn.Module:
+        """The Learner around the user's net, with SyncBatchNorm on multi-GPU runs."""
+        learner = Learner(self.net, self.image_size, hidden_layer, method, channels=self.channels, **learner_kwargs)
+        acc = self.accelerator
+        if sync_batchnorm is None:
+            sync_batchnorm = acc.num_processes > 1 and acc.device.type == "cuda"
+        return nn.SyncBatchNorm.convert_sync_batchnorm(learner) if sync_batchnorm else learner
+
+    def _build_loader(self) -> DataLoader:
+        """Batches of uint8 images in the resumable sampler's order; workers only decode."""
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+                          num_workers=self.num_workers, collate_fn=collate,
+                          pin_memory=self.accelerator.device.type == "cuda", persistent_workers=self.num_workers > 0,
+                          # a private generator: creating an iterator must not draw from the global RNG
+                          generator=torch.Generator().manual_seed(self.seed))
+
     def _make_accelerator(self, kwargs: dict, mixed_precision: str | None, log_with: Sequence[str]) -> Accelerator:
         """The Accelerator with DDP, accumulation and tracking set up for the Learner."""
         if mixed_precision is not None:
             if kwargs.get("mixed_precision", mixed_precision) != mixed_precision:
-                raise ValueError("mixed_precision is given twice (argument and accelerator_kwargs) with different values")
+                raise ValueError("mixed_precision is given twice (argument and accelerator_kwargs) "
+                                 "with different values; give it once")
             kwargs["mixed_precision"] = mixed_precision
         # The Learner skips the net past the hidden layer (e.g. a ResNet's fc), so those parameters never
         # get a gradient. static_graph lets DDP learn that set on the first step instead of searching
@@ -632,8 +664,8 @@ class Trainer:
     def _check_loss(self, monitor: _LossMonitor) -> float:
         """Mean loss of the window across processes; raises NonFiniteLossError if a loss was not finite."""
         acc = self.accelerator
-        local = torch.stack([monitor.total, torch.tensor(float(monitor.count), dtype=torch.float64,
-                                                          device=monitor.total.device), monitor.first_bad])
+        count = torch.full_like(monitor.total, float(monitor.count))
+        local = torch.stack([monitor.total, count, monitor.first_bad])
         stats = acc.gather(local.view(1, 3)).view(-1, 3).cpu() if acc.num_processes > 1 else local.view(1, 3).cpu()
         bad = [int(b) for b in stats[:, 2].tolist() if b >= 0]
         if bad:
@@ -643,7 +675,8 @@ class Trainer:
 
     def _check_finite(self) -> None:
         """Raise NonFiniteLossError if any parameter or buffer of the learner is not finite."""
-        tensors = [t for t in self.learner.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        tensors = [t for t in self.learner.state_dict().values()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             self._fail(self.step, "weights")
 
@@ -692,8 +725,8 @@ class Trainer:
         self.accelerator.log(values, step=self.step)
 
     def _start_trackers(self) -> None:
-        """Start the trackers; a resumed run drops what the interrupted one logged past its checkpoint."""
-        resumed = self.resumed_from is not None
+        """Start the trackers; a resumed run drops what the interrupted one logged after its checkpoint."""
+        resumed = self.step > 0  # resumed, or fit() called again
         if hasattr(self, "_csv"):
             self._csv.resume_step = self.step if resumed else None
         init = {"tensorboard": {"purge_step": self.step}} if resumed else {}
@@ -712,54 +745,20 @@ class Trainer:
                 stale.unlink(missing_ok=True)
         acc.wait_for_everyone()
         self._start_trackers()
-        monitor = _LossMonitor(acc.device)
-        bar = tqdm(total=self.num_train_steps, initial=self.step, disable=not (self.progress and acc.is_local_main_process),
-                   desc="pretraining", dynamic_ncols=True)
-        window_start, window_steps = time.perf_counter(), 0
-        images_per_step = self.global_batch * self.grad_accum
+        monitor, meter = _LossMonitor(acc.device), _Throughput(self.global_batch * self.grad_accum)
+        bar = tqdm(total=self.num_train_steps, initial=self.step, desc="pretraining", dynamic_ncols=True,
+                   disable=not (self.progress and acc.is_main_process))
         self.model.train()
         try:
             while self.step < self.num_train_steps:
                 self.sampler.position(self.epoch, self.samples_in_epoch)
                 for images, _ in self.loader:
-                    with acc.accumulate(self.model):
-                        loss = self.model(images)
-                        acc.backward(loss)
-                        if acc.sync_gradients and self.max_grad_norm is not None:
-                            acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    monitor.add(loss, self.step + 1)
-                    self.samples_in_epoch += self.global_batch
-                    if not acc.sync_gradients:
-                        continue
-                    lr, momentum = self.optimizer.param_groups[0]["lr"], self.learner.current_momentum
-                    uses_target = self.learner.target_encoder is not None
-                    self.scheduler.step()
-                    self.learner.update_moving_average()
-                    self.step += 1
-                    window_steps += 1
-                    bar.update(1)
-                    if self.step % self.log_every == 0 or self.step == self.num_train_steps:
-                        mean_loss = self._check_loss(monitor)
-                        monitor.reset()
-                        rate = window_steps * images_per_step / max(time.perf_counter() - window_start, 1e-9)
-                        values = {"loss": mean_loss, "lr": lr, "momentum": momentum, "images_per_s": rate}
-                        if not uses_target:  # no EMA target, no momentum to report
-                            del values["momentum"]
-                        self._log(values)
-                        bar.set_postfix({k[:5]: f"{v:.4g}" for k, v in values.items()})
-                        window_start, window_steps = time.perf_counter(), 0
-                    if self.eval_every is not None and (self.step % self.eval_every == 0
-                                                        or self.step == self.num_train_steps):
-                        self._evaluate()
-                        window_start, window_steps = time.perf_counter(), 0  # images/s counts training only
-                    if self.step % self.checkpoint_every == 0 or self.step == self.num_train_steps:
-                        self._check_loss(monitor)
-                        self.save_checkpoint()
-                        window_start, window_steps = time.perf_counter(), 0
-                    if self.step >= self.num_train_steps:
-                        break
+                    used = self._batch(images, monitor)
+                    if used is not None:
+                        bar.update(1)
+                        self._after_step(*used, monitor, meter, bar)
+                        if self.step >= self.num_train_steps:
+                            break
                 else:
                     self.epoch, self.samples_in_epoch = self.epoch + 1, 0
         finally:
@@ -769,6 +768,50 @@ class Trainer:
         self._plot_history()
         self._finish_trackers()
         return self.net
+
+    def _batch(self, images: torch.Tensor, monitor: _LossMonitor) -> tuple[float, float] | None:
+        """Forward and backward of one batch, and an optimiser step every ``gradient_accumulation_steps``.
+
+        Returns the (lr, EMA momentum) the optimiser step used, or None when gradients only accumulated.
+        """
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            loss = self.model(images)
+            acc.backward(loss)
+            if acc.sync_gradients and self.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        monitor.add(loss, self.step + 1)
+        self.samples_in_epoch += self.global_batch
+        if not acc.sync_gradients:
+            return None
+        used = (self.optimizer.param_groups[0]["lr"], self.learner.current_momentum)
+        self.scheduler.step()
+        self.learner.update_moving_average()  # on the unwrapped learner, once per optimiser step
+        self.step += 1
+        return used
+
+    def _after_step(self, lr: float, momentum: float, monitor: _LossMonitor, meter: "_Throughput",
+                    bar: tqdm) -> None:
+        """Log, evaluate and checkpoint when they are due."""
+        last = self.step == self.num_train_steps
+        meter.steps += 1
+        if self.step % self.log_every == 0 or last:
+            values = {"loss": self._check_loss(monitor), "lr": lr, "momentum": momentum, "images_per_s": meter.rate()}
+            if self.learner.target_encoder is None:  # no EMA target, no momentum to report
+                del values["momentum"]
+            monitor.reset()
+            self._log(values)
+            bar.set_postfix({k[:5]: f"{v:.4g}" for k, v in values.items()})
+            meter.restart()
+        if self.eval_every is not None and (self.step % self.eval_every == 0 or last):
+            self._evaluate()
+            meter.restart()  # images/s counts training only
+        if self.step % self.checkpoint_every == 0 or last:
+            self._check_loss(monitor)
+            self.save_checkpoint()
+            meter.restart()
 
     def _finish_trackers(self) -> None:
         """Close the trackers (not ``end_training``: that would also tear down the process group)."""
