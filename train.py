@@ -34,7 +34,8 @@ from wrapssl.data import FASHION_MNIST_DIR, load_dataset  # noqa: E402
 from wrapssl.evaluate import embed_dataset, knn_accuracy  # noqa: E402
 from wrapssl.methods import available_methods  # noqa: E402
 from wrapssl.optim import OPTIMIZERS  # noqa: E402
-from wrapssl.trainer import Trainer, atomic_write_text  # noqa: E402
+from wrapssl.files import atomic_write_text  # noqa: E402
+from wrapssl.trainer import Trainer  # noqa: E402
 
 # The default run is chosen to finish in about 5 minutes on 2 idle CPU cores and to clearly beat the
 # randomly initialised net; what we measured is in the docstring of main().

@@ -141,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     text = json.dumps(scores, indent=2)
     print(text)
     if args.out:
-        from .trainer import atomic_write_text
+        from .files import atomic_write_text
         atomic_write_text(args.out, text)
 
 
@@ -161,7 +161,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     """A diverse subset to label (k-center greedy) and, optionally, near-duplicate pairs."""
     from .evaluate import Embeddings
     from .select import near_duplicates, select
-    from .trainer import atomic_write_text
+    from .files import atomic_write_text
 
     emb = Embeddings.load_npz(args.embeddings)
     try:

@@ -9,15 +9,16 @@ import contextlib
 import csv
 import math
 import os
-import tempfile
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from .files import atomic_open
 
 __all__ = [
     "Embeddings", "embed_dataset", "knn_predict", "knn_accuracy", "linear_probe", "kmeans",
@@ -26,27 +27,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- export
-
-@contextlib.contextmanager
-def _atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
-    """A file whose contents replace ``path`` only if the ``with`` block finishes without error."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
 
 @dataclass
 class Embeddings:
@@ -73,7 +53,7 @@ class Embeddings:
 
     def save_npz(self, path: str | os.PathLike) -> None:
         """Write ``embeddings``, ``labels`` and ``files`` to an .npz file atomically."""
-        with _atomic_open(path, "wb") as f:
+        with atomic_open(path, "wb") as f:
             np.savez(f, embeddings=self.embeddings.cpu().numpy(), labels=self.labels.cpu().numpy(),
                      files=np.asarray(self.files, dtype=str))
 
@@ -81,7 +61,7 @@ class Embeddings:
         """Write a CSV with columns file, label, e0..e{D-1} atomically."""
         emb = self.embeddings.cpu().numpy()
         labels = self.labels.cpu().tolist()
-        with _atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        with atomic_open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "label", *(f"e{i}" for i in range(emb.shape[1]))])
             for name, label, row in zip(self.files, labels, emb):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from .augment import to_float
+from .files import atomic_open
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -60,23 +60,11 @@ def _sklearn(what: str) -> None:
 
 
 def _save(fig: "Figure", path: PathLike) -> Path:
-    """Render ``fig`` as PNG into a temp file beside ``path``, then move it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # Figure.savefig renders with Agg for PNG without touching pyplot's backend
-            fig.savefig(f, format="png", dpi=DPI)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the PNG the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Render ``fig`` as PNG and move it over ``path`` atomically."""
+    with atomic_open(path, "wb") as f:
+        # Figure.savefig renders with Agg for PNG without touching pyplot's backend
+        fig.savefig(f, format="png", dpi=DPI)
+    return Path(path)
 
 
 def _positive_int(value: Any, name: str) -> int:

@@ -12,15 +12,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import os
 import random
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .data import as_uint8_dataset, collate, load_dataset
+from .files import atomic_open, atomic_save, atomic_write_text
 from .hidden import LayerSpec
 from .learner import Learner
 from .methods import Method
@@ -52,47 +51,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------- files
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
-
-    A crash or kill at any point leaves either the old file or the new one,
-    never a torn one; the temp file is removed on error.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _usual_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-    return path
-
-
-def _usual_permissions(path: str) -> None:
-    """Give a mkstemp file (created 0600) the permissions a plain open() would: 0666 minus the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """fsync a directory entry (a no-op where the OS does not allow it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
 
 def _checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, path) of the complete checkpoints in ``folder``, oldest first."""
@@ -220,11 +178,8 @@ class CSVTracker(GeneralTracker):
             with open(self.path, newline="", encoding="utf-8") as f:
                 rows = [r for r in list(csv.reader(f))[1:] if r and r[0].isdigit() and int(r[0]) <= self.resume_step]
         # rewrite through a temp file so a crash here cannot lose the old log
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        with atomic_open(self.path, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([["step", "name", "value"], *rows])
-        _usual_permissions(tmp)
-        os.replace(tmp, self.path)
         self._file = open(self.path, "a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
 
@@ -247,23 +202,6 @@ class CSVTracker(GeneralTracker):
         if self._file is not None:
             self._file.close()
             self._file = self._writer = None
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _usual_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _has_accelerator() -> bool:
