@@ -46,3 +46,16 @@ def fmnist_train():
     x = torch.from_numpy(read_idx(img)[:4096].copy()).unsqueeze(1)
     y = torch.from_numpy(read_idx(FMNIST / "train-labels-idx1-ubyte.gz")[:4096].astype(np.int64))
     return x, y
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """One intra-op thread (tiny tensors; a shared CPU punishes more) and a clean Accelerate singleton per test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -27,15 +27,7 @@ def train_script():
     return module
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """One intra-op thread and a clean Accelerate singleton per test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def naive_hash(state: dict) -> str:

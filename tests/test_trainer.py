@@ -28,15 +28,7 @@ HEADS = dict(projection_size=16, projection_hidden_size=32)  # tiny heads keep e
 QUIET = dict(progress=False, log_with=("csv",), plot=False)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """One intra-op thread (tiny tensors; a shared CPU punishes more) and a clean Accelerate singleton per test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def images(n: int = 48, size: int = 12, channels: int = 1, seed: int = 0) -> torch.Tensor:

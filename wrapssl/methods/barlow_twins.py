@@ -1,7 +1,6 @@
 """Barlow Twins: Self-Supervised Learning via Redundancy Reduction (Zbontar et al., 2021, arXiv:2103.03230)."""
 from __future__ import annotations
 
-from itertools import combinations
 from typing import Sequence
 
 import torch
@@ -9,7 +8,7 @@ import torch
 from .. import distributed
 from ..augment import Views, byol_views
 from ..heads import mlp
-from .base import Method, register_method
+from .base import Method, mean_over_pairs, register_method
 
 
 def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -60,7 +59,4 @@ class BarlowTwins(Method):
         return byol_views(image_size, channels)
 
     def loss(self, online, target, step=0):
-        if len(online) < 2:
-            raise ValueError(f"Barlow Twins needs at least two views, got {len(online)}")
-        pairs = list(combinations(range(len(online)), 2))
-        return sum(barlow_twins_loss(online[i], online[j], self.lambd) for i, j in pairs) / len(pairs)
+        return mean_over_pairs(online, lambda a, b: barlow_twins_loss(a, b, self.lambd), "Barlow Twins")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from itertools import combinations
 from typing import Callable
 
 import torch
@@ -55,6 +56,15 @@ class Method(nn.Module):
     def forward(self, online: list[torch.Tensor], target: list[torch.Tensor] | None,
                 step: int = 0) -> torch.Tensor:
         return self.loss(online, target, step)
+
+
+def mean_over_pairs(views: list[torch.Tensor], loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    method: str) -> torch.Tensor:
+    """The average of a symmetric two-view loss over every pair of views."""
+    if len(views) < 2:
+        raise ValueError(f"{method} needs at least two views, got {len(views)}")
+    pairs = list(combinations(range(len(views)), 2))
+    return sum(loss(views[i], views[j]) for i, j in pairs) / len(pairs)
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:

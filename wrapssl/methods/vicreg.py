@@ -1,7 +1,6 @@
 """VICReg: Variance-Invariance-Covariance Regularization (Bardes, Ponce & LeCun, 2022, arXiv:2105.04906)."""
 from __future__ import annotations
 
-from itertools import combinations
 from typing import Sequence
 
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..augment import Views, byol_views
 from ..heads import mlp
-from .base import Method, register_method
+from .base import Method, mean_over_pairs, register_method
 
 
 def _variance(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,8 +66,5 @@ class VICReg(Method):
         return byol_views(image_size, channels)
 
     def loss(self, online, target, step=0):
-        if len(online) < 2:
-            raise ValueError(f"VICReg needs at least two views, got {len(online)}")
-        pairs = list(combinations(range(len(online)), 2))
-        return sum(vicreg_loss(online[i], online[j], self.sim_weight, self.var_weight, self.cov_weight, self.eps)
-                   for i, j in pairs) / len(pairs)
+        return mean_over_pairs(online, lambda a, b: vicreg_loss(a, b, self.sim_weight, self.var_weight,
+                                                                self.cov_weight, self.eps), "VICReg")
