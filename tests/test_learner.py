@@ -324,3 +324,20 @@ def test_one_channel_net_gets_grey_normalisation():
     mean, std = sum(wrapssl.augment.IMAGENET_MEAN) / 3, sum(wrapssl.augment.IMAGENET_STD) / 3
     torch.testing.assert_close(learner.normalize(x), (x - mean) / std)
     assert torch.isfinite(learner(x))
+
+
+def test_kornia_pipelines_work_as_augment_fn_like_byol_pytorch_readme():
+    import kornia
+
+    augment_fn = nn.Sequential(kornia.augmentation.RandomHorizontalFlip())
+    augment_fn2 = nn.Sequential(kornia.augmentation.RandomHorizontalFlip(),
+                                kornia.filters.GaussianBlur2d((3, 3), (1.5, 1.5)))
+    learner = BYOL(small_cnn(), image_size=16, augment_fn=augment_fn, augment_fn2=augment_fn2, **SMALL)
+    x = torch.rand(4, 3, 16, 16)
+    views = learner.views(x)
+    blurred = kornia.filters.GaussianBlur2d((3, 3), (1.5, 1.5))(x)
+    # each view is the input or its mirror image (flip is per sample), blurred for the second view
+    for v, ref in ((views[0], x), (views[1], blurred)):
+        for b in range(4):
+            assert torch.allclose(v[b], ref[b]) or torch.allclose(v[b], ref[b].flip(-1))
+    learner(x).backward()
