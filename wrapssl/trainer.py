@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, ProjectConfiguration,
-                              gather_object, set_seed)
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, GradientAccumulationPlugin,
+                              ProjectConfiguration, gather_object, set_seed)
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -289,8 +289,12 @@ class Trainer:
 
     >>> trainer = Trainer(net, dataset=images, image_size=64, hidden_layer="avgpool",
     ...                   learning_rate=3e-4, num_train_steps=10_000, batch_size=256)
-    >>> trainer()                       # or: accelerate launch script.py
+    >>> trainer()
     >>> torch.save(net.state_dict(), "improved.pt")   # also written as <checkpoint_folder>/backbone.pt
+
+    The same script runs on N processes with ``accelerate launch --multi_gpu --num_processes N
+    script.py`` (or ``torchrun``): DDP on GPUs, gloo on a machine without them. Batch size is per
+    process; checkpoints, logs and plots come from the main process.
 
     byol-pytorch's ``BYOLTrainer`` arguments work as they are (``optimizer_klass``,
     ``byol_kwargs``, ``optimizer_kwargs``, ``accelerator_kwargs``, ``checkpoint_every``,
@@ -451,6 +455,8 @@ class Trainer:
             num_steps=self.grad_accum, sync_with_dataloader=False, sync_each_batch=static)
         # The LR schedule is indexed by optimiser steps; we step it ourselves once per optimiser step.
         kwargs["step_scheduler_with_optimizer"] = False
+        # pinned uint8 batches copy to the GPU while the previous step still runs
+        kwargs.setdefault("dataloader_config", DataLoaderConfiguration(non_blocking=True))
         # Accelerate builds a gloo process group on CPU only when told cpu=True; without it, torchrun or
         # `accelerate launch --multi_gpu` on a machine without accelerators gives N unrelated runs.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
