@@ -244,7 +244,15 @@ def make_plots(trainer: Trainer, train: Dataset, queries: Any, classes: list[str
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Pretrain, evaluate before/after, write everything to --out; returns the metrics."""
+    """Pretrain, evaluate before/after, write everything to --out; returns the metrics.
+
+    Recorded default run (`python train.py`, 2 CPU cores shared with other jobs, load 3-4):
+    kNN (k=200, t=0.1, 10k train images as memory, 10k test queries) 67.60% at random init ->
+    76.46% after 250 steps (64k images, about one epoch); 4:47 and 5:19 wall, 273 and 314 CPU
+    seconds, 1.5 GB peak memory; the same numbers bit for bit in both runs. On the same budget
+    (200 steps) the 1-channel net without brightness/contrast jitter stayed at 60% against 66%
+    at random init; temperature 0.5 or 8% minimum crops each cost 1-2 points.
+    """
     args = parse_args(argv)
     start = time.perf_counter()
     name = _data_name(args.data)
