@@ -150,10 +150,25 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path):
                    checkpoint_every=100)
     trainer()
     adam_steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
-    assert adam_steps == {5}
+    assert adam_steps == {5} and trainer.learner.step == 5  # one EMA update per optimiser step
     batches = 5 * 3
     per_epoch = 48 // 4
     assert (trainer.epoch, trainer.samples_in_epoch) == (batches // per_epoch, batches % per_epoch * 4)
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_gradient_clipping_bounds_the_update(tmp_path, clip):
+    """Plain SGD at lr 1: one step moves the trainable parameters by exactly the (clipped) gradient norm."""
+    trainer = make(tmp_path, steps=1, optimizer="sgd", weight_decay=0.0, optimizer_kwargs=dict(momentum=0.0),
+                   learning_rate=1.0, warmup_steps=0, max_grad_norm=clip, checkpoint_every=100)
+    params = [p for p in trainer.learner.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    trainer()
+    moved = torch.stack([(p.detach() - b).norm() for p, b in zip(params, before)]).norm().item()
+    if clip is None:
+        assert moved > 10 * 1e-3  # the unclipped step is far larger than the clip below
+    else:
+        assert moved == pytest.approx(clip, rel=1e-3)
 
 
 def test_epochs_set_the_step_count(tmp_path):
