@@ -25,21 +25,21 @@ import argparse  # noqa: E402
 import ast  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 import torch  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
 from torch.utils.data import Dataset, Subset  # noqa: E402
 
 from wrapssl.archs import build_arch  # noqa: E402
 from wrapssl.augment import RandomResizedCrop  # noqa: E402
 from wrapssl.data import FASHION_MNIST_DIR, load_dataset  # noqa: E402
 from wrapssl.evaluate import embed_dataset, knn_accuracy  # noqa: E402
+from wrapssl.files import atomic_write_text  # noqa: E402
 from wrapssl.methods import available_methods  # noqa: E402
 from wrapssl.optim import OPTIMIZERS  # noqa: E402
-from wrapssl.files import atomic_write_text  # noqa: E402
 from wrapssl.trainer import Trainer  # noqa: E402
 
 # The default run is chosen to finish in about 5 minutes on 2 idle CPU cores and to clearly beat the
@@ -260,31 +260,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.image_size = DEFAULT_IMAGE_SIZE.get(name, 64)
     out = Path(args.out or f"runs/{args.method}-{name}")
     train, memory, queries, classes = load_data(args)
-    min_crop = args.min_crop if args.min_crop is not None else MIN_CROP.get(name)
-    if min_crop is not None and not 0 < min_crop <= 1:
-        raise SystemExit(f"error: --min-crop must lie in (0, 1], got {min_crop}")
-
-    torch.manual_seed(args.seed)  # the same initial net on every process
-    try:
-        net, hidden = build_arch(args.arch, channels=args.channels, num_classes=max(len(classes), 1),
-                                 image_size=args.image_size)
-    except (ValueError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.hidden_layer is not None:
-        hidden = int(args.hidden_layer) if args.hidden_layer.lstrip("-").isdigit() else args.hidden_layer
-
-    trainer = Trainer(
-        net, dataset=train, image_size=args.image_size, hidden_layer=hidden, method=args.method,
-        learning_rate=args.lr, scale_lr=True, num_train_steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, gradient_accumulation_steps=args.grad_accum,
-        max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision, num_workers=args.num_workers,
-        seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, checkpoint_folder=out,
-        log_every=args.log_every, eval_every=args.eval_every if memory is not None else None,
-        eval_dataset=(memory, queries) if memory is not None else None, eval_k=args.knn_k,
-        plot=args.plots, **{**METHOD_DEFAULTS.get(args.method, {}), **_method_kwargs(args.method_arg)})
-    if min_crop is not None:
-        set_min_crop(trainer.learner, min_crop)
+    trainer, hidden = make_trainer(args, name, train, (memory, queries) if memory is not None else None,
+                                   max(len(classes), 1), out)
     acc = trainer.accelerator
     acc.print(f"wrapssl: {args.method} on {name} ({len(train)} images, {args.image_size} px), {args.arch} "
               f"[{hidden}], {trainer.num_train_steps} steps of {trainer.global_batch * trainer.grad_accum} images, "
@@ -298,40 +275,74 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metrics["knn_before"], _ = knn_report(trainer, memory, queries, args.knn_k)
         metrics["knn_before_step"] = trainer.step
         print(f"kNN accuracy before (step {trainer.step}): {100 * metrics['knn_before']:.2f}%")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # so that a resumed run finds it
     acc.wait_for_everyone()
 
     train_start = time.perf_counter()
     trainer()
-    train_time = time.perf_counter() - train_start
-
-    hashes = [weights_sha256(net)]
+    metrics.update(train_time_s=round(time.perf_counter() - train_start, 1))
+    hashes = [weights_sha256(net=trainer.net)]
     if acc.num_processes > 1:
-        from accelerate.utils import gather_object
         hashes = gather_object(hashes)
     if acc.is_main_process:
-        query_emb = None
-        if memory is not None:
-            metrics["knn_after"], query_emb = knn_report(trainer, memory, queries, args.knn_k)
-            before, after = metrics["knn_before"], metrics["knn_after"]
-            print(f"kNN accuracy (k={args.knn_k}, t=0.1, {len(memory)} train images as memory, {len(queries)} "
-                  f"test queries): before {100 * before:.2f}% -> after {100 * after:.2f}% "
-                  f"({100 * (after - before):+.2f} points)")
-        if len(set(hashes)) > 1:
-            print(f"warning: the {len(hashes)} processes ended with different weights: {hashes}")
-        metrics.update(
-            steps=trainer.step, images_seen=trainer.step * trainer.global_batch * trainer.grad_accum,
-            train_time_s=round(train_time, 1), wall_time_s=round(time.perf_counter() - start, 1),
-            num_processes=acc.num_processes, device=str(acc.device), weights_sha256=hashes,
-            args={k: v for k, v in vars(args).items()}, final_loss=(trainer.history.get("loss") or [(0, None)])[-1][1])
+        report(trainer, args, metrics, hashes, (memory, queries, classes), train, out)
+        metrics.update(wall_time_s=round(time.perf_counter() - start, 1))
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
-        if args.plots:
-            make_plots(trainer, train, query_emb, classes, out)
-        print(f"wrote {out}/backbone.pt, checkpoints, metrics.json and plots in "
-              f"{time.perf_counter() - start:.0f} s")
+        print(f"wrote {out}/backbone.pt, checkpoints, metrics.json and plots in {metrics['wall_time_s']:.0f} s")
     acc.wait_for_everyone()
     return metrics
 
 
+def make_trainer(args: argparse.Namespace, name: str, train: Dataset, knn_sets: tuple[Dataset, Dataset] | None,
+                 num_classes: int, out: Path) -> tuple[Trainer, Any]:
+    """The net from --arch and the Trainer from the flags; bad settings exit with the reason."""
+    min_crop = args.min_crop if args.min_crop is not None else MIN_CROP.get(name)
+    if min_crop is not None and not 0 < min_crop <= 1:
+        raise SystemExit(f"error: --min-crop must lie in (0, 1], got {min_crop}")
+    torch.manual_seed(args.seed)  # the same initial net on every process
+    try:
+        net, hidden = build_arch(args.arch, channels=args.channels, num_classes=num_classes,
+                                 image_size=args.image_size)
+        if args.hidden_layer is not None:
+            hidden = int(args.hidden_layer) if args.hidden_layer.lstrip("-").isdigit() else args.hidden_layer
+        trainer = Trainer(
+            net, dataset=train, image_size=args.image_size, hidden_layer=hidden, method=args.method,
+            learning_rate=args.lr, scale_lr=True, num_train_steps=args.steps, epochs=args.epochs,
+            batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, gradient_accumulation_steps=args.grad_accum,
+            max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision, num_workers=args.num_workers,
+            seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, checkpoint_folder=out,
+            log_every=args.log_every, eval_every=args.eval_every if knn_sets is not None else None,
+            eval_dataset=knn_sets, eval_k=args.knn_k, plot=args.plots,
+            **{**METHOD_DEFAULTS.get(args.method, {}), **_method_kwargs(args.method_arg)})
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if min_crop is not None:
+        set_min_crop(trainer.learner, min_crop)
+    return trainer, hidden
+
+
+def report(trainer: Trainer, args: argparse.Namespace, metrics: dict[str, Any], hashes: list[str],
+           knn: tuple[Dataset | None, Dataset | None, list[str]], train: Dataset, out: Path) -> None:
+    """kNN after training, the run's facts into ``metrics``, and the plots (main process)."""
+    memory, queries, classes = knn
+    query_emb = None
+    if memory is not None:
+        metrics["knn_after"], query_emb = knn_report(trainer, memory, queries, args.knn_k)
+        before, after = metrics["knn_before"], metrics["knn_after"]
+        print(f"kNN accuracy (k={args.knn_k}, t=0.1, {len(memory)} train images as memory, {len(queries)} "
+              f"test queries): before {100 * before:.2f}% -> after {100 * after:.2f}% "
+              f"({100 * (after - before):+.2f} points)")
+    if len(set(hashes)) > 1:
+        print(f"warning: the {len(hashes)} processes ended with different weights: {hashes}")
+    losses = trainer.history.get("loss") or [(0, None)]
+    metrics.update(steps=trainer.step, images_seen=trainer.step * trainer.global_batch * trainer.grad_accum,
+                   num_processes=trainer.accelerator.num_processes, device=str(trainer.accelerator.device),
+                   weights_sha256=hashes, final_loss=losses[-1][1], args=dict(vars(args)))
+    if args.plots:
+        make_plots(trainer, train, query_emb, classes, out)
+
+
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -115,3 +115,10 @@ def test_min_crop_changes_global_views_only(train_script):
               for view in learner.views.transforms]
     assert scales[:2] == [[(0.3, 1.0)], [(0.3, 1.0)]]
     assert scales[2:] == [[(0.05, 0.4)], [(0.05, 0.4)]]  # local crops keep their own range
+
+
+def test_bad_settings_exit_with_the_reason(train_script, tmp_path):
+    with pytest.raises(SystemExit, match="batch_size must be a positive int"):
+        train_script.main([*TINY, "--batch-size", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="min-crop"):
+        train_script.main([*TINY, "--min-crop", "1.5", "--out", str(tmp_path)])
