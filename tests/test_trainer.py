@@ -405,3 +405,13 @@ def test_calling_twice_keeps_the_log(tmp_path):
     trainer()  # already done: re-exports, logs nothing twice and keeps what was logged
     rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows if ",loss," in r] == [1, 2]
+
+
+def test_single_process_cpu_launch_is_explained(tmp_path, monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` without MPI starts one process: the Trainer says how to get two."""
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.warns(RuntimeWarning, match="--multi_gpu --num_processes N"):
+        make(tmp_path, steps=1)

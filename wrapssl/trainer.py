@@ -210,6 +210,18 @@ def _has_accelerator() -> bool:
     return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
 
 
+def _warn_single_cpu_launch() -> None:
+    """Say so when `accelerate launch --cpu --num_processes N` started this as the only process."""
+    launched_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    # accelerate sets MASTER_PORT only when more than one process was asked for; without MPI it starts one
+    ranks = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if launched_cpu and "MASTER_PORT" in os.environ and not any(k in os.environ for k in ranks):
+        warnings.warn("accelerate launch --cpu started a single process (it runs several CPU processes only "
+                      "through mpirun). For N CPU processes use `accelerate launch --multi_gpu --num_processes N "
+                      "script.py` or `torchrun --nproc_per_node N script.py`; wrapssl then trains over gloo.",
+                      RuntimeWarning, stacklevel=4)
+
+
 def _tensorboard_available() -> bool:
     """True if torch's TensorBoard writer can be imported."""
     try:
@@ -461,6 +473,7 @@ class Trainer:
         # `accelerate launch --multi_gpu` on a machine without accelerators gives N unrelated runs.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
             kwargs.setdefault("cpu", True)
+        _warn_single_cpu_launch()
         trackers: list[Any] = []
         if "tensorboard" in log_with:
             if _tensorboard_available():
