@@ -4,10 +4,10 @@ Reports wrapssl's step time against the hand-written floor (identity views),
 byol-pytorch's step on the same net and heads (identity views), and the phase
 shares of a full wrapssl step with its per-sample views on the GPU. Extra
 arguments go to bench_overhead (e.g. --batch 128 if memory is short,
---compile to add torch.compile contenders).
+--compile -1 or --compile avgpool to add a Learner(compile=True) contender).
 
     python benchmarks/bench_gpu.py
-    python benchmarks/bench_gpu.py --batch 128 --compile
+    python benchmarks/bench_gpu.py --batch 128 --compile avgpool
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """benchmarks/results.png: training images/s and kNN accuracy per contender, from bench_e2e's --json.
 
     python benchmarks/bench_e2e.py --budget 600 --json /tmp/e2e.json
-    python benchmarks/plot_results.py /tmp/e2e.json
+    python benchmarks/plot_results.py /tmp/e2e.json [/tmp/e2e_seed1.json ...]
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ COLOURS = {"wrapssl": "#1f77b4", "byol-pytorch": "#ff7f0e", "lightly": "#2ca02c"
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("e2e_json")
+    ap.add_argument("e2e_json", nargs="+", help="one or more --json files of bench_e2e (their runs are pooled)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results.png")))
     args = ap.parse_args(argv)
-    data = json.loads(Path(args.e2e_json).read_text())
-    names = list(dict.fromkeys(r["contender"] for r in data["runs"]))
-    by = {n: [r for r in data["runs"] if r["contender"] == n] for n in names}
+    runs = [r for path in args.e2e_json for r in json.loads(Path(path).read_text())["runs"]]
+    names = list(dict.fromkeys(r["contender"] for r in runs))
+    by = {n: [r for r in runs if r["contender"] == n] for n in names}
     fig, (a, b) = plt.subplots(1, 2, figsize=(7.5, 2.8), dpi=110)
     trained = [n for n in names if n != "random-init"]
     ips = [statistics.median(r["images_per_s"] for r in by[n]) for n in trained]
