@@ -13,6 +13,7 @@ contenders get a fresh loader per repetition, timed from its first batch (so
 worker start-up is not counted in images/s, but is in CPU time).
 
     python benchmarks/bench_augment.py --batches 4 --reps 3        # a quick run
+    python benchmarks/bench_augment.py --per-op --reps 7           # each op, wrapssl vs kornia
 """
 from __future__ import annotations
 
@@ -116,6 +117,32 @@ def in_process(fn, images: torch.Tensor, batch: int, batches: int) -> tuple[floa
     return time.perf_counter() - t0, time.process_time() - cpu0
 
 
+def per_op(size: int, batch: int, reps: int) -> list[list[object]]:
+    """Each op of the recipe, wrapssl's against kornia's, alternating; ms per call on (batch,3,size,size)."""
+    from kornia import augmentation as K
+
+    from common import race
+    from wrapssl import augment as A
+    k = blur_kernel(size)
+    pairs = {
+        "crop + flip": (A.RandomResizedCrop(size, flip_p=0.5),
+                        torch.nn.Sequential(K.RandomResizedCrop((size, size)), K.RandomHorizontalFlip())),
+        "colour jitter p=0.8": (A.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8)),
+        "colour jitter, no hue": (A.ColorJitter(0.4, 0.4, 0.2, 0.0, p=0.8), K.ColorJitter(0.4, 0.4, 0.2, 0.0, p=0.8)),
+        "grayscale p=0.2": (A.RandomGrayscale(0.2), K.RandomGrayscale(p=0.2)),
+        f"gaussian blur {k}x{k} p=1.0": (A.RandomGaussianBlur(k, p=1.0), K.RandomGaussianBlur((k, k), (0.1, 2.0), p=1.0)),
+        f"gaussian blur {k}x{k} p=0.1": (A.RandomGaussianBlur(k, p=0.1), K.RandomGaussianBlur((k, k), (0.1, 2.0), p=0.1)),
+        "solarize p=0.2": (A.RandomSolarize(0.5, 0.2), K.RandomSolarize(0.0, 0.0, p=0.2)),
+    }
+    x = torch.rand(batch, 3, size, size)
+    rows = []
+    for name, (ours, theirs) in pairs.items():
+        t = race({"wrapssl": lambda: ours(x), "kornia": lambda: theirs(x)}, reps=reps, n=2)
+        a, b = median(t["wrapssl"]) * 1e3, median(t["kornia"]) * 1e3
+        rows.append([f"{size}", name, f"{b:.1f}", f"{a:.1f}", f"{b / a:.1f}×"])
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 96])
@@ -125,10 +152,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: nproc)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (wrapssl kornia tv lightly bp)")
+    ap.add_argument("--per-op", action="store_true", help="time each op, wrapssl's against kornia's, and stop")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.per_op:
+        rows = [r for size in args.sizes for r in per_op(size, args.batch, args.reps)]
+        print(f"\n{command()}\n{machine()}\n")
+        print(markdown_table(["size", "op", "kornia ms", "wrapssl ms", "speed-up"], rows))
+        return {"per_op": rows}
     import os
     workers = args.workers or os.cpu_count() or 1
     try:
