@@ -341,3 +341,38 @@ def test_kornia_pipelines_work_as_augment_fn_like_byol_pytorch_readme():
         for b in range(4):
             assert torch.allclose(v[b], ref[b]) or torch.allclose(v[b], ref[b].flip(-1))
     learner(x).backward()
+
+
+def counting_backend(graphs: list):
+    """A torch.compile backend that records each graph it is given and runs it as traced."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def test_compile_traces_the_encoders_and_changes_nothing_else():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = small_cnn()
+    x = torch.rand(6, 3, 16, 16)
+    fixed = dict(augment_fn=lambda v: v.flip(-1), augment_fn2=lambda v: v, **SMALL)
+    torch.manual_seed(1)
+    plain = Learner(copy.deepcopy(net), image_size=16, hidden_layer=-2, **fixed)
+    graphs: list = []
+    torch.manual_seed(1)
+    compiled = Learner(net, image_size=16, hidden_layer=-2, compile={"backend": counting_backend(graphs)}, **fixed)
+    # the user's net is not compiled, only our wrappers; checkpoints keep the plain keys
+    assert net._compiled_call_impl is None and compiled.encoder._compiled_call_impl is not None
+    assert compiled.target_encoder._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    loss_c, loss_p = compiled(x), plain(x)
+    assert len(graphs) >= 2  # the online (with grad) and the target (no grad) forwards were traced
+    torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=1e-6)
+    loss_c.backward()
+    loss_p.backward()
+    for (name, a), b in zip(compiled.net.named_parameters(), plain.net.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(TypeError, match="dict of torch.compile options"):
+        Learner(small_cnn(), image_size=16, compile="yes")
+    torch._dynamo.reset()

@@ -196,6 +196,33 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert second.history == first.history
 
 
+def test_compile_flag_reaches_the_encoders_and_trains_the_same(tmp_path):
+    """Trainer(compile=...) compiles the Learner's encoders; the run and its files match an uncompiled run."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):  # records each traced graph and runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = make(tmp_path / "c", steps=3, compile={"backend": backend})
+    assert compiled.learner.encoder._compiled_call_impl is not None and compiled.net._compiled_call_impl is None
+    compiled()
+    assert graphs, "torch.compile never traced the encoder"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    plain = make(tmp_path / "p", steps=3)
+    plain()
+    a, b = compiled.learner.state_dict(), plain.learner.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    saved = torch.load(tmp_path / "c" / "backbone.pt", weights_only=True)
+    assert list(saved) == list(tiny_net().state_dict())
+    torch._dynamo.reset()
+
+
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     """A crash half-way through writing leaves the last complete checkpoint in place and no temp file."""
     trainer = make(tmp_path, steps=4, checkpoint_every=2)

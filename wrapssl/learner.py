@@ -108,8 +108,9 @@ class Learner(nn.Module):
         moving_average_decay: EMA momentum at step 0 (default: the method's published one).
         total_steps: when given, momentum follows a cosine from ``moving_average_decay`` to 1.0.
         compile: ``torch.compile`` the online and target encoders (the user's net object stays
-            as it is). The first steps are slow while it compiles; it pays off when the encoder
-            traces as one graph (see benchmarks/RESULTS.md for where it helps and where not).
+            as it is); a dict is passed to ``torch.compile`` as options (e.g. ``{"mode":
+            "max-autotune"}``). The first steps are slow while it compiles; it pays off when the
+            encoder traces as one graph (see benchmarks/RESULTS.md for where it helps and where not).
     """
 
     def __init__(self, net: nn.Module, image_size: int, hidden_layer: LayerSpec = -2,
@@ -119,7 +120,7 @@ class Learner(nn.Module):
                  views: Views | None = None,
                  normalize: tuple[Sequence[float], Sequence[float]] | None = (IMAGENET_MEAN, IMAGENET_STD),
                  moving_average_decay: float | None = None, total_steps: int | None = None,
-                 compile: bool = False, **method_kwargs):
+                 compile: bool | dict = False, **method_kwargs):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
@@ -127,6 +128,8 @@ class Learner(nn.Module):
             raise ValueError(f"image_size must be a positive int (the side of the square views), got {image_size!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile must be True/False or a dict of torch.compile options, got {compile!r}")
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be a positive number of optimiser steps, got {total_steps}")
         self.image_size, self.channels, self.total_steps = image_size, channels, total_steps
@@ -161,9 +164,10 @@ class Learner(nn.Module):
             self._ema = EMA(nn.ModuleList([net, self.method.projector]),
                             nn.ModuleList([target_net, self.target_projector]))
         if compile:  # in place on our Encoder wrappers: state_dict keys and the user's net are unchanged
+            options = compile if isinstance(compile, dict) else {}
             for encoder in (self.encoder, self.target_encoder):
                 if encoder is not None:
-                    encoder.compile()
+                    encoder.compile(**options)
 
     @property
     def net(self) -> nn.Module:

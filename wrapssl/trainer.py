@@ -329,6 +329,10 @@ class Trainer:
             temperature ``eval_temperature``) of ``eval_dataset = (train, test)`` is logged as "knn".
         log_with: trackers among "tensorboard" and "csv" (both by default, TensorBoard when installed).
         sync_batchnorm: SyncBatchNorm across GPUs (default: on for multi-GPU runs).
+        compile: ``torch.compile`` the online and target encoders (``Learner(compile=...)``: True,
+            or a dict of ``torch.compile`` options).
+            The first steps compile (tens of seconds to minutes); checkpoints and
+            ``backbone.pt`` keep the plain net's keys. benchmarks/RESULTS.md says where it pays.
     """
 
     def __init__(self, net: nn.Module, *, dataset: Dataset | torch.Tensor | str, image_size: int | None = None,
@@ -345,7 +349,7 @@ class Trainer:
                  eval_every: int | None = None, eval_dataset: tuple[Any, Any] | None = None, eval_k: int = 200,
                  eval_temperature: float = 0.1, eval_batch_size: int = 256, channels: int | None = None,
                  sync_batchnorm: bool | None = None, progress: bool = True, plot: bool = True,
-                 **method_kwargs: Any):
+                 compile: bool | dict = False, **method_kwargs: Any):
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         self.batch_size = _positive_int(batch_size, "batch_size")
@@ -397,6 +401,8 @@ class Trainer:
             sb = learner_kwargs.pop("sync_batchnorm")
             sync_batchnorm = sb if sync_batchnorm is None else sync_batchnorm
         learner_kwargs.setdefault("total_steps", self.num_train_steps)
+        if compile:
+            learner_kwargs["compile"] = compile
         learner = self._build_learner(hidden_layer, method, sync_batchnorm, learner_kwargs)
         self.lr = learning_rate * (self.global_batch * self.grad_accum / 256 if scale_lr else 1.0)
         opt = build_optimizer(optimizer_klass if optimizer_klass is not None else optimizer, learner, self.lr,
