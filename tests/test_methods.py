@@ -406,6 +406,30 @@ def test_method_knobs_reach_the_heads():
     assert dino.views.n_global == 2 and dino.views(torch.rand(2, 3, 20, 20))[-1].shape[-1] == 8
 
 
+def test_dino_freezes_the_last_layer_for_the_first_steps():
+    torch.manual_seed(0)
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, method="dino",
+                      **{**SMALL["dino"], "freeze_last_layer_steps": 2})
+    head = learner.method.projector
+    opt = torch.optim.AdamW(learner.parameters(), lr=1e-2, weight_decay=0.04)
+    x = torch.rand(8, 3, 16, 16)
+    for step in range(3):
+        last, first = head.last_layer.detach().clone(), head.mlp[0].weight.detach().clone()
+        opt.zero_grad()
+        learner(x).backward()
+        frozen = step < 2
+        assert head.last_layer.grad is not None  # still in the graph (DDP's static graph needs it)
+        assert (head.last_layer.grad.abs().max() == 0) == frozen
+        opt.step()
+        learner.update_moving_average()
+        # frozen: only weight decay's uniform shrink, so the normalised rows (what the head uses) stay put
+        same_rows = torch.allclose(F.normalize(head.last_layer, dim=1), F.normalize(last, dim=1), atol=1e-6)
+        assert same_rows == frozen
+        assert not torch.equal(head.mlp[0].weight, first)  # the rest of the head always trains
+    with pytest.raises(ValueError, match="freeze_last_layer_steps"):
+        DINO(freeze_last_layer_steps=-1)
+
+
 @pytest.mark.parametrize("method, kwargs, match", [
     ("simclr", dict(temperature=-1), "temperature"),
     ("dino", dict(center_momentum=2), "center_momentum"),

@@ -30,6 +30,10 @@ class Method(nn.Module):
        online branch and, when ``uses_target``, one per global view from the
        target branch (``None`` otherwise), and returns a scalar.
 
+    Before the views are encoded, ``begin_step(step)`` tells the method which
+    optimiser step the coming forward belongs to (a no-op unless overridden,
+    e.g. to freeze part of a head early in training).
+
     Class attributes a subclass sets:
         uses_target: keep an EMA copy of encoder + projector.
         momentum: the EMA decay at step 0 (cosine to 1.0 when total steps are known).
@@ -47,6 +51,9 @@ class Method(nn.Module):
     def default_views(self, image_size: int, channels: int = 3) -> Views:
         """The default augmentation recipe of this method."""
         raise NotImplementedError
+
+    def begin_step(self, step: int) -> None:
+        """Called by the Learner before a training forward of optimiser step ``step``."""
 
     def loss(self, online: list[torch.Tensor], target: list[torch.Tensor] | None,
              step: int = 0) -> torch.Tensor:

@@ -25,10 +25,17 @@ class DINOHead(nn.Module):
         # Only the direction of each output row is learned: its norm is fixed to 1
         # (DINO's norm_last_layer), which the paper finds stabilises training.
         self.last_layer = nn.Parameter(nn.init.trunc_normal_(torch.empty(out_dim, bottleneck_size), std=0.02))
+        self.freeze_last_layer = False  # set by DINO.begin_step from the step count
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, F.normalize(self.last_layer, dim=1))
+        w = self.last_layer
+        if self.freeze_last_layer and torch.is_grad_enabled():
+            # same values, zero gradient; the parameter stays in the graph so DDP's static graph still
+            # all-reduces it, and its rows are normalised below, so weight decay (a uniform scale)
+            # cannot move the output
+            w = w.detach() + 0 * w
+        return F.linear(x, F.normalize(w, dim=1))
 
 
 def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
@@ -66,9 +73,11 @@ class DINO(Method):
     one dimension. Expect the loss to rise towards log(out_dim) in the first
     steps, while the center catches up, and to fall after that; a learning rate
     well above the paper's (e.g. Adam 1e-3 at batch 64) can leave the head at a
-    uniform output. Teacher momentum 0.996 → 1 (cosine). Paper: AdamW lr
-    5e-4·B/256 with warm-up, wd 0.04 → 0.4, gradient clipping 3.0, batch 1024;
-    the paper also freezes the last layer during the first epoch (not done here).
+    uniform output. Teacher momentum 0.996 → 1 (cosine). ``freeze_last_layer_steps``
+    (0) keeps the head's last layer fixed (zero gradient) for that many optimiser
+    steps; the paper freezes it for the first epoch (set it to your steps per
+    epoch), which helps the start of training. Paper: AdamW lr 5e-4·B/256 with
+    warm-up, wd 0.04 → 0.4, gradient clipping 3.0, batch 1024.
     """
 
     uses_target = True
@@ -77,18 +86,19 @@ class DINO(Method):
     def __init__(self, out_dim: int = 65536, hidden_size: int = 2048, bottleneck_size: int = 256,
                  student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
                  warmup_teacher_temp_steps: int = 37530, center_momentum: float = 0.9, n_local: int = 6,
-                 local_size: int | None = None):
+                 local_size: int | None = None, freeze_last_layer_steps: int = 0):
         super().__init__()
         if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0:
             raise ValueError("DINO's temperatures must be positive (student 0.1, teacher 0.04-0.07)")
         if not 0 <= center_momentum <= 1:
             raise ValueError(f"center_momentum must lie in [0, 1], got {center_momentum}")
-        if warmup_teacher_temp_steps < 0 or n_local < 0:
-            raise ValueError("warmup_teacher_temp_steps and n_local must be non-negative")
+        if min(warmup_teacher_temp_steps, n_local, freeze_last_layer_steps) < 0:
+            raise ValueError("warmup_teacher_temp_steps, n_local and freeze_last_layer_steps must be non-negative")
         self.out_dim, self.hidden_size, self.bottleneck_size = out_dim, hidden_size, bottleneck_size
         self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
         self.warmup_teacher_temp, self.warmup_teacher_temp_steps = float(warmup_teacher_temp), warmup_teacher_temp_steps
         self.center_momentum, self.n_local, self.local_size = float(center_momentum), n_local, local_size
+        self.freeze_last_layer_steps = int(freeze_last_layer_steps)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def build(self, dim: int) -> None:
@@ -96,6 +106,9 @@ class DINO(Method):
 
     def default_views(self, image_size: int, channels: int = 3) -> Views:
         return multicrop_views(image_size, n_local=self.n_local, local_size=self.local_size, channels=channels)
+
+    def begin_step(self, step: int) -> None:
+        self.projector.freeze_last_layer = step < self.freeze_last_layer_steps
 
     def teacher_temperature(self, step: int) -> float:
         """The teacher's softmax temperature at optimiser step ``step``."""
