@@ -376,3 +376,22 @@ def test_compile_traces_the_encoders_and_changes_nothing_else():
     with pytest.raises(TypeError, match="dict of torch.compile options"):
         Learner(small_cnn(), image_size=16, compile="yes")
     torch._dynamo.reset()
+
+
+def test_views_are_made_in_float32_under_mixed_precision():
+    """Autocast (Trainer's mixed_precision) must not reach the augmentation: bf16 crops and blurs lose detail."""
+    torch.manual_seed(0)
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, **SMALL)
+    made = []
+    views_forward = learner.views.forward
+
+    def recording(x):
+        out = views_forward(x)
+        made.extend(v.dtype for v in out)
+        return out
+
+    learner.views.forward = recording
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = learner(torch.rand(32, 3, 16, 16))
+    assert made == [torch.float32, torch.float32]
+    assert torch.isfinite(loss.float())

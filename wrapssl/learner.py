@@ -212,7 +212,8 @@ class Learner(nn.Module):
         if self.training and x.shape[0] < 2:
             raise ValueError(f"training needs a batch of at least 2 images (batch norm and the losses "
                              f"compare samples), got {x.shape[0]}; increase batch_size or use drop_last=True")
-        views = [self.normalize(v) for v in self.views(x)]
+        with torch.autocast(x.device.type, enabled=False):  # augment in float32 under mixed precision too
+            views = [self.normalize(v) for v in self.views(x)]
         self.method.begin_step(self.step)
         online = self._encode(self.encoder, self.method.projector, views)
         target = None
