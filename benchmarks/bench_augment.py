@@ -26,7 +26,7 @@ import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common import command, machine, markdown_table, median
+from common import command, machine, markdown_table, median, sync
 from wrapssl.augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, blur_kernel, byol_views, to_float
 
 
@@ -114,6 +114,7 @@ def in_process(fn, images: torch.Tensor, batch: int, batches: int) -> tuple[floa
     cpu0, t0 = time.process_time(), time.perf_counter()
     for b in range(batches):
         fn(images[b * batch:(b + 1) * batch])
+    sync(images.device)
     return time.perf_counter() - t0, time.process_time() - cpu0
 
 
@@ -151,6 +152,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=5, help="repetitions (medians reported)")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: nproc)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
+    ap.add_argument("--device", default="cpu", help="where the in-process contenders run (the DataLoader "
+                    "contenders always augment on the CPU, in workers)")
     ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (wrapssl kornia tv lightly bp)")
     ap.add_argument("--per-op", action="store_true", help="time each op, wrapssl's against kornia's, and stop")
     ap.add_argument("--json", default=None)
@@ -169,15 +172,17 @@ def main(argv=None) -> dict:
         have_lightly = True
     except ImportError:
         have_lightly = False
-    norm = Normalize()
+    dev = args.device
+    norm = Normalize().to(dev)
     results = {}
-    print(f"\n{command()}\n{machine()}\n")
+    print(f"\n{command()}\n{machine(dev)}\n")
     for size in args.sizes:
         torch.manual_seed(size)
         n_img = args.batch * (args.batches + 1)
         images = torch.randint(0, 256, (n_img, 3, size, size), dtype=torch.uint8)
-        ours = byol_views(size)
-        kv = kornia_views(size)
+        on_dev = images.to(dev)
+        ours = byol_views(size).to(dev)
+        kv = [t.to(dev) for t in kornia_views(size)] if "kornia" not in args.skip else []
         bp = torchvision_views(size, v2=False)
 
         def wrapssl_fn(u8):
@@ -192,13 +197,13 @@ def main(argv=None) -> dict:
             return [t(x) for t in bp]
 
         contenders = {"wrapssl (fused torch ops, per sample, in process)": ("wrapssl", lambda: in_process(
-                          wrapssl_fn, images, args.batch, args.batches)),
+                          wrapssl_fn, on_dev, args.batch, args.batches)),
                       "kornia ops (wrapssl before #6), per sample": ("kornia", lambda: in_process(
-                          kornia_fn, images, args.batch, args.batches)),
+                          kornia_fn, on_dev, args.batch, args.batches)),
                       f"torchvision v2 per sample, {workers} DataLoader workers": ("tv", lambda: run_loader(
                           images, "tv", args.batch, args.batches, workers)),
                       "byol-pytorch way: torchvision on the whole batch (one draw per batch)": ("bp", lambda: in_process(
-                          bp_fn, images, args.batch, args.batches))}
+                          bp_fn, on_dev, args.batch, args.batches))}
         if have_lightly:
             contenders[f"lightly BYOLTransform (PIL) per sample, {workers} DataLoader workers"] = (
                 "lightly", lambda: run_loader(images, "lightly", args.batch, args.batches, workers))
@@ -224,7 +229,7 @@ def main(argv=None) -> dict:
         print(markdown_table(["contender", "images/s (median)", "CPU s per 1000 images"], rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": command(), "machine": machine(), "results": results}, f, indent=1)
+            json.dump({"command": command(), "machine": machine(dev), "results": results}, f, indent=1)
     return results
 
 

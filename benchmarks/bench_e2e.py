@@ -47,7 +47,6 @@ import time
 
 import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 

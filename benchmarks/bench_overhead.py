@@ -122,6 +122,18 @@ class BYOLPytorchStep:
         self.model.update_moving_average()
 
 
+def step_memory(step, device: str) -> int:
+    """Device memory one step needs above what is allocated before it (activations, workspaces); 0 on the CPU."""
+    if not device.startswith("cuda"):
+        return 0
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def shares(args, images: torch.Tensor) -> dict[str, float]:
     """Seconds per phase of a full wrapssl step with the default BYOL views, medians over steps."""
     torch.manual_seed(0)
@@ -226,6 +238,7 @@ def main(argv=None) -> dict:
     times = race({k: (lambda f=f: [f() for _ in range(args.steps)]) for k, f in contenders.items()},
                  reps=args.reps, n=1, device=dev)
     per_step = {k: median(v) / args.steps for k, v in times.items()}
+    step_mem = {k: step_memory(f, dev) for k, f in contenders.items()}
     floor_t = times["floor (hand-written)"]
     rows = []
     for k, v in times.items():
@@ -235,9 +248,12 @@ def main(argv=None) -> dict:
                      f"{median(pair):.3f}", f"{pair[len(pair) // 4]:.3f}–{pair[(3 * len(pair)) // 4]:.3f}",
                      f"{min(v) / min(floor_t):.3f}"])
     print(f"\n{command()}\n{machine(dev)}\n")
+    if dev.startswith("cuda"):
+        for row, k in zip(rows, times):
+            row.append(f"{step_mem[k] / 2**20:.0f}")
     print(markdown_table(["contender", "ms/step (median)", "ms/step (min)", "images/s (median)",
-                          "× floor (median of paired ratios)", "paired ratios, 25–75%", "× floor (ratio of minima)"],
-                         rows))
+                          "× floor (median of paired ratios)", "paired ratios, 25–75%", "× floor (ratio of minima)"]
+                         + (["step's peak device memory MiB"] if dev.startswith("cuda") else []), rows))
     ratios = sorted(w / f for w, f in zip(times["wrapssl, identity views"], floor_t))
     if warm:
         print("first three (compiling) steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in warm.items()))
@@ -249,7 +265,8 @@ def main(argv=None) -> dict:
                          [[k, f"{v * 1e3:.1f}", f"{100 * v / total:.1f}%"] for k, v in sh.items()]
                          + [["total", f"{total * 1e3:.1f}", "100%"]]))
     result = {"command": command(), "machine": machine(dev), "per_step_s": per_step,
-              "ratio_median": median(ratios), "shares_s": sh, "compile_warmup_s": warm}
+              "ratio_median": median(ratios), "shares_s": sh, "compile_warmup_s": warm,
+              "step_peak_device_bytes": step_mem if dev.startswith("cuda") else None}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -32,12 +32,16 @@ def cpu_model() -> str:
 
 def machine(device: str = "cpu") -> str:
     """One line that says when and where a number was taken."""
-    import kornia
     import torchvision
+    try:
+        import kornia
+        kornia_version = kornia.__version__
+    except ImportError:
+        kornia_version = "not installed"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [when, f"nproc={os.cpu_count()}", f"CPU={cpu_model()}", f"torch.get_num_threads()={torch.get_num_threads()}",
              f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"torchvision {torchvision.__version__}", f"kornia {kornia.__version__}"]
+             f"torchvision {torchvision.__version__}", f"kornia {kornia_version}"]
     if device.startswith("cuda") and torch.cuda.is_available():
         parts.append(f"GPU={torch.cuda.get_device_name()}")
     try:
