@@ -395,3 +395,21 @@ def test_views_are_made_in_float32_under_mixed_precision():
         loss = learner(torch.rand(32, 3, 16, 16))
     assert made == [torch.float32, torch.float32]
     assert torch.isfinite(loss.float())
+
+
+def test_views_of_one_size_share_a_pass_and_the_target_sees_only_global_views():
+    """Three same-sized views, two of them global: one online pass over all three, one target pass over two."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    made = [x.flip(-1), x.flip(-2), x.transpose(-1, -2)]
+    views = wrapssl.Views([lambda v, i=i: made[i] for i in range(3)], n_global=2)
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, views=views, normalize=None, **SMALL)
+    seen = {}
+    learner.method.forward = lambda online, target, step=0: seen.update(online=online, target=target)
+    learner(x)
+    with torch.no_grad():
+        online = learner.method.projector(learner.encoder(torch.cat(made))).chunk(3)
+        target = learner.target_projector(learner.target_encoder(torch.cat(made[:2]))).chunk(2)
+    assert len(seen["online"]) == 3 and len(seen["target"]) == 2
+    for got, want in zip([*seen["online"], *seen["target"]], [*online, *target]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

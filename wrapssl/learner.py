@@ -83,6 +83,30 @@ def normalization(channels: int, normalize: tuple[Sequence[float], Sequence[floa
     return Normalize(mean, std)
 
 
+def _same_size_batches(views: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """Runs of consecutive same-shaped views concatenated: (batch, number of views in it), in view order."""
+    batches, i = [], 0
+    while i < len(views):
+        j = i + 1
+        while j < len(views) and views[j].shape == views[i].shape:
+            j += 1
+        batches.append((torch.cat(views[i:j]) if j - i > 1 else views[i], j - i))
+        i = j
+    return batches
+
+
+def _first_views(batches: list[tuple[torch.Tensor, int]], n: int) -> list[tuple[torch.Tensor, int]]:
+    """The batches of the first ``n`` views, as slices of ``batches`` (no copies)."""
+    out = []
+    for batch, k in batches:
+        if n <= 0:
+            break
+        take = min(k, n)
+        out.append((batch if take == k else batch[:batch.shape[0] // k * take], take))
+        n -= take
+    return out
+
+
 class Learner(nn.Module):
     """Self-supervised pretraining of ``net`` in three lines.
 
@@ -183,23 +207,18 @@ class Learner(nn.Module):
         """Checked, resized, normalised images for an embedding (no augmentation)."""
         return self.normalize(resize(to_float(images, self.channels), self.image_size))
 
-    def _encode(self, encoder: Encoder, projector: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Projections of each view; views of one size share one forward pass."""
+    def _encode(self, encoder: Encoder, projector: nn.Module,
+                batches: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Projections of each view, one forward pass per batch of same-sized views."""
         out: list[torch.Tensor] = []
-        i = 0
-        while i < len(views):
-            j = i + 1
-            while j < len(views) and views[j].shape == views[i].shape:
-                j += 1
-            batch = torch.cat(views[i:j]) if j - i > 1 else views[i]
+        for batch, n in batches:
             try:
                 h = encoder(batch)
             except RuntimeError as e:
                 raise RuntimeError(f"{type(encoder.net).__name__} failed on views of shape {tuple(batch.shape)}: "
                                    f"{e}\nCheck that the net takes {self.channels}-channel images of size "
                                    f"{batch.shape[-1]} (Learner's channels= and image_size=)") from e
-            out.extend(projector(h).chunk(j - i))
-            i = j
+            out.extend(projector(h).chunk(n))
         return out
 
     def forward(self, images: torch.Tensor, return_embedding: bool = False,
@@ -213,13 +232,15 @@ class Learner(nn.Module):
             raise ValueError(f"training needs a batch of at least 2 images (batch norm and the losses "
                              f"compare samples), got {x.shape[0]}; increase batch_size or use drop_last=True")
         with torch.autocast(x.device.type, enabled=False):  # augment in float32 under mixed precision too
-            views = [self.normalize(v) for v in self.views(x)]
+            batches = _same_size_batches([self.normalize(v) for v in self.views(x)])
+        del x  # from here on only the batched views are kept: less memory while the net runs
         self.method.begin_step(self.step)
-        online = self._encode(self.encoder, self.method.projector, views)
+        online = self._encode(self.encoder, self.method.projector, batches)
         target = None
         if self.target_encoder is not None:
             with torch.no_grad():
-                target = self._encode(self.target_encoder, self.target_projector, views[:self.views.n_global])
+                target = self._encode(self.target_encoder, self.target_projector,
+                                      _first_views(batches, self.views.n_global))
         return self.method(online, target, step=self.step)
 
     @torch.no_grad()
