@@ -96,9 +96,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "weigh hard negatives more and want larger batches; train.py uses 0.2, which beat the "
                         "method's 0.5 at batch 256 in our runs) or projection_hidden_size=1024")
     m.add_argument("--channels", type=int, choices=[1, 3], default=3,
-                   help="input channels of the net; grey images are repeated to 3. Keep 3 for grey data too: the "
-                        "view recipes apply brightness/contrast jitter only to RGB input, and without it SimCLR on "
-                        "Fashion-MNIST stayed below the random net's kNN accuracy in our runs")
+                   help="input channels of the net; grey images are repeated to 3. Grey data gets the same "
+                        "augmentation either way (brightness/contrast jitter; saturation, hue and grayscale do "
+                        "nothing on grey); the recorded runs use 3")
     m.add_argument("--min-crop", type=float, default=None,
                    help="smallest area fraction of the global random crops (default 0.25 for the 28-px built-in "
                         "data, else the method's 0.08); below 0.2 small images lose their object")

@@ -31,11 +31,12 @@ def naive_jitter(x, params):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("channels", [3, 1])  # grey: torchvision's saturation and hue leave it alone
 @pytest.mark.parametrize("strength,p", [((0.4, 0.4, 0.2, 0.1), 0.8), ((0.8, 0.8, 0.8, 0.2), 1.0),
                                         ((0.0, 0.9, 0.0, 0.5), 0.5)])
-def test_color_jitter_matches_torchvision_per_sample_in_each_samples_order(strength, p):
+def test_color_jitter_matches_torchvision_per_sample_in_each_samples_order(strength, p, channels):
     torch.manual_seed(1)
-    x = images(64)
+    x = images(64)[:, :channels]
     jitter = A.ColorJitter(*strength, p=p)
     params = jitter.sample(x)
     torch.testing.assert_close(jitter.apply(x, params), naive_jitter(x, params), **TOL)
@@ -151,8 +152,17 @@ def test_views_differ_per_sample_and_keep_the_contract():
     assert out.shape == (8, 3, 16, 16)
     assert min((out[0] - out[i]).abs().max().item() for i in range(1, 8)) > 1e-3
     grey = A.view_transform(16, channels=1)
-    assert [type(m) for m in grey] == [A.RandomResizedCrop, A.RandomGaussianBlur]
+    assert [type(m) for m in grey] == [A.RandomResizedCrop, A.ColorJitter, A.RandomGaussianBlur]
     assert grey(torch.rand(4, 1, 24, 24)).shape == (4, 1, 16, 16)
+
+
+def test_grey_views_jitter_the_brightness_of_each_sample():
+    torch.manual_seed(9)
+    out = A.view_transform(16, channels=1)(torch.full((64, 1, 24, 24), 0.5))
+    level = out.mean(dim=(1, 2, 3))
+    # crop and blur keep a constant image constant (contrast too); only brightness, 0.5·[0.6, 1.4], moves it
+    torch.testing.assert_close(out, level.view(-1, 1, 1, 1).expand_as(out), **TOL)
+    assert level.std() > 0.05 and level.min() >= 0.3 - 1e-6 and level.max() <= 0.7 + 1e-6
 
 
 def test_parameters_are_drawn_on_the_batchs_device():
@@ -170,3 +180,5 @@ def test_bad_arguments_raise_helpful_errors():
         A.RandomResizedCrop(8, scale=(0.5, 0.1))
     with pytest.raises(ValueError, match="too large"):
         A.RandomGaussianBlur(9, p=1.0)(torch.rand(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="1-channel .* or 3-channel"):
+        A.ColorJitter()(torch.rand(2, 4, 8, 8))

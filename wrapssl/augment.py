@@ -204,6 +204,8 @@ class ColorJitter(RandomOp):
     blend ``f·x + (1−f)·ref`` (ref = 0, the mean luma, the luma image), so each
     of the four steps of the order is one blend over the batch, with each sample's
     own op and factor, plus the hue rotation for the samples whose step it is.
+    Takes 1- or 3-channel images; on grey images saturation and hue do nothing,
+    as in torchvision (the luma of a grey image is the image itself).
     """
 
     def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
@@ -226,20 +228,23 @@ class ColorJitter(RandomOp):
         return {"mask": self._mask(x, self.p), "factors": factors, "order": order}
 
     def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        if x.shape[1] not in (1, 3):
+            raise ValueError(f"ColorJitter takes 1-channel (grey) or 3-channel (RGB) images, got {x.shape[1]} "
+                             "channels; drop an alpha channel with images[:, :3]")
         return _on_subset(x, params["mask"], self.p,
                           lambda y, idx: self._jitter(y, _take(params["factors"], idx), _take(params["order"], idx)))
 
     def _jitter(self, y: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        shape = (-1, 1, 1, 1)
+        shape, rgb = (-1, 1, 1, 1), y.shape[1] == 3
         for step in range(4):
             op = order[:, step]
             is_hue = op == 3
             f = torch.where(is_hue, 1.0, factors.gather(1, op[:, None]).squeeze(1)).view(shape)
-            gray = _gray(y)
+            gray = _gray(y) if rgb else y  # grey images: saturation blends y with itself, a no-op
             # the blend target of each sample's op: 0 (brightness), mean luma (contrast), luma (saturation)
             ref = torch.addcmul(gray.mean(dim=(2, 3), keepdim=True) * (op == 1).view(shape), gray, (op == 2).view(shape))
             y = torch.lerp(ref, y, f).clamp_(0.0, 1.0)  # f·y + (1−f)·ref; f = 1 leaves hue samples as they are
-            if self.strength[3] > 0:
+            if rgb and self.strength[3] > 0:  # hue leaves grey images alone
                 sel = is_hue.nonzero().squeeze(1)
                 if sel.numel():
                     y[sel] = _shift_hue(y[sel], factors[sel, 3])
@@ -316,10 +321,12 @@ def view_transform(size: int, scale: tuple[float, float] = (0.08, 1.0), flip_p: 
                    solarize_p: float = 0.0, channels: int = 3) -> nn.Sequential:
     """One view's random transform; every random parameter is drawn per sample (torchvision semantics).
 
-    The first op is the random resized crop (with the horizontal flip folded in).
+    The first op is the random resized crop (with the horizontal flip folded in). For
+    ``channels=1`` the colour jitter acts through brightness and contrast only and
+    there is no random grayscale (both as torchvision on grey images).
     """
     ops: list[nn.Module] = [RandomResizedCrop(size, scale=scale, flip_p=flip_p)]
-    if channels == 3 and jitter_p > 0:
+    if jitter_p > 0:
         ops.append(ColorJitter(*jitter, p=jitter_p))
     if channels == 3 and gray_p > 0:
         ops.append(RandomGrayscale(p=gray_p))
