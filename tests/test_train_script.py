@@ -44,7 +44,7 @@ def test_help_explains_every_flag_with_advice(train_script, capsys):
     with pytest.raises(SystemExit) as done:
         train_script.parse_args(["--help"])
     assert done.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
     for flag in ["--data", "--arch", "--hidden-layer", "--method", "--image-size", "--batch-size", "--steps",
                  "--epochs", "--lr", "--optimizer", "--mixed-precision", "--grad-accum", "--out", "--resume",
                  "--seed", "--eval-every", "--num-workers"]:
