@@ -34,7 +34,6 @@ from accelerate.utils import gather_object  # noqa: E402
 from torch.utils.data import Dataset, Subset  # noqa: E402
 
 from wrapssl.archs import build_arch  # noqa: E402
-from wrapssl.augment import RandomResizedCrop  # noqa: E402
 from wrapssl.data import FASHION_MNIST_DIR, load_dataset  # noqa: E402
 from wrapssl.evaluate import embed_dataset, knn_accuracy  # noqa: E402
 from wrapssl.files import atomic_write_text  # noqa: E402
@@ -204,14 +203,6 @@ def _cap(ds: Dataset, n: int | None) -> Dataset:
     return ds if n is None or n >= len(ds) else Subset(ds, range(n))
 
 
-def set_min_crop(learner: Any, fraction: float) -> None:
-    """Make the global views' random crops cover at least ``fraction`` of the image area."""
-    for view in list(learner.views.transforms)[:learner.views.n_global]:
-        for op in view.modules():
-            if isinstance(op, RandomResizedCrop):
-                op.scale = (fraction, max(fraction, op.scale[1]))
-
-
 def weights_sha256(net: torch.nn.Module) -> str:
     """SHA-256 over the state_dict: each key (UTF-8) then its tensor's raw bytes, in sorted key order."""
     h = hashlib.sha256()
@@ -300,6 +291,7 @@ def make_trainer(args: argparse.Namespace, name: str, train: Dataset, knn_sets: 
     min_crop = args.min_crop if args.min_crop is not None else MIN_CROP.get(name)
     if min_crop is not None and not 0 < min_crop <= 1:
         raise SystemExit(f"error: --min-crop must lie in (0, 1], got {min_crop}")
+    crop = {} if min_crop is None else {"crop_scale": (min_crop, 1.0)}  # global views; local crops keep theirs
     torch.manual_seed(args.seed)  # the same initial net on every process
     try:
         net, hidden = build_arch(args.arch, channels=args.channels, num_classes=num_classes,
@@ -315,11 +307,9 @@ def make_trainer(args: argparse.Namespace, name: str, train: Dataset, knn_sets: 
             seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, checkpoint_folder=out,
             log_every=args.log_every, eval_every=args.eval_every if knn_sets is not None else None,
             eval_dataset=knn_sets, eval_k=args.knn_k, plot=args.plots,
-            **{**METHOD_DEFAULTS.get(args.method, {}), **_method_kwargs(args.method_arg)})
+            **{**crop, **METHOD_DEFAULTS.get(args.method, {}), **_method_kwargs(args.method_arg)})
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    if min_crop is not None:
-        set_min_crop(trainer.learner, min_crop)
     return trainer, hidden
 
 

@@ -28,6 +28,12 @@ def small_cnn(channels: int = 3, width: int = 32, num_classes: int = 10) -> nn.S
     )
 
 
+def crop_scales(views) -> list[list[tuple[float, float]]]:
+    """The area range of every random resized crop, view by view."""
+    from wrapssl.augment import RandomResizedCrop
+    return [[op.scale for op in view.modules() if isinstance(op, RandomResizedCrop)] for view in views.transforms]
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Naive IDX reader, independent of wrapssl.data."""
     with gzip.open(path, "rb") as f:

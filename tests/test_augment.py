@@ -6,6 +6,9 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from wrapssl import augment as A
+from wrapssl.methods import get_method
+
+from conftest import crop_scales
 
 TOL = dict(atol=1e-5, rtol=0)
 ADJUST = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
@@ -165,6 +168,25 @@ def test_grey_views_jitter_the_brightness_of_each_sample():
     assert level.std() > 0.05 and level.min() >= 0.3 - 1e-6 and level.max() <= 0.7 + 1e-6
 
 
+@pytest.mark.parametrize("recipe", [A.byol_views, A.simclr_views, get_method("simsiam").default_views],
+                         ids=["byol", "simclr", "simsiam"])
+def test_recipes_take_the_crop_scale(recipe):
+    assert crop_scales(recipe(16)) == [[(0.08, 1.0)]] * 2
+    assert crop_scales(recipe(16, scale=(0.3, 0.9))) == [[(0.3, 0.9)]] * 2
+
+
+def test_set_crop_scale_changes_the_global_crops_and_keeps_the_local_ones():
+    views = A.multicrop_views(16, n_local=2)
+    A.set_crop_scale(views, (0.3, 0.9))
+    assert crop_scales(views) == [[(0.3, 0.9)]] * 2 + [[(0.05, 0.4)]] * 2
+    torch.manual_seed(10)
+    params = views.transforms[0][0].sample(torch.zeros(512, 1, 30, 40))
+    area = params["height"] * params["width"] / (30 * 40)
+    assert area.min() > 0.26 and area.max() < 0.94  # drawn from the new range (w, h rounding moves it a little)
+    A.set_crop_scale(views, [0.2, 1], global_only=False)
+    assert crop_scales(views) == [[(0.2, 1.0)]] * 4
+
+
 def test_parameters_are_drawn_on_the_batchs_device():
     x = images(4)
     for op in A.byol_views(20).transforms[1]:
@@ -182,3 +204,9 @@ def test_bad_arguments_raise_helpful_errors():
         A.RandomGaussianBlur(9, p=1.0)(torch.rand(2, 3, 4, 4))
     with pytest.raises(ValueError, match="1-channel .* or 3-channel"):
         A.ColorJitter()(torch.rand(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="0 < min <= max <= 1"):
+        A.set_crop_scale(A.byol_views(8), (0.5, 1.2))
+    with pytest.raises(TypeError, match=r"pair \(min, max\)"):
+        A.set_crop_scale(A.byol_views(8), 0.25)
+    with pytest.raises(ValueError, match="no wrapssl RandomResizedCrop"):
+        A.set_crop_scale(A.Views([nn.Identity(), nn.Identity()]), (0.2, 1.0))

@@ -12,7 +12,7 @@ import wrapssl
 from wrapssl import BYOL, Learner
 from wrapssl.ema import cosine_momentum
 
-from conftest import small_cnn
+from conftest import crop_scales, small_cnn
 
 SMALL = dict(projection_hidden_size=64, projection_size=16)
 
@@ -270,6 +270,20 @@ def test_bad_arguments_are_clear_errors():
         Learner(small_cnn(), image_size=16, projection_sise=3)
     with pytest.raises(ValueError, match="moving_average_decay"):
         Learner(small_cnn(), image_size=16, moving_average_decay=1.5)
+
+
+def test_crop_scale_sets_the_global_crops_of_the_default_views():
+    plain = Learner(small_cnn(), image_size=16, hidden_layer=-2, **SMALL)
+    assert crop_scales(plain.views) == [[(0.08, 1.0)]] * 2
+    byol = Learner(small_cnn(), image_size=16, hidden_layer=-2, crop_scale=(0.3, 1.0), **SMALL)
+    assert crop_scales(byol.views) == [[(0.3, 1.0)]] * 2
+    dino = Learner(small_cnn(), image_size=16, hidden_layer=-2, method="dino", crop_scale=(0.25, 0.9),
+                   out_dim=32, hidden_size=32, bottleneck_size=16, n_local=2)
+    assert crop_scales(dino.views) == [[(0.25, 0.9)]] * 2 + [[(0.05, 0.4)]] * 2  # local crops keep theirs
+    with pytest.raises(ValueError, match="0 < min <= max <= 1"):
+        Learner(small_cnn(), image_size=16, crop_scale=(0.3, 2.0))
+    with pytest.raises(ValueError, match="own views or augment_fn"):
+        Learner(small_cnn(), image_size=16, views=wrapssl.byol_views(16), crop_scale=(0.3, 1.0))
 
 
 def test_user_method_instance():

@@ -104,17 +104,14 @@ def test_two_process_launch_ends_with_identical_weights(tmp_path):
     assert config["num_processes"] == 2 and config["global_batch"] == 16
 
 
-def test_min_crop_changes_global_views_only(train_script):
-    from conftest import small_cnn
-    from wrapssl import Learner, multicrop_views
-    from wrapssl.augment import RandomResizedCrop
+def test_min_crop_reaches_the_global_crops_only(train_script, tmp_path):
+    from conftest import crop_scales
 
-    learner = Learner(small_cnn(width=8), 16, -2, method="simclr", views=multicrop_views(16, n_local=2))
-    train_script.set_min_crop(learner, 0.3)
-    scales = [[op.scale for op in view.modules() if isinstance(op, RandomResizedCrop)]
-              for view in learner.views.transforms]
-    assert scales[:2] == [[(0.3, 1.0)], [(0.3, 1.0)]]
-    assert scales[2:] == [[(0.05, 0.4)], [(0.05, 0.4)]]  # local crops keep their own range
+    args = train_script.parse_args([*TINY, "--method", "dino", "--min-crop", "0.3", "--method-arg", "n_local=2",
+                                    "--method-arg", "out_dim=32", "--method-arg", "hidden_size=32"])
+    train = train_script.load_data(args)[0]
+    trainer, _ = train_script.make_trainer(args, "digits", train, None, 10, tmp_path)
+    assert crop_scales(trainer.learner.views) == [[(0.3, 1.0)]] * 2 + [[(0.05, 0.4)]] * 2  # locals keep theirs
 
 
 def test_bad_settings_exit_with_the_reason(train_script, tmp_path):

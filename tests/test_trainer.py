@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import wrapssl.trainer as trainer_mod
-from conftest import small_cnn
+from conftest import crop_scales, small_cnn
 from wrapssl.data import TensorImages
 from wrapssl.ema import cosine_momentum
 from wrapssl.methods import BYOLMethod
@@ -221,6 +221,11 @@ def test_compile_flag_reaches_the_encoders_and_trains_the_same(tmp_path):
     saved = torch.load(tmp_path / "c" / "backbone.pt", weights_only=True)
     assert list(saved) == list(tiny_net().state_dict())
     torch._dynamo.reset()
+
+
+def test_crop_scale_reaches_the_learners_crops(tmp_path):
+    trainer = make(tmp_path, crop_scale=(0.25, 1.0))
+    assert crop_scales(trainer.learner.views) == [[(0.25, 1.0)]] * 2  # the recipe's own is (0.08, 1.0)
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

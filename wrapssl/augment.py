@@ -364,16 +364,23 @@ class _Fn(nn.Module):
         return self.fn(x)
 
 
-def byol_views(image_size: int, channels: int = 3) -> Views:
-    """BYOL's asymmetric pair: blur p=1.0 / 0.1, solarize p=0 / 0.2 (Grill et al. 2020, table 6)."""
-    return Views([view_transform(image_size, blur_p=1.0, solarize_p=0.0, channels=channels),
-                  view_transform(image_size, blur_p=0.1, solarize_p=0.2, channels=channels)])
+def byol_views(image_size: int, channels: int = 3, scale: tuple[float, float] = (0.08, 1.0)) -> Views:
+    """BYOL's asymmetric pair: blur p=1.0 / 0.1, solarize p=0 / 0.2 (Grill et al. 2020, table 6).
+
+    ``scale`` is the area range of the random resized crops (raise the minimum for small images).
+    """
+    return Views([view_transform(image_size, scale=scale, blur_p=1.0, solarize_p=0.0, channels=channels),
+                  view_transform(image_size, scale=scale, blur_p=0.1, solarize_p=0.2, channels=channels)])
 
 
-def simclr_views(image_size: int, strength: float = 1.0, channels: int = 3) -> Views:
-    """SimCLR's symmetric pair: colour jitter 0.8s/0.8s/0.8s/0.2s at p=0.8, blur p=0.5 (Chen et al. 2020)."""
+def simclr_views(image_size: int, strength: float = 1.0, channels: int = 3,
+                 scale: tuple[float, float] = (0.08, 1.0)) -> Views:
+    """SimCLR's symmetric pair: colour jitter 0.8s/0.8s/0.8s/0.2s at p=0.8, blur p=0.5 (Chen et al. 2020).
+
+    ``scale`` is the area range of the random resized crops (raise the minimum for small images).
+    """
     s = strength
-    one = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur_p=0.5, channels=channels)
+    one = dict(scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur_p=0.5, channels=channels)
     return Views([view_transform(image_size, **one), view_transform(image_size, **one)])
 
 
@@ -386,6 +393,28 @@ def multicrop_views(image_size: int, n_local: int = 6, local_size: int | None = 
          view_transform(image_size, scale=global_scale, blur_p=0.1, solarize_p=0.2, channels=channels)]
     loc = [view_transform(local_size, scale=local_scale, blur_p=0.5, channels=channels) for _ in range(n_local)]
     return Views(g + loc, n_global=2)
+
+
+def set_crop_scale(views: Views, scale: tuple[float, float], global_only: bool = True) -> None:
+    """Set the area range of the random resized crops of ``views`` (of the global views only by default).
+
+    Local crops of multi-crop recipes keep their own, smaller range unless ``global_only=False``.
+    """
+    try:
+        lo, hi = (float(v) for v in scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"crop scale must be a pair (min, max) of area fractions such as (0.25, 1.0), "
+                        f"got {scale!r}") from None
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"crop scale must be (min, max) area fractions with 0 < min <= max <= 1, such as "
+                         f"(0.25, 1.0) (torchvision's default is (0.08, 1.0)), got {tuple(scale)}")
+    chosen = list(views.transforms)[:views.n_global] if global_only else list(views.transforms)
+    crops = [op for view in chosen for op in view.modules() if isinstance(op, RandomResizedCrop)]
+    if not crops:
+        raise ValueError("these views have no wrapssl RandomResizedCrop to set the crop scale of; "
+                         "set the scale inside your own augmentation instead")
+    for op in crops:
+        op.scale = (lo, hi)
 
 
 def resize(x: torch.Tensor, image_size: int) -> torch.Tensor:

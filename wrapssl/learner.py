@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, Views, resize, to_float
+from .augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, Views, resize, set_crop_scale, to_float
 from .ema import EMA, cosine_momentum, make_target
 from .hidden import Encoder, LayerSpec
 from .methods import Method, get_method
@@ -128,6 +128,9 @@ class Learner(nn.Module):
         augment_fn, augment_fn2: replace the default views with callables on float
             images in [0,1] (``augment_fn2`` defaults to ``augment_fn``).
         views: a full ``Views`` recipe (overrides augment_fn and the method's default).
+        crop_scale: (min, max) area fractions of the default views' global random crops
+            (default: the method's, mostly (0.08, 1.0)); raise the minimum for small images.
+            Local crops of multi-crop methods keep their own range.
         normalize: (mean, std) applied after augmentation and in ``embed``; None to skip.
         moving_average_decay: EMA momentum at step 0 (default: the method's published one).
         total_steps: when given, momentum follows a cosine from ``moving_average_decay`` to 1.0.
@@ -141,7 +144,7 @@ class Learner(nn.Module):
                  method: str | Method = "byol", *, pooling: str = "mean", channels: int = 3,
                  augment_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  augment_fn2: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 views: Views | None = None,
+                 views: Views | None = None, crop_scale: tuple[float, float] | None = None,
                  normalize: tuple[Sequence[float], Sequence[float]] | None = (IMAGENET_MEAN, IMAGENET_STD),
                  moving_average_decay: float | None = None, total_steps: int | None = None,
                  compile: bool | dict = False, **method_kwargs):
@@ -170,11 +173,16 @@ class Learner(nn.Module):
         self.feature_dim = _feature_dim(self.encoder, channels, image_size)
         self.method.build(self.feature_dim)
 
+        if crop_scale is not None and (views is not None or augment_fn is not None):
+            raise ValueError("crop_scale sets the crops of the method's default views; with your own views or "
+                             "augment_fn set the scale there, e.g. views=byol_views(image_size, scale=(0.25, 1.0))")
         if views is None:
             views = (Views([augment_fn, augment_fn2 or augment_fn]) if augment_fn is not None
                      else self.method.default_views(image_size, channels))
         elif augment_fn is not None:
             raise ValueError("pass either views or augment_fn/augment_fn2, not both")
+        if crop_scale is not None:
+            set_crop_scale(views, crop_scale)  # global views only
         self.views = views
         self.normalize = normalization(channels, normalize)
 

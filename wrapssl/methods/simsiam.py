@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..augment import Views, view_transform
+from ..augment import Views, simclr_views
 from ..heads import mlp
 from .base import Method, register_method
 
@@ -30,9 +30,9 @@ class SimSiam(Method):
         self.projector = mlp([dim, d, d, d], last_bn=True, last_bn_affine=False)
         self.predictor = mlp([d, self.prediction_hidden_size, d])
 
-    def default_views(self, image_size: int, channels: int = 3) -> Views:
-        one = dict(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5, channels=channels)
-        return Views([view_transform(image_size, **one), view_transform(image_size, **one)])
+    def default_views(self, image_size: int, channels: int = 3, scale: tuple[float, float] = (0.08, 1.0)) -> Views:
+        """SimCLR's pair at half strength: jitter 0.4/0.4/0.4/0.1 at p=0.8, blur p=0.5; crops of area ``scale``."""
+        return simclr_views(image_size, strength=0.5, channels=channels, scale=scale)
 
     def loss(self, online, target, step=0):
         z1, z2 = online[0], online[1]
