@@ -60,8 +60,10 @@ def fresh_accelerate():
     from accelerate.state import AcceleratorState, GradientState
 
     before = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

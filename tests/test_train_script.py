@@ -85,7 +85,7 @@ def test_tiny_run_writes_everything_and_resumes(train_script, tmp_path):
 def test_two_process_launch_ends_with_identical_weights(tmp_path):
     """`accelerate launch` with 2 gloo processes on CPU (with gradient accumulation): same weights everywhere."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",  # CPU processes even beside a GPU
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -112,6 +112,20 @@ def test_min_crop_reaches_the_global_crops_only(train_script, tmp_path):
     train = train_script.load_data(args)[0]
     trainer, _ = train_script.make_trainer(args, "digits", train, None, 10, tmp_path)
     assert crop_scales(trainer.learner.views) == [[(0.3, 1.0)]] * 2 + [[(0.05, 0.4)]] * 2  # locals keep theirs
+
+
+def test_compile_and_deterministic_flags_reach_the_trainer(train_script, tmp_path):
+    args = train_script.parse_args([*TINY, "--compile", "--deterministic"])
+    train = train_script.load_data(args)[0]
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        trainer, _ = train_script.make_trainer(args, "digits", train, None, 10, tmp_path)
+        assert trainer.learner.encoder._compiled_call_impl is not None
+        assert torch.are_deterministic_algorithms_enabled()
+        plain, _ = train_script.make_trainer(train_script.parse_args(TINY), "digits", train, None, 10, tmp_path / "p")
+        assert plain.learner.encoder._compiled_call_impl is None
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def test_bad_settings_exit_with_the_reason(train_script, tmp_path):

@@ -44,10 +44,13 @@ def tiny_net(channels: int = 1) -> nn.Module:
 
 
 def make(folder: Path, steps: int = 8, data: Dataset | torch.Tensor | None = None, **kwargs) -> Trainer:
-    """A tiny Trainer on 48 random 12-px images, global batch 8 (6 steps per epoch)."""
+    """A tiny Trainer on 48 random 12-px images, global batch 8 (6 steps per epoch).
+
+    Deterministic kernels, so the bit-exact comparisons also hold where a GPU is visible.
+    """
     settings = dict(dataset=images() if data is None else data, image_size=12, hidden_layer=-2,
                     num_train_steps=steps, batch_size=8, checkpoint_every=2, checkpoint_folder=folder,
-                    log_every=1, keep_checkpoints=10, **QUIET, **HEADS)
+                    log_every=1, keep_checkpoints=10, deterministic=True, **QUIET, **HEADS)
     settings.update(kwargs)
     return Trainer(tiny_net(), **settings)
 
@@ -196,6 +199,15 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert second.history == first.history
 
 
+def test_deterministic_flag_switches_torch_to_deterministic_kernels(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    make(tmp_path / "n", deterministic=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    make(tmp_path / "d", deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
+
+
 def test_compile_flag_reaches_the_encoders_and_trains_the_same(tmp_path):
     """Trainer(compile=...) compiles the Learner's encoders; the run and its files match an uncompiled run."""
     torch._dynamo.reset()
@@ -279,6 +291,7 @@ def uninterrupted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
     torch.set_num_threads(1)
     make(folder)()
+    torch.use_deterministic_algorithms(False)  # make() switched it on for the process; tests switch it per test
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return load_checkpoint(latest_checkpoint(folder))

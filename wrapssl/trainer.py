@@ -269,6 +269,14 @@ class _Throughput:
 
 # ----------------------------------------------------------------------------- the trainer
 
+def _use_deterministic_algorithms() -> None:
+    """Deterministic kernels for the rest of this process (a global switch, as torch's own)."""
+    # cuBLAS reads this when its first handle is made; setting it before any GPU matmul is enough
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def _input_channels(net: nn.Module) -> int:
     """The channel count of the first Conv2d of ``net`` if it is 1 or 3, else 3."""
     for m in net.modules():
@@ -333,6 +341,11 @@ class Trainer:
             or a dict of ``torch.compile`` options).
             The first steps compile (tens of seconds to minutes); checkpoints and
             ``backbone.pt`` keep the plain net's keys. benchmarks/RESULTS.md says where it pays.
+        deterministic: deterministic kernels for this process (``torch.use_deterministic_algorithms``,
+            cuDNN autotuning off, cuBLAS workspace pinned). On the CPU runs are bit-reproducible
+            anyway; on a GPU, cuDNN's fastest convolution backward adds in a varying order, so a
+            resumed run ends bit-identical to an uninterrupted one only with this on (slower).
+            Ops with no deterministic kernel warn rather than fail.
     """
 
     def __init__(self, net: nn.Module, *, dataset: Dataset | torch.Tensor | str, image_size: int | None = None,
@@ -349,7 +362,7 @@ class Trainer:
                  eval_every: int | None = None, eval_dataset: tuple[Any, Any] | None = None, eval_k: int = 200,
                  eval_temperature: float = 0.1, eval_batch_size: int = 256, channels: int | None = None,
                  sync_batchnorm: bool | None = None, progress: bool = True, plot: bool = True,
-                 compile: bool | dict = False, **method_kwargs: Any):
+                 compile: bool | dict = False, deterministic: bool = False, **method_kwargs: Any):
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         self.batch_size = _positive_int(batch_size, "batch_size")
@@ -390,6 +403,8 @@ class Trainer:
                              "lower batch_size or add images")
         self.num_train_steps = self._resolve_steps(num_train_steps, epochs, per_epoch)
 
+        if deterministic:
+            _use_deterministic_algorithms()
         # Learner heads must start identical on every process: same seed before building them.
         if seed is not None:
             set_seed(seed)
