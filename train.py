@@ -130,9 +130,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "scaling (done for you) and can overflow; keep 'no' on CPU (default: accelerate's config)")
     o.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentations")
     o.add_argument("--compile", action="store_true",
-                   help="torch.compile the encoders: the first steps compile (about a minute), then a ResNet-50 "
-                        "step on an H100 took 0.86x the time, and 0.65x when the hidden layer is the net's own "
-                        "output; on a 2-core CPU it did not pay (benchmarks/RESULTS.md)")
+                   help="torch.compile the encoders: the first steps compile (about a minute). With the default "
+                        "hooked hidden layer (avgpool) a ResNet-50 step on an H100 took 0.86x the time and a "
+                        "2-core CPU gained nothing; it pays most when the hidden layer is the net's own output "
+                        "(0.65x-0.70x, benchmarks/RESULTS.md)")
     o.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU kernels (slower): needed on a GPU for a resumed run to end "
                         "bit-identical to an uninterrupted one; CPU runs are reproducible without it")

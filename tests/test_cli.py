@@ -28,7 +28,8 @@ def run_folder(tmp_path_factory):
 def test_embed_matches_embedding_the_net_directly(run_folder, tmp_path):
     folder, net = run_folder
     out = tmp_path / "emb.npz"
-    assert cli.main(["embed", str(folder), "--out", str(out), "--limit", "64", "--csv", str(tmp_path / "e.csv")]) == 0
+    assert cli.main(["embed", str(folder), "--out", str(out), "--limit", "64", "--csv", str(tmp_path / "e.csv"),
+                     "--device", "cpu"]) == 0  # the direct computation below runs on the CPU too
     saved = Embeddings.load_npz(out)
     ds = torch.utils.data.Subset(load_dataset("digits", 16), range(64))
     direct = embed_dataset(net, ds, hidden_layer="avgpool")
