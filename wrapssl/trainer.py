@@ -324,7 +324,9 @@ class Trainer:
         dataset: any dataset of images or (image, label) items, uint8 or float in [0, 1],
             an image tensor, or "fashion-mnist" / "digits" / an image folder path.
             Workers only decode; random augmentation runs inside the Learner on the device.
-        method: a registered method name or a ``Method``; ``**method_kwargs`` go to it.
+        method: a registered method name or a ``Method``. Other keywords (``**method_kwargs``,
+            merged over ``byol_kwargs``) go to the ``Learner``, which passes the ones it does
+            not take (``projection_size``, ``temperature``, ...) on to the method.
         optimizer: "adamw" (default), "sgd" or "lars"; 1-D parameters get no weight decay.
         scale_lr: multiply ``learning_rate`` by global batch / 256 (the linear scaling rule).
         warmup_steps: linear warmup (default: 10% of the steps), then ``schedule``
