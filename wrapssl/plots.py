@@ -373,11 +373,10 @@ def _spread(xy: np.ndarray, k: int) -> np.ndarray:
 
 
 def _kmeans(x: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
-    """k-means cluster of every row of x (scikit-learn, fixed seed)."""
-    _sklearn("colouring an embedding map without labels")
-    from sklearn.cluster import KMeans
+    """k-means cluster of every row of x (wrapssl.evaluate's, fixed seed)."""
+    from .evaluate import kmeans
 
-    return KMeans(n_clusters=min(n_clusters, len(x)), n_init=4, random_state=seed).fit_predict(x)
+    return kmeans(torch.as_tensor(x, dtype=torch.float32), min(n_clusters, len(x)), seed=seed)[1].numpy()
 
 
 def _class_name(c: int, class_names: Sequence[str] | Mapping[int, str] | None) -> str:
