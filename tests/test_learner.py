@@ -427,3 +427,49 @@ def test_views_of_one_size_share_a_pass_and_the_target_sees_only_global_views():
     assert len(seen["online"]) == 3 and len(seen["target"]) == 2
     for got, want in zip([*seen["online"], *seen["target"]], [*online, *target]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_grey_images_are_augmented_at_one_channel_with_the_same_result():
+    """Grey input to a 3-channel net: the recipe runs on one channel and is repeated after, as if run on three."""
+    grey = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def run(images, **kw):
+        torch.manual_seed(0)
+        learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, **SMALL, **kw)
+        inputs = []
+        learner.encoder.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+        views_forward = learner.views.forward
+
+        def recording(x):  # the channel count the recipe was run at, per run
+            seen[len(seen)] = x.shape[1]
+            return views_forward(x)
+
+        learner.views.forward = recording
+        torch.manual_seed(1)
+        loss = learner(images)
+        return loss, inputs[0]
+
+    fast_loss, fast_in = run(grey)
+    slow_loss, slow_in = run(grey.expand(-1, 3, -1, -1).contiguous())
+    assert seen == {0: 1, 1: 3}  # the grey batch went through the recipe at one channel
+    # equal up to torchvision's luma weights, which sum to 0.9999: contrast and saturation on a repeated grey
+    # image blend towards 0.9999 x the grey value (1e-4 of the pixel range, 5e-4 after normalisation)
+    torch.testing.assert_close(fast_in, slow_in, atol=1e-3, rtol=0)
+    torch.testing.assert_close(fast_loss, slow_loss, atol=1e-3, rtol=1e-3)
+    # a recipe with a callable of the user's may expect three channels: it gets them
+    run(grey, augment_fn=lambda x: x.flip(-1))
+    assert seen[2] == 3
+
+
+class _BrokenRecipe(wrapssl.methods.BYOLMethod):
+    def default_views(self, image_size, channels=3):
+        raise RuntimeError("recipe failed")
+
+
+def test_a_failed_constructor_leaves_the_net_unhooked():
+    net = small_cnn()
+    for bad in (dict(crop_scale=(0.5, 2.0)), dict(method=_BrokenRecipe())):
+        with pytest.raises((ValueError, RuntimeError)):
+            Learner(net, image_size=16, hidden_layer=-2, **bad)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules()), bad

@@ -130,6 +130,8 @@ class RandomOp(nn.Module):
     """A random op on (B,C,H,W) float images whose parameters are drawn per sample on the batch's device.
 
     ``sample(x)`` draws the parameters, ``apply(x, params)`` uses them; ``forward`` does both.
+    Ops take 1- and 3-channel images, and draw the same parameters for both: the Learner
+    augments grey images at one channel before repeating them for a 3-channel net.
     """
 
     def sample(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -252,7 +254,7 @@ class ColorJitter(RandomOp):
 
 
 class RandomGrayscale(RandomOp):
-    """With probability ``p`` a sample becomes its luma, repeated over the three channels."""
+    """With probability ``p`` a sample becomes its luma, repeated over the three channels (grey images pass)."""
 
     def __init__(self, p: float = 0.2):
         super().__init__()
@@ -262,6 +264,8 @@ class RandomGrayscale(RandomOp):
         return {"mask": self._mask(x, self.p)}
 
     def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        if x.shape[1] == 1:  # already grey (torchvision returns it as it is too)
+            return x
         return _on_subset(x, params["mask"], self.p, lambda y, idx: _gray(y).expand_as(y))
 
 

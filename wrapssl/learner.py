@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, Views, resize, set_crop_scale, to_float
+from .augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomOp, Views, resize, set_crop_scale, to_float
 from .ema import EMA, cosine_momentum, make_target
 from .hidden import Encoder, LayerSpec
 from .methods import Method, get_method
@@ -159,6 +159,11 @@ class Learner(nn.Module):
             raise TypeError(f"compile must be True/False or a dict of torch.compile options, got {compile!r}")
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be a positive number of optimiser steps, got {total_steps}")
+        if views is not None and augment_fn is not None:
+            raise ValueError("pass either views or augment_fn/augment_fn2, not both")
+        if crop_scale is not None and (views is not None or augment_fn is not None):
+            raise ValueError("crop_scale sets the crops of the method's default views; with your own views or "
+                             "augment_fn set the scale there, e.g. views=byol_views(image_size, scale=(0.25, 1.0))")
         self.image_size, self.channels, self.total_steps = image_size, channels, total_steps
         self.step = 0  # optimiser steps taken, advanced by update_moving_average()
 
@@ -170,36 +175,39 @@ class Learner(nn.Module):
         # the target's copy of the net is taken before our hook is attached to the net
         target_net = make_target(net) if self.method.uses_target else None
         self.encoder = Encoder(net, hidden_layer, pooling)
-        self.feature_dim = _feature_dim(self.encoder, channels, image_size)
-        self.method.build(self.feature_dim)
+        try:
+            self.feature_dim = _feature_dim(self.encoder, channels, image_size)
+            self.method.build(self.feature_dim)
 
-        if crop_scale is not None and (views is not None or augment_fn is not None):
-            raise ValueError("crop_scale sets the crops of the method's default views; with your own views or "
-                             "augment_fn set the scale there, e.g. views=byol_views(image_size, scale=(0.25, 1.0))")
-        if views is None:
-            views = (Views([augment_fn, augment_fn2 or augment_fn]) if augment_fn is not None
-                     else self.method.default_views(image_size, channels))
-        elif augment_fn is not None:
-            raise ValueError("pass either views or augment_fn/augment_fn2, not both")
-        if crop_scale is not None:
-            set_crop_scale(views, crop_scale)  # global views only
-        self.views = views
-        self.normalize = normalization(channels, normalize)
+            if views is None:
+                views = (Views([augment_fn, augment_fn2 or augment_fn]) if augment_fn is not None
+                         else self.method.default_views(image_size, channels))
+            if crop_scale is not None:
+                set_crop_scale(views, crop_scale)  # global views only
+            self.views = views
+            # wrapssl's own ops all take grey images (as torchvision's do): grey input to a 3-channel net is
+            # then augmented at one channel and repeated afterwards, a third of the work, the same views
+            self._grey_views = channels != 1 and all(
+                isinstance(m, (RandomOp, nn.Sequential, nn.ModuleList, Views)) for m in views.modules())
+            self.normalize = normalization(channels, normalize)
 
-        # The EMA target: encoder + projector, created here once and visibly.
-        self.target_encoder: Encoder | None = None
-        self.target_projector: nn.Module | None = None
-        self._ema: EMA | None = None
-        if target_net is not None:
-            self.target_encoder = Encoder(target_net, hidden_layer, pooling)
-            self.target_projector = make_target(self.method.projector)
-            self._ema = EMA(nn.ModuleList([net, self.method.projector]),
-                            nn.ModuleList([target_net, self.target_projector]))
-        if compile:  # in place on our Encoder wrappers: state_dict keys and the user's net are unchanged
-            options = compile if isinstance(compile, dict) else {}
-            for encoder in (self.encoder, self.target_encoder):
-                if encoder is not None:
-                    encoder.compile(**options)
+            # The EMA target: encoder + projector, created here once and visibly.
+            self.target_encoder: Encoder | None = None
+            self.target_projector: nn.Module | None = None
+            self._ema: EMA | None = None
+            if target_net is not None:
+                self.target_encoder = Encoder(target_net, hidden_layer, pooling)
+                self.target_projector = make_target(self.method.projector)
+                self._ema = EMA(nn.ModuleList([net, self.method.projector]),
+                                nn.ModuleList([target_net, self.target_projector]))
+            if compile:  # in place on our Encoder wrappers: state_dict keys and the user's net are unchanged
+                options = compile if isinstance(compile, dict) else {}
+                for encoder in (self.encoder, self.target_encoder):
+                    if encoder is not None:
+                        encoder.compile(**options)
+        except BaseException:
+            self.encoder.close()  # a failed constructor leaves the user's net unhooked
+            raise
 
     @property
     def net(self) -> nn.Module:
@@ -235,20 +243,24 @@ class Learner(nn.Module):
         if return_embedding:
             emb = self.encoder(self._prepare(images))
             return (self.method.projector(emb), emb) if return_projection else emb
-        x = to_float(images, self.channels)
+        grey = self._grey_views and isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 1
+        x = to_float(images, 1 if grey else self.channels)
         if self.training and x.shape[0] < 2:
             raise ValueError(f"training needs a batch of at least 2 images (batch norm and the losses "
                              f"compare samples), got {x.shape[0]}; increase batch_size or use drop_last=True")
         with torch.autocast(x.device.type, enabled=False):  # augment in float32 under mixed precision too
-            batches = _same_size_batches([self.normalize(v) for v in self.views(x)])
+            views = self.views(x)
+            if grey:
+                views = [v.expand(-1, self.channels, -1, -1) for v in views]
+            batches = _same_size_batches([self.normalize(v) for v in views])
         del x  # from here on only the batched views are kept: less memory while the net runs
         self.method.begin_step(self.step)
-        online = self._encode(self.encoder, self.method.projector, batches)
         target = None
-        if self.target_encoder is not None:
-            with torch.no_grad():
+        if self.target_encoder is not None:  # first, so its transient activations are freed before the
+            with torch.no_grad():            # online pass builds its graph: a lower memory peak
                 target = self._encode(self.target_encoder, self.target_projector,
                                       _first_views(batches, self.views.n_global))
+        online = self._encode(self.encoder, self.method.projector, batches)
         return self.method(online, target, step=self.step)
 
     @torch.no_grad()
