@@ -15,7 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLOURS = {"wrapssl": "#1f77b4", "byol-pytorch": "#ff7f0e", "lightly": "#2ca02c", "random-init": "#7f7f7f"}
+COLOURS = {"wrapssl": "#1f77b4", "wrapssl-compiled": "#17becf", "byol-pytorch": "#ff7f0e", "lightly": "#2ca02c",
+           "random-init": "#7f7f7f"}
 
 
 def main(argv=None) -> None:
