@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     ips = [statistics.median(r["images_per_s"] for r in by[n]) for n in trained]
     a.bar(trained, ips, color=[COLOURS.get(n, "k") for n in trained])
     a.set_title("training images/s (median)", fontsize=9)
+    a.set_ylim(0, 1.15 * max(ips))  # room for the value labels
     for i, v in enumerate(ips):
         a.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     knn = [100 * statistics.median(r["knn"] for r in by[n]) for n in names]
@@ -44,7 +45,9 @@ def main(argv=None) -> None:
         ax.tick_params(axis="x", labelsize=8, rotation=15)
         ax.tick_params(axis="y", labelsize=8)
     budget = statistics.median(r["train_s"] for n in trained for r in by[n])
-    fig.suptitle(f"BYOL on Fashion-MNIST, equal wall-clock (~{budget:.0f} s), CPU", fontsize=9)
+    rounds = max(len(by[n]) for n in trained)
+    fig.suptitle(f"BYOL on Fashion-MNIST, equal wall-clock (~{budget:.0f} s each), CPU, median of {rounds} round(s)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"wrote {args.out}")
