@@ -245,12 +245,13 @@ def make_plots(trainer: Trainer, train: Dataset, queries: Any, classes: list[str
 def main(argv: Sequence[str] | None = None) -> dict:
     """Pretrain, evaluate before/after, write everything to --out; returns the metrics.
 
-    Recorded default run (`python train.py`, 2 CPU cores shared with other jobs, load 3-4):
+    Recorded default run (`python train.py`, 2 CPU cores shared with a benchmark, commit a6d7e9c):
     kNN (k=200, t=0.1, 10k train images as memory, 10k test queries) 67.60% at random init ->
-    76.46% after 250 steps (64k images, about one epoch); 4:47 and 5:19 wall, 273 and 314 CPU
-    seconds, 1.5 GB peak memory; the same numbers bit for bit in both runs. On the same budget
-    (200 steps) the 1-channel net without brightness/contrast jitter stayed at 60% against 66%
-    at random init; temperature 0.5 or 8% minimum crops each cost about 2 points (5k/2k kNN subsets).
+    76.90% after 250 steps (64k images, about one epoch); 5:21 wall, 291 CPU seconds, 1.45 GB
+    peak memory (the same job on an H100 with bf16: 67.64% -> 76.79% in 19 s). Earlier, before
+    grey images got brightness/contrast jitter, a 1-channel net stayed at 60% against 66% at
+    random init on 200 steps; temperature 0.5 or 8% minimum crops each cost about 2 points
+    (5k/2k kNN subsets).
     """
     args = parse_args(argv)
     start = time.perf_counter()

@@ -239,7 +239,8 @@ def augmentation_grid_figure(learner: "Learner", images: torch.Tensor, n: int = 
                 ax.set_title(titles[c], fontsize="small")
         axes[r, 0].set_ylabel(f"image {r}", fontsize="small")
     method = type(getattr(learner, "method", None)).__name__
-    fig.suptitle(f"Augmented views of the learner's recipe ({method}, {len(views)} views)")
+    # two short lines: one long line is wider than a grid of two or three narrow columns
+    fig.suptitle(f"Augmented views of the learner's recipe\n({method}, {len(views)} views)", fontsize="medium")
     return fig
 
 
