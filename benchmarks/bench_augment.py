@@ -18,7 +18,6 @@ worker start-up is not counted in images/s, but is in CPU time).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 
@@ -26,7 +25,7 @@ import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common import command, machine, markdown_table, median, sync
+from common import command, machine, markdown_table, median, save_json, sync
 from wrapssl.augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, blur_kernel, byol_views, to_float
 
 
@@ -227,9 +226,7 @@ def main(argv=None) -> dict:
         results[size] = res
         print(f"### {size}x{size}, batch {args.batch}, two views per image\n")
         print(markdown_table(["contender", "images/s (median)", "CPU s per 1000 images"], rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": command(), "machine": machine(dev), "results": results}, f, indent=1)
+    save_json(args.json, {"command": command(), "machine": machine(dev), "results": results})
     return results
 
 

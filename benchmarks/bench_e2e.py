@@ -56,7 +56,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from common import ROOT, command, fashion_mnist, knn_accuracy, machine, markdown_table, median, small_resnet
+from common import (ROOT, command, fashion_mnist, knn_accuracy, machine, markdown_table, median, save_json,
+                    small_resnet)
 from wrapssl.augment import IMAGENET_MEAN, IMAGENET_STD
 
 CONTENDERS = ("wrapssl", "byol-pytorch", "lightly", "random-init", "wrapssl-compiled")
@@ -400,11 +401,7 @@ def main(argv=None) -> dict:
     print(f"\n{cmd}\n{where}\n")
     print(markdown_table(["contender", "runs", "steps (median)", "train images/s (median)", "kNN top-1 % (median)",
                           "kNN per run", "peak RSS main MB", "training's RSS growth MB", "peak RSS largest worker MB"], rows))
-    result = {"command": cmd, "machine": where, "runs": runs}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return save_json(args.json, {"command": cmd, "machine": where, "runs": runs})
 
 
 if __name__ == "__main__":

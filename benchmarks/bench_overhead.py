@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import time
 
 import common  # noqa: F401  (puts the checkout on sys.path)
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from common import command, machine, markdown_table, median, race, small_resnet, sync
+from common import command, machine, markdown_table, median, race, save_json, small_resnet, sync
 from wrapssl import Learner
 from wrapssl.augment import IMAGENET_MEAN, IMAGENET_STD
 from wrapssl.heads import mlp
@@ -264,13 +263,9 @@ def main(argv=None) -> dict:
     print(markdown_table(["phase", "ms", "share"],
                          [[k, f"{v * 1e3:.1f}", f"{100 * v / total:.1f}%"] for k, v in sh.items()]
                          + [["total", f"{total * 1e3:.1f}", "100%"]]))
-    result = {"command": command(), "machine": machine(dev), "per_step_s": per_step,
-              "ratio_median": median(ratios), "shares_s": sh, "compile_warmup_s": warm,
-              "step_peak_device_bytes": step_mem if dev.startswith("cuda") else None}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return save_json(args.json, {"command": command(), "machine": machine(dev), "per_step_s": per_step,
+                                 "ratio_median": median(ratios), "shares_s": sh, "compile_warmup_s": warm,
+                                 "step_peak_device_bytes": step_mem if dev.startswith("cuda") else None})
 
 
 if __name__ == "__main__":

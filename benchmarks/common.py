@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -49,6 +50,14 @@ def machine(device: str = "cpu") -> str:
     except OSError:
         pass
     return ", ".join(parts)
+
+
+def save_json(path: str | None, result: dict) -> dict:
+    """Write a benchmark's result to ``path`` (when given) and return it."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
 
 def command() -> str:
