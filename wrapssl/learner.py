@@ -185,10 +185,6 @@ class Learner(nn.Module):
             if crop_scale is not None:
                 set_crop_scale(views, crop_scale)  # global views only
             self.views = views
-            # wrapssl's own ops all take grey images (as torchvision's do): grey input to a 3-channel net is
-            # then augmented at one channel and repeated afterwards, a third of the work, the same views
-            self._grey_views = channels != 1 and all(
-                isinstance(m, (RandomOp, nn.Sequential, nn.ModuleList, Views)) for m in views.modules())
             self.normalize = normalization(channels, normalize)
 
             # The EMA target: encoder + projector, created here once and visibly.
@@ -208,6 +204,16 @@ class Learner(nn.Module):
         except BaseException:
             self.encoder.close()  # a failed constructor leaves the user's net unhooked
             raise
+
+    @property
+    def _grey_views(self) -> bool:
+        """True if grey input for a 3-channel net can go through the views at one channel.
+
+        wrapssl's own ops all take grey images (as torchvision's do), so a recipe made only of
+        them gives the same views at one channel, repeated afterwards, for a third of the work.
+        """
+        return self.channels != 1 and all(
+            isinstance(m, (RandomOp, nn.Sequential, nn.ModuleList, Views)) for m in self.views.modules())
 
     @property
     def net(self) -> nn.Module:
