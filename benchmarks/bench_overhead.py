@@ -79,28 +79,40 @@ class Floor:
             torch._foreach_copy_(self.t_bufs, self.o_bufs)
 
 
-class WrapsslStep:
+class TrainStep:
+    """One optimiser step of a BYOL wrapper: forward (under autocast), backward, Adam, EMA."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    autocast: contextlib.AbstractContextManager
+
+    def step(self, images: torch.Tensor) -> None:
+        with self.autocast:
+            loss = self.model(images)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.model.update_moving_average()
+
+
+class WrapsslStep(TrainStep):
     """The same step through ``Learner``; ``augment=False`` swaps the views for the identity."""
 
     def __init__(self, net: nn.Module, args, augment: bool, compile: bool = False, hidden_layer="avgpool"):
         kw = dict(augment_fn=lambda x: x) if not augment else {}
-        self.learner = Learner(net, image_size=args.image_size, hidden_layer=hidden_layer,
-                               projection_hidden_size=args.hidden, projection_size=args.out,
-                               moving_average_decay=args.momentum, compile=compile, **kw)
-        self.learner.to(args.device, memory_format=args.memory_format)
-        self.opt = torch.optim.Adam([p for p in self.learner.parameters() if p.requires_grad], lr=args.lr)
+        self.model = Learner(net, image_size=args.image_size, hidden_layer=hidden_layer,
+                             projection_hidden_size=args.hidden, projection_size=args.out,
+                             moving_average_decay=args.momentum, compile=compile, **kw)
+        self.model.to(args.device, memory_format=args.memory_format)
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=args.lr)
         self.autocast = args.autocast
 
-    def step(self, images: torch.Tensor) -> None:
-        with self.autocast:
-            loss = self.learner(images)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.learner.update_moving_average()
+    @property
+    def learner(self) -> Learner:
+        return self.model
 
 
-class BYOLPytorchStep:
+class BYOLPytorchStep(TrainStep):
     """byol-pytorch 0.9.1 on the same net and head sizes (its own MLP heads, EMA by Python loop)."""
 
     def __init__(self, net: nn.Module, args, augment: bool):
@@ -111,14 +123,6 @@ class BYOLPytorchStep:
                           moving_average_decay=args.momentum, use_simplicial_embeddings=False, **kw)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
         self.autocast = args.autocast
-
-    def step(self, images: torch.Tensor) -> None:
-        with self.autocast:
-            loss = self.model(images)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.model.update_moving_average()
 
 
 def step_memory(step, device: str) -> int:
