@@ -270,6 +270,8 @@ def test_bad_arguments_are_clear_errors():
         Learner(small_cnn(), image_size=16, projection_sise=3)
     with pytest.raises(ValueError, match="moving_average_decay"):
         Learner(small_cnn(), image_size=16, moving_average_decay=1.5)
+    with pytest.raises(TypeError, match="channels_last"):
+        Learner(small_cnn(), image_size=16, channels_last="yes")
 
 
 def test_crop_scale_sets_the_global_crops_of_the_default_views():
@@ -426,7 +428,8 @@ def test_views_of_one_size_share_a_pass_and_the_target_sees_only_global_views():
         target = learner.target_projector(learner.target_encoder(torch.cat(made[:2]))).chunk(2)
     assert len(seen["online"]) == 3 and len(seen["target"]) == 2
     for got, want in zip([*seen["online"], *seen["target"]], [*online, *target]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # the learner feeds channels_last images, the reference contiguous ones: the convolutions round differently
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_grey_images_are_augmented_at_one_channel_with_the_same_result():
@@ -473,3 +476,100 @@ def test_a_failed_constructor_leaves_the_net_unhooked():
         with pytest.raises((ValueError, RuntimeError)):
             Learner(net, image_size=16, hidden_layer=-2, **bad)
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules()), bad
+
+
+def _first_conv_inputs(learner):
+    """Records the images the net's first layer receives (the online net's; the target is a copy made before)."""
+    seen = []
+    learner.net[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    return seen
+
+
+def _one_step(images, **kw):
+    """Loss, gradients and BN statistics after one BYOL step from fixed seeds; the first layer's inputs."""
+    torch.manual_seed(0)
+    net = small_cnn()
+    learner = Learner(net, image_size=16, hidden_layer=-2, **SMALL, **kw)
+    seen = _first_conv_inputs(learner)
+    torch.manual_seed(1)
+    loss = learner(images)
+    loss.backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]  # the unused fc has none
+    return learner, loss.detach(), grads, copy.deepcopy(net.state_dict()), seen
+
+
+def test_conv_nets_get_channels_last_images_on_the_cpu_with_the_same_results():
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    fast, fast_loss, fast_grads, fast_state, fast_in = _one_step(images)
+    slow, slow_loss, slow_grads, slow_state, slow_in = _one_step(images, channels_last=False)
+    # default on a conv net on the CPU: channels_last (and not merely contiguous, as a 1x1 map would be)
+    assert len(fast_in) == 2 and fast_in[0].shape[0] == 2  # a 2-image probe (no grad, eval), the online pass
+    assert all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in fast_in)
+    assert slow_in and all(x.is_contiguous() for x in slow_in)
+    torch.testing.assert_close(fast_in[-1], slow_in[-1], rtol=0, atol=0)  # the same views, laid out differently
+    torch.testing.assert_close(fast_loss, slow_loss, rtol=1e-4, atol=1e-5)
+    assert len(fast_grads) == len(slow_grads) > 0
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    for k in fast_state:
+        torch.testing.assert_close(fast_state[k], slow_state[k], rtol=1e-4, atol=1e-5)
+    # embeddings go the same way
+    fast_in.clear()
+    torch.testing.assert_close(fast.embed(images), slow.embed(images), rtol=1e-4, atol=1e-5)
+    assert fast_in[0].is_contiguous(memory_format=torch.channels_last) and not fast_in[0].is_contiguous()
+
+
+class _ViewsFeatureMaps(nn.Module):
+    """A net that flattens its feature map with .view, which channels_last images break."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8 * 16 * 16, 32)
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.head(h.view(h.shape[0], -1))
+
+
+def test_a_net_that_cannot_take_channels_last_falls_back_without_side_effects():
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(RuntimeError):  # the premise: this net fails on channels_last input
+        _ViewsFeatureMaps()(images.contiguous(memory_format=torch.channels_last))
+
+    def step(**kw):
+        torch.manual_seed(0)
+        net = _ViewsFeatureMaps()
+        learner = Learner(net, image_size=16, hidden_layer=-1, **SMALL, **kw)
+        inputs = []
+        net.features.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+        torch.manual_seed(1)
+        loss = learner(images)
+        loss.backward()
+        return learner, loss.detach(), net.state_dict(), inputs
+
+    auto, auto_loss, auto_state, auto_in = step()
+    off, off_loss, off_state, off_in = step(channels_last=False)
+    assert auto._accepts_channels_last is False
+    assert len(auto_in) == 2 and auto_in[0].shape[0] == 2  # the failed probe, then the online pass
+    assert all(x.is_contiguous() for x in auto_in[1:])
+    # the probe ran in eval mode without gradients: the step is exactly the contiguous one, BN statistics included
+    assert torch.equal(auto_loss, off_loss)
+    for k in auto_state:
+        assert torch.equal(auto_state[k], off_state[k]), k
+    with pytest.raises(RuntimeError, match="channels_last=False"):
+        Learner(_ViewsFeatureMaps(), image_size=16, hidden_layer=-1, channels_last=True, **SMALL)(images)
+
+
+def test_nets_without_convolutions_keep_contiguous_images_unless_asked():
+    def mlp():
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    images = torch.rand(8, 3, 16, 16)
+    for kw, channels_last in [({}, False), ({"channels_last": True}, True)]:
+        net = mlp()
+        learner = Learner(net, image_size=16, hidden_layer=-2, **SMALL, **kw)
+        seen = _first_conv_inputs(learner)
+        learner(images).backward()
+        assert seen and all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                            if channels_last else x.is_contiguous() for x in seen)

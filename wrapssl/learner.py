@@ -138,6 +138,12 @@ class Learner(nn.Module):
             as it is); a dict is passed to ``torch.compile`` as options (e.g. ``{"mode":
             "max-autotune"}``). The first steps are slow while it compiles; it pays off when the
             encoder traces as one graph (see benchmarks/RESULTS.md for where it helps and where not).
+        channels_last: give the net its images in ``torch.channels_last`` memory format (the
+            same values, laid out channel-minor), which convolutions run faster on. ``None``
+            (automatic): for nets with ``Conv2d`` layers, on the CPU and under CUDA autocast
+            (bf16/fp16), unless a first 2-image probe shows the net cannot take it (e.g. it
+            calls ``.view`` on a feature map); then images stay contiguous. ``True``: always;
+            ``False``: never. The net's own weights are not converted.
     """
 
     def __init__(self, net: nn.Module, image_size: int, hidden_layer: LayerSpec = -2,
@@ -147,7 +153,7 @@ class Learner(nn.Module):
                  views: Views | None = None, crop_scale: tuple[float, float] | None = None,
                  normalize: tuple[Sequence[float], Sequence[float]] | None = (IMAGENET_MEAN, IMAGENET_STD),
                  moving_average_decay: float | None = None, total_steps: int | None = None,
-                 compile: bool | dict = False, **method_kwargs):
+                 compile: bool | dict = False, channels_last: bool | None = None, **method_kwargs):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
@@ -157,6 +163,8 @@ class Learner(nn.Module):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be True/False or a dict of torch.compile options, got {compile!r}")
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last must be None (automatic), True or False, got {channels_last!r}")
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be a positive number of optimiser steps, got {total_steps}")
         if views is not None and augment_fn is not None:
@@ -166,6 +174,10 @@ class Learner(nn.Module):
                              "augment_fn set the scale there, e.g. views=byol_views(image_size, scale=(0.25, 1.0))")
         self.image_size, self.channels, self.total_steps = image_size, channels, total_steps
         self.step = 0  # optimiser steps taken, advanced by update_moving_average()
+        self.channels_last = channels_last
+        # automatic channels_last is for convolutional nets only, and only once the net is seen to accept it
+        self._convolutional = any(isinstance(m, nn.Conv2d) for m in net.modules())
+        self._accepts_channels_last: bool | None = None
 
         self.method = get_method(method, **method_kwargs)
         self.momentum = self.method.momentum if moving_average_decay is None else float(moving_average_decay)
@@ -227,7 +239,33 @@ class Learner(nn.Module):
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Checked, resized, normalised images for an embedding (no augmentation)."""
-        return self.normalize(resize(to_float(images, self.channels), self.image_size))
+        return self._memory_format(self.normalize(resize(to_float(images, self.channels), self.image_size)))
+
+    def _memory_format(self, batch: torch.Tensor) -> torch.Tensor:
+        """``batch`` in the memory format the net gets (see ``channels_last``)."""
+        if batch.ndim != 4 or self.channels_last is False:
+            return batch
+        if self.channels_last is None:
+            device = batch.device.type
+            if not self._convolutional or not (device == "cpu" or torch.is_autocast_enabled(device)):
+                return batch
+            if self._accepts_channels_last is None:
+                self._accepts_channels_last = self._probe_channels_last(batch)
+            if not self._accepts_channels_last:
+                return batch
+        return batch.contiguous(memory_format=torch.channels_last)
+
+    def _probe_channels_last(self, batch: torch.Tensor) -> bool:
+        """Whether the encoder runs on channels_last images: one uncompiled no-grad pass over 2 images
+        in eval mode (no batch-norm statistics move). False also when it fails for another reason:
+        the real pass then reports that error."""
+        probe = batch[:2].contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad(), _eval_mode(self.encoder):
+                Encoder.forward(self.encoder, probe)  # not through __call__: a compiled encoder stays uncompiled
+        except RuntimeError:
+            return False
+        return True
 
     def _encode(self, encoder: Encoder, projector: nn.Module,
                 batches: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
@@ -237,9 +275,11 @@ class Learner(nn.Module):
             try:
                 h = encoder(batch)
             except RuntimeError as e:
+                hint = ("; a net that reshapes feature maps with .view() needs contiguous images: pass "
+                        "channels_last=False" if not batch.is_contiguous() else "")
                 raise RuntimeError(f"{type(encoder.net).__name__} failed on views of shape {tuple(batch.shape)}: "
                                    f"{e}\nCheck that the net takes {self.channels}-channel images of size "
-                                   f"{batch.shape[-1]} (Learner's channels= and image_size=)") from e
+                                   f"{batch.shape[-1]} (Learner's channels= and image_size=){hint}") from e
             out.extend(projector(h).chunk(n))
         return out
 
@@ -259,6 +299,7 @@ class Learner(nn.Module):
             if grey:
                 views = [v.expand(-1, self.channels, -1, -1) for v in views]
             batches = _same_size_batches([self.normalize(v) for v in views])
+        batches = [(self._memory_format(b), n) for b, n in batches]  # outside: it reads the autocast state
         del x  # from here on only the batched views are kept: less memory while the net runs
         self.method.begin_step(self.step)
         target = None
