@@ -4,7 +4,11 @@ The floor is the least a BYOL step can do: pre-made, pre-normalised views, the
 net's children up to the pool called directly (no hook), the same projector,
 predictor and loss, Adam, and one fused ``torch._foreach_lerp_`` EMA. wrapssl
 runs the same step through ``Learner`` with augmentation switched off
-(``augment_fn=lambda x: x``), so every extra millisecond is the wrapper's.
+(``augment_fn=lambda x: x``), so every extra millisecond is the wrapper's. The
+floor's views are laid out as the Learner lays out its own (``channels_last`` on
+the CPU and under autocast, see ``Learner(channels_last=...)``); byol-pytorch
+gets them as its users pass them (contiguous, unless ``--channels-last``
+converts every net).
 Then a full wrapssl step (default BYOL views) is split into augment / forward /
 backward / optimiser / EMA shares.
 
@@ -219,6 +223,8 @@ def main(argv=None) -> dict:
     floor = Floor(copy.deepcopy(net), dim, args.hidden, args.out, args.lr, args.momentum, args.autocast)
     floor.to(device=dev, memory_format=args.memory_format)
     wrap = WrapsslStep(copy.deepcopy(net), args, augment=False)
+    with args.autocast:  # the floor's views get the memory format the Learner gives its net (channels_last on
+        both = wrap.learner._memory_format(both)  # the CPU and under autocast): the ratio is the wrapper's cost
     contenders = {"floor (hand-written)": lambda: floor.step(both),
                   "wrapssl, identity views": lambda: wrap.step(images)}
     warm = {}
