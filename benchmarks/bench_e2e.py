@@ -27,6 +27,13 @@ What is held equal (the fairness contract):
   factor and offset, which Adam does not see.
 Each follows its own documented forward: wrapssl and byol-pytorch put the two
 views through the net as one batch, lightly's example runs them separately.
+Each runs with its defaults otherwise: wrapssl's Learner hands the net
+channels_last views on the CPU (``Learner(channels_last=None)``), the others
+hand it what their augmentation returns (contiguous).
+
+Memory: each process's peak RSS; for lightly, whose job is a main process and
+DataLoader workers, also the job's memory (main RSS + the workers' private
+memory, sampled every second of its turns; see ``Contender``).
 
     python benchmarks/bench_e2e.py --budget 60                 # a quick run (~6 min)
     python benchmarks/bench_e2e.py --budget 300 --rounds 2      # the recorded run (~35 min)
@@ -273,8 +280,48 @@ def worker(args) -> dict:
     return out
 
 
+SAMPLE_S = 1.0  # how often the memory of a contender with DataLoader workers is sampled while it runs
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes of a process group (a contender and its DataLoader workers)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                pids.append(int(d))
+    return pids
+
+
+def proc_kb(path: str, keys: tuple[str, ...]) -> int:
+    """The sum of the ``keys`` (kB lines) of a /proc status-like file; 0 once the process is gone."""
+    total = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in keys:
+                    total += int(rest.split()[0])
+    except OSError:
+        return 0
+    return total
+
+
 class Contender:
-    """A worker subprocess (and its DataLoader workers, one process group) that we pause and resume."""
+    """A worker subprocess (and its DataLoader workers, one process group) that we pause and resume.
+
+    A contender with DataLoader workers is one job in several processes: besides its main
+    process's peak RSS we sample, every SAMPLE_S s of its turns, the main process's RSS plus the
+    workers' private memory (what they add: their shared pages are the main process's, already
+    counted). The largest such sum is the job's memory; sampling can only miss the true peak, so
+    it is a lower bound for such a contender. Single-process contenders are not sampled (their
+    job peak is their exact peak RSS) and pay no sampling cost.
+    """
 
     def __init__(self, name: str, argv: list[str]):
         self.name, self.active, self.steps = name, 0.0, None
@@ -286,6 +333,13 @@ class Contender:
         _, status = os.waitpid(self.proc.pid, os.WUNTRACED)  # set up, first batch in hand, stopped
         if not os.WIFSTOPPED(status):
             raise RuntimeError(f"{name} exited during set-up (status {status})")
+        self.workers = [p for p in group_pids(self.proc.pid) if p != self.proc.pid]  # persistent loader workers
+        self.job_peak_kb = 0
+
+    def sample_memory(self) -> None:
+        main = proc_kb(f"/proc/{self.proc.pid}/status", ("VmRSS",))
+        added = sum(proc_kb(f"/proc/{w}/smaps_rollup", ("Private_Clean", "Private_Dirty")) for w in self.workers)
+        self.job_peak_kb = max(self.job_peak_kb, main + added)
 
     def signal(self, sig: int) -> None:
         os.killpg(self.proc.pid, sig)
@@ -294,7 +348,13 @@ class Contender:
         """Resume for up to ``seconds``; True once it reports the end of training."""
         self.signal(signal.SIGCONT)
         t0 = time.perf_counter()
-        ready, _, _ = select.select([self.proc.stdout], [], [], seconds)
+        deadline = t0 + seconds
+        while True:
+            wait = max(0.0, deadline - time.perf_counter())
+            ready, _, _ = select.select([self.proc.stdout], [], [], min(wait, SAMPLE_S) if self.workers else wait)
+            if ready or time.perf_counter() >= deadline:
+                break
+            self.sample_memory()
         if ready:
             self.steps = int(self.proc.stdout.readline().split()[1])
         self.active += time.perf_counter() - t0
@@ -311,6 +371,9 @@ class Contender:
             res = json.load(f)
         os.unlink(self.out_path)
         res.update(train_s=self.active, images_per_s=res["images"] / self.active if self.active else 0.0)
+        if "peak_rss_mb" in res:
+            res["job_peak_mb"] = self.job_peak_kb / 1024 if self.workers else res["peak_rss_mb"]
+            res["job_peak_sampled"] = bool(self.workers)
         return res
 
 
@@ -397,10 +460,12 @@ def main(argv=None) -> dict:
                      f"{median([x.get('peak_rss_mb', 0.0) for x in rs]):.0f}" if name != "random-init" else "-",
                      f"{median([x['peak_rss_mb'] - x['rss_before_mb'] for x in rs]):.0f}" if name != "random-init"
                      else "-",
-                     f"{median([x.get('peak_rss_worker_mb', 0.0) for x in rs]):.0f}" if name == "lightly" else "-"])
+                     f"{median([x.get('peak_rss_worker_mb', 0.0) for x in rs]):.0f}" if name == "lightly" else "-",
+                     f"{median([x.get('job_peak_mb', 0.0) for x in rs]):.0f}" if name != "random-init" else "-"])
     print(f"\n{cmd}\n{where}\n")
     print(markdown_table(["contender", "runs", "steps (median)", "train images/s (median)", "kNN top-1 % (median)",
-                          "kNN per run", "peak RSS main MB", "training's RSS growth MB", "peak RSS largest worker MB"], rows))
+                          "kNN per run", "peak RSS main MB", "training's RSS growth MB", "peak RSS largest worker MB",
+                          "job peak MB (main RSS + workers' private)"], rows))
     return save_json(args.json, {"command": cmd, "machine": where, "runs": runs})
 
 
