@@ -247,7 +247,8 @@ class Learner(nn.Module):
             return batch
         if self.channels_last is None:
             device = batch.device.type
-            if not self._convolutional or not (device == "cpu" or torch.is_autocast_enabled(device)):
+            fast = device == "cpu" or (device == "cuda" and torch.is_autocast_enabled("cuda"))
+            if not self._convolutional or not fast:
                 return batch
             if self._accepts_channels_last is None:
                 self._accepts_channels_last = self._probe_channels_last(batch)
