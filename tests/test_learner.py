@@ -573,3 +573,27 @@ def test_nets_without_convolutions_keep_contiguous_images_unless_asked():
         learner(images).backward()
         assert seen and all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
                             if channels_last else x.is_contiguous() for x in seen)
+
+
+def test_raw_views_are_freed_before_the_net_runs():
+    """Only the normalised, batched views live while the net runs: the recipe's outputs are gone."""
+    import weakref
+    refs = []
+
+    def make(x):
+        v = x.flip(-1).clone()
+        refs.append(weakref.ref(v))
+        return v
+
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, views=wrapssl.Views([make, make]), **SMALL)
+    alive = []
+
+    def record(module, args):
+        if args[0].shape[0] > 2:  # not the one-off 2-image channels_last probe
+            alive.append([r() is not None for r in refs])
+
+    for net in (learner.net, learner.target_encoder.net):
+        net[0].register_forward_pre_hook(record)
+    learner(torch.rand(8, 3, 16, 16)).backward()
+    assert len(refs) == 2 and len(alive) == 2  # the target pass, then the online pass
+    assert alive == [[False, False], [False, False]]

@@ -301,7 +301,7 @@ class Learner(nn.Module):
                 views = [v.expand(-1, self.channels, -1, -1) for v in views]
             batches = _same_size_batches([self.normalize(v) for v in views])
         batches = [(self._memory_format(b), n) for b, n in batches]  # outside: it reads the autocast state
-        del x  # from here on only the batched views are kept: less memory while the net runs
+        del x, views  # from here on only the batched views are kept: less memory while the net runs
         self.method.begin_step(self.step)
         target = None
         if self.target_encoder is not None:  # first, so its transient activations are freed before the
