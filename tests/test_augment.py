@@ -168,10 +168,11 @@ def test_grey_views_jitter_the_brightness_of_each_sample():
     assert level.std() > 0.05 and level.min() >= 0.3 - 1e-6 and level.max() <= 0.7 + 1e-6
 
 
-@pytest.mark.parametrize("recipe", [A.byol_views, A.simclr_views, get_method("simsiam").default_views],
+@pytest.mark.parametrize("recipe, paper_scale", [(A.byol_views, (0.08, 1.0)), (A.simclr_views, (0.08, 1.0)),
+                                                 (get_method("simsiam").default_views, (0.2, 1.0))],
                          ids=["byol", "simclr", "simsiam"])
-def test_recipes_take_the_crop_scale(recipe):
-    assert crop_scales(recipe(16)) == [[(0.08, 1.0)]] * 2
+def test_recipes_take_the_crop_scale(recipe, paper_scale):
+    assert crop_scales(recipe(16)) == [[paper_scale]] * 2  # each paper's own minimum crop area
     assert crop_scales(recipe(16, scale=(0.3, 0.9))) == [[(0.3, 0.9)]] * 2
 
 

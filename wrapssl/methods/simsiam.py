@@ -30,8 +30,9 @@ class SimSiam(Method):
         self.projector = mlp([dim, d, d, d], last_bn=True, last_bn_affine=False)
         self.predictor = mlp([d, self.prediction_hidden_size, d])
 
-    def default_views(self, image_size: int, channels: int = 3, scale: tuple[float, float] = (0.08, 1.0)) -> Views:
-        """SimCLR's pair at half strength: jitter 0.4/0.4/0.4/0.1 at p=0.8, blur p=0.5; crops of area ``scale``."""
+    def default_views(self, image_size: int, channels: int = 3, scale: tuple[float, float] = (0.2, 1.0)) -> Views:
+        """SimCLR's pair at half strength: jitter 0.4/0.4/0.4/0.1 at p=0.8, blur p=0.5; crops of area
+        ``scale``, (0.2, 1.0) as in the paper's code (SimCLR's and BYOL's recipes use (0.08, 1.0))."""
         return simclr_views(image_size, strength=0.5, channels=channels, scale=scale)
 
     def loss(self, online, target, step=0):
