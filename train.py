@@ -249,9 +249,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     kNN (k=200, t=0.1, 10k train images as memory, 10k test queries) 67.60% at random init ->
     76.52% after 250 steps (64k images, about one epoch); 2:18 wall, 248 CPU seconds, 1.43 GB
     peak memory. Before channels_last (a6d7e9c, beside a benchmark): 76.90%, 5:21 wall. The
-    same job on an H100 with bf16 (at a6d7e9c): 67.64% -> 76.79% in 19 s. Earlier, before
-    grey images got brightness/contrast jitter, a 1-channel net stayed at 60% against 66% at
-    random init on 200 steps; temperature 0.5 or 8% minimum crops each cost about 2 points
+    same job on an H100 with bf16 (at a6d7e9c): 67.64% -> 76.79% in 19 s. `--channels 1` (at
+    23b2d18, one run): 70.78% -> 76.74%, about the same end point. Earlier, before grey images
+    got brightness/contrast jitter, a 1-channel net stayed at 60% against 66% at random init
+    on 200 steps; temperature 0.5 or 8% minimum crops each cost about 2 points
     (5k/2k kNN subsets).
     """
     args = parse_args(argv)
