@@ -63,22 +63,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from common import (ROOT, command, fashion_mnist, knn_accuracy, machine, markdown_table, median, save_json,
-                    small_resnet)
+from common import (ROOT, command, fashion_mnist, knn_accuracy, machine, markdown_table, median, peak_rss_mb,
+                    rss_mb, save_json, small_resnet)
 from wrapssl.augment import IMAGENET_MEAN, IMAGENET_STD
 
 CONTENDERS = ("wrapssl", "byol-pytorch", "lightly", "random-init", "wrapssl-compiled")
 DEFAULT_CONTENDERS = CONTENDERS[:4]
 WIDTHS = (16, 32, 64)
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
 
 
 def backbone(seed: int) -> nn.Module:
@@ -371,8 +362,8 @@ class Contender:
             res = json.load(f)
         os.unlink(self.out_path)
         res.update(train_s=self.active, images_per_s=res["images"] / self.active if self.active else 0.0)
-        if "peak_rss_mb" in res:
-            res["job_peak_mb"] = self.job_peak_kb / 1024 if self.workers else res["peak_rss_mb"]
+        if "peak_rss_mb" in res:  # the job is never smaller than its main process's exact peak
+            res["job_peak_mb"] = max(self.job_peak_kb / 1024, res["peak_rss_mb"])
             res["job_peak_sampled"] = bool(self.workers)
         return res
 

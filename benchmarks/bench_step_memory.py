@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import resource
 import subprocess
 import sys
 
@@ -28,14 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import command, machine, markdown_table, save_json, small_resnet
+from common import command, machine, markdown_table, peak_rss_mb, rss_mb, save_json, small_resnet
 
 VARIANTS = ("learner", "learner-contiguous", "one-pass", "two-passes")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run(variant: str, steps: int) -> float:
@@ -86,7 +80,7 @@ def run(variant: str, steps: int) -> float:
     before = rss_mb()
     for _ in range(steps):
         step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    return peak_rss_mb() - before
 
 
 def main(argv=None) -> dict:

@@ -52,6 +52,18 @@ def machine(device: str = "cpu") -> str:
     return ", ".join(parts)
 
 
+def rss_mb() -> float:
+    """This process's resident memory now, in MB (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb(who: int | None = None) -> float:
+    """Peak resident memory in MB of this process (or ``resource.RUSAGE_CHILDREN``), from getrusage."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF if who is None else who).ru_maxrss / 1024  # KiB on Linux
+
+
 def save_json(path: str | None, result: dict) -> dict:
     """Write a benchmark's result to ``path`` (when given) and return it."""
     if path:
