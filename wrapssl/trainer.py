@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .data import as_uint8_dataset, collate, load_dataset
 from .files import atomic_open, atomic_save, atomic_write_text
-from .hidden import LayerSpec
+from .hidden import LayerSpec, input_channels
 from .learner import Learner
 from .methods import Method
 from .optim import WarmupCosine, build_optimizer
@@ -277,14 +277,6 @@ def _use_deterministic_algorithms() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _input_channels(net: nn.Module) -> int:
-    """The channel count of the first Conv2d of ``net`` if it is 1 or 3, else 3."""
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels if m.in_channels in (1, 3) else 3
-    return 3
-
-
 def _positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
     """``value`` if it is an int >= 1 (or None when allowed), else a ValueError."""
     if value is None and allow_none:
@@ -412,7 +404,7 @@ class Trainer:
             set_seed(seed)
         self.seed = 0 if seed is None else int(seed)
         self.net = net
-        self.channels = channels or _input_channels(net)
+        self.channels = channels or input_channels(net)
         learner_kwargs = {**(byol_kwargs or {}), **method_kwargs}
         if "sync_batchnorm" in learner_kwargs:  # byol-pytorch's BYOL argument
             sb = learner_kwargs.pop("sync_batchnorm")
