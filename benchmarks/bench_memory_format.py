@@ -16,14 +16,14 @@ import contextlib
 
 import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
-from torch import nn
 from torchvision import models
 
-from common import command, machine, markdown_table, median, race, save_json, small_resnet
+from bench_overhead import WrapsslStep, build_net, parse
+from common import command, machine, markdown_table, median, race, save_json
 
 # name: (builder, batch, image size)
 NETS = {
-    "small_resnet": (lambda: small_resnet(widths=(16, 32, 64)), 512, 28),
+    "small_resnet": (lambda: build_net("small"), 512, 28),
     "resnet18": (models.resnet18, 128, 32),
     "resnet18@96": (models.resnet18, 64, 96),
     "resnet50": (models.resnet50, 16, 224),
@@ -65,25 +65,13 @@ def main(argv=None) -> dict:
                      f"{1e3 * median(t['channels_last']):.0f}", f"{median(ratios):.2f}"])
         print(rows[-1], flush=True)
 
-    # a full wrapssl step: default BYOL views on uint8 grey images, as in the end-to-end benchmark
-    from wrapssl import Learner
+    # a full wrapssl step (bench_overhead's): default BYOL views on uint8 grey images, as in the e2e benchmark
+    step_args = parse(["--device", dev, "--batch", str(args.learner_batch)] + (["--bf16"] if args.bf16 else []))
     images = torch.randint(0, 256, (args.learner_batch, 1, 28, 28), dtype=torch.uint8, device=dev)
     steps = {}
     for label, kw in [("Learner(channels_last=False)", {"channels_last": False}), ("Learner() (automatic)", {})]:
         torch.manual_seed(0)
-        learner = Learner(small_resnet(widths=(16, 32, 64)), image_size=28, hidden_layer="avgpool",
-                          projection_hidden_size=1024, projection_size=256, **kw).to(dev)
-        opt = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=3e-4)
-
-        def train_step(learner=learner, opt=opt):
-            with autocast:
-                loss = learner(images)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            learner.update_moving_average()
-
-        steps[label] = train_step
+        steps[label] = (lambda w=WrapsslStep(build_net("small"), step_args, augment=True, **kw): w.step(images))
     t = race(steps, reps=args.reps, n=1, device=dev)
     a, b = t.values()
     ratio = median([y / x for x, y in zip(a, b)])

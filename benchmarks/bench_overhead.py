@@ -68,12 +68,18 @@ class Floor:
             m.to(**kw)
         return self
 
-    def step(self, both: torch.Tensor) -> None:
+    def step(self, both: torch.Tensor, per_view: bool = False) -> None:
+        """One step on ``both`` (view 1 then view 2 along the batch); ``per_view``: one pass per
+        view, as lightly's example runs them (batch norm then normalises each view on its own)."""
         with self.autocast:
-            z = self.projector(self.trunk(both))
-            p1, p2 = self.predictor(z).chunk(2)
-            with torch.no_grad():
-                t1, t2 = self.t_projector(self.t_trunk(both)).chunk(2)
+            if per_view:
+                p1, p2 = (self.predictor(self.projector(self.trunk(v))) for v in both.chunk(2))
+                with torch.no_grad():
+                    t1, t2 = (self.t_projector(self.t_trunk(v)) for v in both.chunk(2))
+            else:
+                p1, p2 = self.predictor(self.projector(self.trunk(both))).chunk(2)
+                with torch.no_grad():
+                    t1, t2 = self.t_projector(self.t_trunk(both)).chunk(2)
             loss = byol_loss(p1, t2) + byol_loss(p2, t1)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,11 +108,12 @@ class TrainStep:
 class WrapsslStep(TrainStep):
     """The same step through ``Learner``; ``augment=False`` swaps the views for the identity."""
 
-    def __init__(self, net: nn.Module, args, augment: bool, compile: bool = False, hidden_layer="avgpool"):
+    def __init__(self, net: nn.Module, args, augment: bool, compile: bool = False, hidden_layer="avgpool",
+                 **learner_kwargs):
         kw = dict(augment_fn=lambda x: x) if not augment else {}
         self.model = Learner(net, image_size=args.image_size, hidden_layer=hidden_layer,
                              projection_hidden_size=args.hidden, projection_size=args.out,
-                             moving_average_decay=args.momentum, compile=compile, **kw)
+                             moving_average_decay=args.momentum, compile=compile, **kw, **learner_kwargs)
         self.model.to(args.device, memory_format=args.memory_format)
         self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=args.lr)
         self.autocast = args.autocast
@@ -182,7 +189,8 @@ def shares(args, images: torch.Tensor) -> dict[str, float]:
     return {k: median(v) for k, v in t.items()}
 
 
-def main(argv=None) -> dict:
+def parse(argv=None) -> argparse.Namespace:
+    """The settings of a step (net, sizes, optimiser, device, autocast); other benchmarks build theirs here too."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--arch", default="small", help="'small' (a narrow ResNet for 28 px) or a torchvision name")
@@ -209,6 +217,11 @@ def main(argv=None) -> dict:
     args.memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     args.autocast = (torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.bf16
                      else contextlib.nullcontext())
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
     dev = args.device
     torch.manual_seed(0)
     images = torch.randint(0, 256, (args.batch, 3, args.image_size, args.image_size), dtype=torch.uint8, device=dev)
