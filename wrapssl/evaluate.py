@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import positive_int
 from .files import atomic_open
 
 __all__ = [
@@ -211,13 +212,6 @@ def _num_classes(num_classes: int | None, *labels: torch.Tensor) -> int:
     return num_classes
 
 
-def _positive_int(value: Any, name: str) -> int:
-    """``value`` if it is an int >= 1, else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 # ----------------------------------------------------------------------------- kNN
 
 def knn_predict(train_emb: Any, train_labels: Any, test_emb: Any, k: int = 200, temperature: float = 0.1,
@@ -234,8 +228,8 @@ def knn_predict(train_emb: Any, train_labels: Any, test_emb: Any, k: int = 200, 
     if q.shape[1] != x.shape[1]:
         raise ValueError(f"train_emb has {x.shape[1]} dims but test_emb has {q.shape[1]}; "
                          "embed both with the same model")
-    k = min(_positive_int(k, "k"), x.shape[0])
-    batch_size = _positive_int(batch_size, "batch_size")
+    k = min(positive_int(k, "k"), x.shape[0])
+    batch_size = positive_int(batch_size, "batch_size")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}; 0.07-0.1 is usual")
     c = _num_classes(num_classes, y)
@@ -274,7 +268,7 @@ def linear_probe(train_emb: Any, train_labels: Any, test_emb: Any, test_labels: 
     if xt.shape[1] != x.shape[1]:
         raise ValueError(f"train_emb has {x.shape[1]} dims but test_emb has {xt.shape[1]}; "
                          "embed both with the same model")
-    epochs = _positive_int(epochs, "epochs")
+    epochs = positive_int(epochs, "epochs")
     if not lr > 0 or weight_decay < 0:
         raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
     xt, yt = xt.to(x.device), yt.to(x.device)
@@ -339,7 +333,7 @@ def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 def kmeans(x: Any, n_clusters: int, seed: int = 0, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Centres (K, D) and assignment (N,) of k-means (k-means++ seeding, Lloyd steps to a fixed point)."""
     x = _as_matrix(x, "x")
-    n_clusters = _positive_int(n_clusters, "n_clusters")
+    n_clusters = positive_int(n_clusters, "n_clusters")
     if n_clusters > x.shape[0]:
         raise ValueError(f"n_clusters={n_clusters} exceeds the number of points ({x.shape[0]})")
     gen = torch.Generator().manual_seed(seed)
@@ -466,7 +460,7 @@ def retrieval_scores(emb: Any, labels: Any, batch_size: int = 256) -> dict[str, 
     (R = 0) are skipped by both scores.
     """
     x, y = _as_pair(emb, labels, allow_unknown=True)
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = positive_int(batch_size, "batch_size")
     keep = y >= 0
     x, y = F.normalize(x[keep], dim=1), y[keep]
     r_all = torch.bincount(y)[y] - 1

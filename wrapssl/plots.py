@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .augment import to_float
+from .checks import positive_int
 from .files import atomic_open
 
 if TYPE_CHECKING:
@@ -65,13 +66,6 @@ def _save(fig: "Figure", path: PathLike) -> Path:
         # Figure.savefig renders with Agg for PNG without touching pyplot's backend
         fig.savefig(f, format="png", dpi=DPI)
     return Path(path)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    """``value`` as a positive int, or a ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -210,7 +204,7 @@ def _check_views(views: Any, batch: int) -> None:
 def augmentation_grid_figure(learner: "Learner", images: torch.Tensor, n: int = 8, seed: int | None = 0) -> "Figure":
     """The grid figure: one row per image, the original then each view of the learner's recipe."""
     Figure = _figure_class()
-    n = _positive_int(n, "n")
+    n = positive_int(n, "n")
     if isinstance(images, torch.Tensor):
         images = images[:n]
     x = to_float(images, learner.channels)
@@ -399,9 +393,9 @@ def embedding_map_figure(embeddings: Any, labels: Any = None, method: str = "tsn
     n_all = x.shape[0]
     y = _labels(labels, n_all)
     thumbs = _thumbnails(thumbnails, n_all)
-    max_points = _positive_int(max_points, "max_points")
-    n_clusters = _positive_int(n_clusters, "n_clusters")
-    n_thumbnails = _positive_int(n_thumbnails, "n_thumbnails")
+    max_points = positive_int(max_points, "max_points")
+    n_clusters = positive_int(n_clusters, "n_clusters")
+    n_thumbnails = positive_int(n_thumbnails, "n_thumbnails")
 
     idx = _subsample(n_all, max(2, max_points), seed)
     x = x[idx]

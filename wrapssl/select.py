@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .checks import positive_int
+
 __all__ = ["Selection", "select", "density_weights", "uncertainty_weights", "coverage_radius", "near_duplicates"]
 
 METHODS = ("kcenter", "random")
@@ -57,8 +59,7 @@ def density_weights(embeddings: Any, k: int = 10, sample: int = 4096, seed: int 
     """
     x = _unit_rows(embeddings)
     n = x.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = positive_int(k, "k")
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randperm(n, generator=gen)[:sample].to(x.device)
     k = min(k, len(pool) - 1)
@@ -282,8 +283,7 @@ def near_duplicates(embeddings: Any, threshold: float = 0.95, block_size: int = 
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}; near-duplicates usually sit above 0.9")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    block_size = positive_int(block_size, "block_size")
     x = _unit_rows(_unpack(embeddings, None)[0])
     dev = x.device
     nonzero = (x.abs().sum(1) > 0).nonzero()[:, 0]  # a zero row has cosine 0 with everything

@@ -32,6 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from .checks import positive_int
 from .data import as_uint8_dataset, collate, load_dataset
 from .files import atomic_open, atomic_save, atomic_write_text
 from .hidden import LayerSpec, input_channels
@@ -277,15 +278,6 @@ def _use_deterministic_algorithms() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
-    """``value`` if it is an int >= 1 (or None when allowed), else a ValueError."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _as_dataset(data: Dataset | torch.Tensor | str, image_size: int | None, what: str) -> Dataset:
     """A dataset of (uint8 image, label) items from a spec string, a tensor or any image dataset."""
     if isinstance(data, (str, os.PathLike)):
@@ -359,12 +351,12 @@ class Trainer:
                  compile: bool | dict = False, deterministic: bool = False, **method_kwargs: Any):
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
-        self.grad_accum = _positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
-        self.keep_checkpoints = _positive_int(keep_checkpoints, "keep_checkpoints")
-        self.log_every = _positive_int(log_every, "log_every")
-        self.eval_every = _positive_int(eval_every, "eval_every", allow_none=True)
+        self.batch_size = positive_int(batch_size, "batch_size")
+        self.checkpoint_every = positive_int(checkpoint_every, "checkpoint_every")
+        self.grad_accum = positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
+        self.keep_checkpoints = positive_int(keep_checkpoints, "keep_checkpoints")
+        self.log_every = positive_int(log_every, "log_every")
+        self.eval_every = positive_int(eval_every, "eval_every", allow_none=True)
         self.num_workers = int(num_workers)
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
@@ -517,7 +509,7 @@ class Trainer:
         if (num_train_steps is None) == (epochs is None):
             raise ValueError("give exactly one of num_train_steps and epochs")
         if num_train_steps is not None:
-            return _positive_int(num_train_steps, "num_train_steps")
+            return positive_int(num_train_steps, "num_train_steps")
         if not epochs > 0:
             raise ValueError(f"epochs must be > 0, got {epochs}")
         return max(1, round(epochs * per_epoch))

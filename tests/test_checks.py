@@ -1,0 +1,43 @@
+"""The one positive-int check: what it accepts, what it refuses, and the same message from every caller."""
+import argparse
+
+import numpy as np
+import pytest
+
+from wrapssl.checks import positive_int, positive_int_arg
+from wrapssl.evaluate import knn_accuracy
+from wrapssl.select import near_duplicates
+
+
+@pytest.mark.parametrize("value", [1, 7, np.int64(3), np.uint8(2)])
+def test_accepts_positive_integers_as_plain_ints(value):
+    out = positive_int(value, "n")
+    assert out == int(value) and type(out) is int
+
+
+@pytest.mark.parametrize("value", [0, -2, True, 2.0, "3", None, np.float32(1)])
+def test_refuses_everything_else_naming_the_argument(value):
+    with pytest.raises(ValueError, match=r"^batch_size must be a positive int, got "):
+        positive_int(value, "batch_size")
+
+
+def test_none_only_when_allowed():
+    assert positive_int(None, "eval_every", allow_none=True) is None
+
+
+def test_callers_in_different_rooms_give_the_same_message():
+    import torch
+    x = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="^k must be a positive int, got 0$"):
+        knn_accuracy(x, torch.zeros(6, dtype=torch.long), x, torch.zeros(6, dtype=torch.long), k=0)
+    with pytest.raises(ValueError, match="^block_size must be a positive int, got 0$"):
+        near_duplicates(x, 0.9, block_size=0)
+
+
+def test_command_line_type_gives_a_usage_error():
+    parser = argparse.ArgumentParser(prog="p", exit_on_error=False)
+    parser.add_argument("--n", type=positive_int_arg)
+    assert parser.parse_args(["--n", "4"]).n == 4
+    for bad in ("0", "-1", "2.5", "x"):
+        with pytest.raises(argparse.ArgumentError, match="expected a positive whole number"):
+            parser.parse_args(["--n", bad])
