@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "ImageFolder", "FashionMNIST", "Digits",
-    "TensorImages", "as_uint8_dataset", "load_dataset", "collate", "read_idx",
+    "TensorImages", "as_uint8_dataset", "as_dataset", "load_dataset", "collate", "read_idx",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -457,6 +457,17 @@ def as_uint8_dataset(dataset: Dataset | torch.Tensor, image_size: int | Sequence
     if isinstance(dataset, torch.Tensor):
         return TensorImages(dataset, image_size=image_size)
     return _Uint8View(dataset, _pair(image_size))
+
+
+def as_dataset(data: Dataset | torch.Tensor | str | os.PathLike, image_size: int | None = None,
+               what: str = "dataset") -> Dataset:
+    """A dataset of (uint8 image, label) items from a name or folder, an image tensor or any image dataset."""
+    if isinstance(data, (str, os.PathLike)):
+        return load_dataset(os.fspath(data), image_size=image_size)
+    if isinstance(data, (torch.Tensor, Dataset)) or hasattr(data, "__getitem__"):
+        return as_uint8_dataset(data)
+    raise TypeError(f"{what} must be a torch Dataset, an image tensor (N,C,H,W), a data set name such as "
+                    f"'fashion-mnist', or an image folder path, got {type(data).__name__}")
 
 
 def load_dataset(spec: str, image_size: int | Sequence[int] | None = None, train: bool = True,

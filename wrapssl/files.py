@@ -42,6 +42,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
     _fsync_dir(path.parent)
 
 
+def atomic_move(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make the finished file ``source`` durable, then rename it over ``path`` (same file system)."""
+    with open(source, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(source, path)
+    _fsync_dir(Path(path).parent)
+    return Path(path)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through a temp file in the same folder, fsync and rename."""
     with atomic_open(path, "wb") as f:

@@ -1,0 +1,136 @@
+"""Trainer checkpoints and exports: names, atomic writes, pruning, ``weights_only`` loading, RNG states."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from .files import atomic_move, atomic_save
+
+__all__ = ["CHECKPOINT_FORMAT", "list_checkpoints", "latest_checkpoint", "load_checkpoint", "write_checkpoint",
+           "save_backbone", "rng_state", "set_rng_state"]
+
+CHECKPOINT_FORMAT = "wrapssl.trainer"
+CHECKPOINT_VERSION = 1
+BACKBONE = "backbone.pt"
+BACKBONE_SAFETENSORS = "backbone.safetensors"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives (zero-padded, so names sort by step)."""
+    return Path(folder) / f"checkpoint-{step:08d}.pt"
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_RE.match(p.name)))
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint with the highest step in ``folder``, or None."""
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A Trainer checkpoint as plain data, loaded with ``weights_only=True`` onto the CPU."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{os.fspath(path)} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                         "pick another checkpoint from the folder or start without resume") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{os.fspath(path)} is not a wrapssl Trainer checkpoint (for the bare net weights "
+                         "use net.load_state_dict(torch.load(path)) instead)")
+    return state
+
+
+def write_checkpoint(state: dict, folder: str | os.PathLike, step: int, keep: int) -> Path:
+    """Save ``state`` atomically as the checkpoint of ``step``; keep only the newest ``keep``."""
+    path = checkpoint_path(folder, step)
+    atomic_save(state, path)
+    for _, old in list_checkpoints(folder)[:-keep]:
+        if old != path:
+            with contextlib.suppress(FileNotFoundError):  # another tool may have removed it already
+                old.unlink()
+    return path
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> None:
+    """Delete the temp files and folders a killed save left behind (they are never complete files)."""
+    for stale in Path(folder).glob(".*.tmp"):
+        if stale.name.startswith((".checkpoint-", f".{BACKBONE}", f".{BACKBONE_SAFETENSORS}")):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def save_backbone(accelerator: Accelerator, net: nn.Module, folder: str | os.PathLike) -> Path:
+    """Export the net's weights as ``backbone.pt`` and, through ``accelerator.save_model``, ``backbone.safetensors``.
+
+    Main process only; both files are replaced atomically. Returns the path of ``backbone.pt``.
+    """
+    folder = Path(folder)
+    path = folder / BACKBONE
+    if not accelerator.is_main_process:
+        return path
+    atomic_save(to_cpu(net.state_dict()), path)
+    size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    scratch = Path(tempfile.mkdtemp(dir=folder, prefix=f".{BACKBONE_SAFETENSORS}.", suffix=".tmp"))
+    try:
+        # one shard whatever the size, so the export is a single file beside backbone.pt
+        accelerator.save_model(net, scratch, max_shard_size=2 * size + 1, safe_serialization=True)
+        atomic_move(scratch / "model.safetensors", folder / BACKBONE_SAFETENSORS)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor detached and moved to the CPU (containers rebuilt)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def rng_state() -> dict:
+    """This process's torch, CUDA, NumPy and Python RNG states as tensors and primitives."""
+    np_state = np.random.get_state()
+    version, mt, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
