@@ -405,7 +405,7 @@ def test_load_dataset_specs(tmp_path):
     assert isinstance(ds, FashionMNIST) and not ds.train and ds[0][0].shape == (1, 14, 14)
     save(tmp_path / "imgs" / "a.png", rgb(6, 6, 0))
     assert isinstance(load_dataset(str(tmp_path / "imgs")), ImageFolder)
-    with pytest.raises(ValueError, match="'fashion-mnist', 'digits'"):
+    with pytest.raises(ValueError, match="expected one of fashion-mnist, digits, cifar10, stl10"):
         load_dataset("imagenet-typo")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import struct
 import tempfile
 import urllib.error
@@ -31,7 +32,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "ImageFolder", "FashionMNIST", "Digits",
+    "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "ImageFolder", "FashionMNIST", "Digits", "CIFAR10", "STL10",
+    "DATASETS",
     "TensorImages", "as_uint8_dataset", "as_dataset", "load_dataset", "collate", "read_idx",
 ]
 
@@ -404,6 +406,134 @@ class Digits(TensorImages):
                          [str(d) for d in range(10)], name="digits")
 
 
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+_CIFAR10_HELP = ("Download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into DIR "
+                 "(it makes DIR/cifar-10-batches-py), or on a machine with internet run "
+                 "`python -c \"import torchvision; torchvision.datasets.CIFAR10('DIR', download=True)\"`; "
+                 "then pass root=DIR (--data-root DIR).")
+_STL10_HELP = ("Download http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz (2.6 GB) and extract it into "
+               "DIR (it makes DIR/stl10_binary), or on a machine with internet run "
+               "`python -c \"import torchvision; torchvision.datasets.STL10('DIR', split='unlabeled', "
+               "download=True)\"`; then pass root=DIR (--data-root DIR).")
+
+
+def _named_folder(root: str | os.PathLike | None, folder: str, probe: str, what: str, advice: str) -> Path:
+    """torchvision's data folder ``folder`` under ``root`` (or ``root`` itself if it is that folder)."""
+    if root is None:
+        raise FileNotFoundError(f"{what} needs the folder it was downloaded to. {advice}")
+    root = Path(root).expanduser()
+    for candidate in (root / folder, root):
+        if (candidate / probe).is_file():
+            return candidate
+    raise FileNotFoundError(f"{what} file {folder}/{probe} not found under {str(root)!r}. {advice}")
+
+
+class _NumpyOnly(pickle.Unpickler):
+    """An unpickler that rebuilds NumPy arrays and plain containers only (a data file cannot run code)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # encode: bytes in protocol 2
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch file")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    """One pickled CIFAR batch as a dict with str keys (files written by Python 2 or 3)."""
+    try:
+        with open(path, "rb") as f:
+            entry = _NumpyOnly(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({exc}); download the archive again") from exc
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (holds a {type(entry).__name__})")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+class CIFAR10(TensorImages):
+    """CIFAR-10 (50k train / 10k test, 3x32x32, 10 classes) from torchvision's folder ``cifar-10-batches-py``."""
+
+    def __init__(self, root: str | os.PathLike | None, train: bool = True,
+                 image_size: int | Sequence[int] | None = None) -> None:
+        folder = _named_folder(root, "cifar-10-batches-py", "batches.meta", "CIFAR-10", _CIFAR10_HELP)
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        images, labels = [], []
+        for name in names:
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"CIFAR-10 file {name} missing in {str(folder)!r}. {_CIFAR10_HELP}")
+            entry = _read_cifar_batch(folder / name)
+            data = np.asarray(entry.get("data"), dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(entry.get("labels", ())) != len(data):
+                raise ValueError(f"{folder / name}: expected 'data' of shape (N, 3072) and N 'labels'")
+            images.append(data.reshape(-1, 3, 32, 32))  # rows are the red, green, blue planes in turn
+            labels.extend(int(y) for y in entry["labels"])
+        meta = _read_cifar_batch(folder / "batches.meta").get("label_names") or CIFAR10_CLASSES
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta]
+        super().__init__(torch.from_numpy(np.concatenate(images)), labels, image_size, classes,
+                         name=f"cifar10/{'train' if train else 'test'}")
+        self.root, self.train = folder, train
+
+
+class STL10(Dataset):
+    """STL-10 (3x96x96, 10 classes) from torchvision's folder ``stl10_binary``, memory-mapped (not read into RAM).
+
+    Splits: "train" (5,000 labelled), "test" (8,000 labelled), "unlabeled" (100,000, label -1;
+    SimCLR-style studies pretrain on it) and "train+unlabeled".
+    """
+
+    SPLITS = {"train": [("train_X.bin", "train_y.bin")], "test": [("test_X.bin", "test_y.bin")],
+              "unlabeled": [("unlabeled_X.bin", None)]}
+    SPLITS["train+unlabeled"] = SPLITS["train"] + SPLITS["unlabeled"]
+
+    def __init__(self, root: str | os.PathLike | None, split: str = "train",
+                 image_size: int | Sequence[int] | None = None) -> None:
+        if split not in self.SPLITS:
+            raise ValueError(f"STL-10 split must be one of {sorted(self.SPLITS)}, got {split!r}")
+        parts = self.SPLITS[split]
+        folder = _named_folder(root, "stl10_binary", parts[0][0], "STL-10", _STL10_HELP)
+        self.image_size = _pair(image_size)
+        self.images: list[np.ndarray] = []
+        self.labels: list[int] = []
+        for images_file, labels_file in parts:
+            path = folder / images_file
+            if not path.is_file():
+                raise FileNotFoundError(f"STL-10 file {images_file} missing in {str(folder)!r}. {_STL10_HELP}")
+            if path.stat().st_size % (3 * 96 * 96):
+                raise ValueError(f"{path}: size is not a whole number of 3x96x96 images; download it again")
+            images = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96)
+            if labels_file is None:
+                labels = [-1] * len(images)
+            else:
+                labels = (np.fromfile(folder / labels_file, dtype=np.uint8).astype(np.int64) - 1).tolist()
+                if len(labels) != len(images):
+                    raise ValueError(f"{folder}: {len(images)} images in {images_file} but {len(labels)} labels "
+                                     f"in {labels_file}; download the archive again")
+            self.images.append(images)
+            self.labels.extend(labels)
+        self._starts = np.cumsum([0] + [len(a) for a in self.images])
+        names = folder / "class_names.txt"
+        self.classes = names.read_text().split() if names.is_file() else list(STL10_CLASSES)
+        self.files = _identifiers(f"stl10/{split}", len(self.labels))
+        self.root, self.split = folder, split
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.labels)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        index %= n
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1
+        # the files store each channel column by column (MATLAB order): transpose to rows
+        image = torch.from_numpy(np.ascontiguousarray(self.images[part][index - self._starts[part]].transpose(0, 2, 1)))
+        return _resize_tensor(image, self.image_size), self.labels[index]
+
+
 class _Uint8View(Dataset):
     """Any map-style dataset of tensors or PIL images, seen through the item contract."""
 
@@ -470,21 +600,44 @@ def as_dataset(data: Dataset | torch.Tensor | str | os.PathLike, image_size: int
                     f"'fashion-mnist', or an image folder path, got {type(data).__name__}")
 
 
-def load_dataset(spec: str, image_size: int | Sequence[int] | None = None, train: bool = True,
-                 root: str | os.PathLike | None = None, channels: int | None = None) -> Dataset:
-    """'fashion-mnist', 'digits' or an image folder path, as a dataset of uint8 images.
+DATASETS = ("fashion-mnist", "digits", "cifar10", "stl10")
+_ALIASES = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "stl-10": "stl10"}
 
-    ``train`` and ``root`` (where the IDX files are) apply to Fashion-MNIST only;
-    ``channels`` to folders only. Prefix a folder named like a built-in with "./".
+
+def dataset_name(spec: str | os.PathLike) -> str | None:
+    """The canonical name of a built-in data set ('CIFAR-10' -> 'cifar10'), or None for a folder path."""
+    name = os.fspath(spec).strip().lower().replace("_", "-")
+    name = _ALIASES.get(name, name)
+    return name if name in DATASETS else None
+
+
+def load_dataset(spec: str, image_size: int | Sequence[int] | None = None, train: bool = True,
+                 root: str | os.PathLike | None = None, channels: int | None = None,
+                 split: str | None = None) -> Dataset:
+    """A named data set (one of DATASETS) or an image folder path, as a dataset of uint8 images.
+
+    ``split`` ("train" or "test"; STL-10 also "unlabeled" and "train+unlabeled") defaults to
+    ``train``'s; digits and folders have no splits. ``root`` is the folder holding a named set's
+    files in torchvision's layout (Fashion-MNIST: the IDX files, default FASHION_MNIST_DIR);
+    nothing is downloaded. ``channels`` applies to folders. Prefix a folder named like a
+    built-in with "./".
     """
-    name = str(spec).strip().lower().replace("_", "-")
-    if name in ("fashion-mnist", "fashionmnist"):
-        return FashionMNIST(root if root is not None else FASHION_MNIST_DIR, train=train, image_size=image_size)
+    split = split or ("train" if train else "test")
+    name = dataset_name(spec)
+    if name not in (None, "stl10", "digits") and split not in ("train", "test"):
+        raise ValueError(f"{name} has the splits 'train' and 'test', got {split!r}")
+    if name == "fashion-mnist":
+        return FashionMNIST(root if root is not None else FASHION_MNIST_DIR, train=split == "train",
+                            image_size=image_size)
     if name == "digits":
         return Digits(image_size=image_size)
+    if name == "cifar10":
+        return CIFAR10(root, train=split == "train", image_size=image_size)
+    if name == "stl10":
+        return STL10(root, split=split, image_size=image_size)
     if Path(spec).expanduser().exists():
         return ImageFolder(spec, image_size=image_size, channels=channels)
-    raise ValueError(f"unknown dataset {spec!r}: expected 'fashion-mnist', 'digits', "
+    raise ValueError(f"unknown dataset {spec!r}: expected one of {', '.join(DATASETS)} "
                      "or the path of an existing image folder")
 
 
