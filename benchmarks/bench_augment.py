@@ -1,7 +1,10 @@
 """Augmentation throughput of the two-view BYOL recipe, four ways.
 
-- wrapssl: ``byol_views`` on the whole batch where it lives (per-sample parameters, fused torch ops).
-- kornia: the same recipe from kornia.augmentation ops (wrapssl's implementation before #6).
+- wrapssl: ``byol_views`` on the whole batch where it lives (per-sample parameters; kornia
+  augmentations whose transforms are wrapssl's fused kernels). With ``--baseline``, also the
+  recipe of another checkout's ``augment.py`` (e.g. the plain fused ops before they became kornia
+  augmentations), in the same process.
+- kornia: the same recipe from kornia.augmentation's own ops (wrapssl's implementation before #6).
 - torchvision per sample in DataLoader workers (lightly's way): torchvision.transforms.v2 on each
   uint8 tensor, and, when lightly is installed, lightly's own BYOLTransform on PIL images.
 - byol-pytorch's way: torchvision.transforms called once on the whole batch (one draw per batch).
@@ -14,6 +17,8 @@ worker start-up is not counted in images/s, but is in CPU time).
 
     python benchmarks/bench_augment.py --batches 4 --reps 3        # a quick run
     python benchmarks/bench_augment.py --per-op --reps 7           # each op, wrapssl vs kornia
+    git worktree add /tmp/base 634149e                             # the fused ops before kornia, then:
+    python benchmarks/bench_augment.py --baseline /tmp/base/wrapssl/augment.py --skip tv lightly bp
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common import command, machine, markdown_table, median, save_json, sync
+from common import command, load_baseline_augment, machine, markdown_table, median, save_json, sync
 from wrapssl.augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, blur_kernel, byol_views, to_float
 
 
@@ -117,30 +122,43 @@ def in_process(fn, images: torch.Tensor, batch: int, batches: int) -> tuple[floa
     return time.perf_counter() - t0, time.process_time() - cpu0
 
 
-def per_op(size: int, batch: int, reps: int) -> list[list[object]]:
-    """Each op of the recipe, wrapssl's against kornia's, alternating; ms per call on (batch,3,size,size)."""
+def recipe_ops(A, size: int) -> dict[str, torch.nn.Module]:
+    """The ops of the BYOL recipe from the augment module ``A`` (the current one or a baseline's)."""
+    k = blur_kernel(size)
+    return {"crop + flip": A.RandomResizedCrop(size, flip_p=0.5),
+            "colour jitter p=0.8": A.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
+            "colour jitter, no hue": A.ColorJitter(0.4, 0.4, 0.2, 0.0, p=0.8),
+            "grayscale p=0.2": A.RandomGrayscale(0.2),
+            f"gaussian blur {k}x{k} p=1.0": A.RandomGaussianBlur(k, p=1.0),
+            f"gaussian blur {k}x{k} p=0.1": A.RandomGaussianBlur(k, p=0.1),
+            "solarize p=0.2": A.RandomSolarize(0.5, 0.2)}
+
+
+def per_op(size: int, batch: int, reps: int, baseline=None) -> tuple[list[str], list[list[object]]]:
+    """Each op of the recipe: wrapssl's, kornia's own (and the baseline's), alternating; ms per call."""
     from kornia import augmentation as K
 
     from common import race
     from wrapssl import augment as A
     k = blur_kernel(size)
-    pairs = {
-        "crop + flip": (A.RandomResizedCrop(size, flip_p=0.5),
-                        torch.nn.Sequential(K.RandomResizedCrop((size, size)), K.RandomHorizontalFlip())),
-        "colour jitter p=0.8": (A.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8)),
-        "colour jitter, no hue": (A.ColorJitter(0.4, 0.4, 0.2, 0.0, p=0.8), K.ColorJitter(0.4, 0.4, 0.2, 0.0, p=0.8)),
-        "grayscale p=0.2": (A.RandomGrayscale(0.2), K.RandomGrayscale(p=0.2)),
-        f"gaussian blur {k}x{k} p=1.0": (A.RandomGaussianBlur(k, p=1.0), K.RandomGaussianBlur((k, k), (0.1, 2.0), p=1.0)),
-        f"gaussian blur {k}x{k} p=0.1": (A.RandomGaussianBlur(k, p=0.1), K.RandomGaussianBlur((k, k), (0.1, 2.0), p=0.1)),
-        "solarize p=0.2": (A.RandomSolarize(0.5, 0.2), K.RandomSolarize(0.0, 0.0, p=0.2)),
-    }
+    theirs = [torch.nn.Sequential(K.RandomResizedCrop((size, size)), K.RandomHorizontalFlip()),
+              K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), K.ColorJitter(0.4, 0.4, 0.2, 0.0, p=0.8),
+              K.RandomGrayscale(p=0.2), K.RandomGaussianBlur((k, k), (0.1, 2.0), p=1.0),
+              K.RandomGaussianBlur((k, k), (0.1, 2.0), p=0.1), K.RandomSolarize(0.0, 0.0, p=0.2)]
+    old = list(recipe_ops(baseline, size).values()) if baseline else [None] * len(theirs)
     x = torch.rand(batch, 3, size, size)
     rows = []
-    for name, (ours, theirs) in pairs.items():
-        t = race({"wrapssl": lambda: ours(x), "kornia": lambda: theirs(x)}, reps=reps, n=2)
-        a, b = median(t["wrapssl"]) * 1e3, median(t["kornia"]) * 1e3
-        rows.append([f"{size}", name, f"{b:.1f}", f"{a:.1f}", f"{b / a:.1f}×"])
-    return rows
+    for (name, ours), kornia_op, base in zip(recipe_ops(A, size).items(), theirs, old):
+        fns = {"wrapssl": lambda: ours(x), "kornia": lambda: kornia_op(x)}
+        if base is not None:
+            fns["baseline"] = lambda: base(x)
+        t = {key: median(v) * 1e3 for key, v in race(fns, reps=reps, n=2).items()}
+        row = [f"{size}", name, f"{t['kornia']:.1f}", f"{t['wrapssl']:.1f}", f"{t['kornia'] / t['wrapssl']:.1f}×"]
+        if base is not None:
+            row += [f"{t['baseline']:.1f}", f"{t['wrapssl'] / t['baseline']:.3f}"]
+        rows.append(row)
+    header = ["size", "op", "kornia ms", "wrapssl ms", "speed-up"]
+    return header + (["baseline ms", "wrapssl / baseline"] if baseline else []), rows
 
 
 def main(argv=None) -> dict:
@@ -153,17 +171,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     ap.add_argument("--device", default="cpu", help="where the in-process contenders run (the DataLoader "
                     "contenders always augment on the CPU, in workers)")
-    ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (wrapssl kornia tv lightly bp)")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="contenders to leave out (wrapssl baseline kornia tv lightly bp)")
     ap.add_argument("--per-op", action="store_true", help="time each op, wrapssl's against kornia's, and stop")
+    ap.add_argument("--baseline", default=None, metavar="AUGMENT_PY",
+                    help="also time the recipe (and ops) of this augment.py, e.g. from a git worktree of an older "
+                         "commit, in this process")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    baseline = load_baseline_augment(args.baseline) if args.baseline else None
     if args.per_op:
-        rows = [r for size in args.sizes for r in per_op(size, args.batch, args.reps)]
+        tables = [per_op(size, args.batch, args.reps, baseline) for size in args.sizes]
+        rows = [r for _, table in tables for r in table]
         print(f"\n{command()}\n{machine()}\n")
-        print(markdown_table(["size", "op", "kornia ms", "wrapssl ms", "speed-up"], rows))
-        return {"per_op": rows}
+        print(markdown_table(tables[0][0], rows))
+        return save_json(args.json, {"command": command(), "machine": machine(), "per_op": rows})
     import os
     workers = args.workers or os.cpu_count() or 1
     try:
@@ -181,11 +205,15 @@ def main(argv=None) -> dict:
         images = torch.randint(0, 256, (n_img, 3, size, size), dtype=torch.uint8)
         on_dev = images.to(dev)
         ours = byol_views(size).to(dev)
+        base = baseline.byol_views(size).to(dev) if baseline else None
         kv = [t.to(dev) for t in kornia_views(size)] if "kornia" not in args.skip else []
         bp = torchvision_views(size, v2=False)
 
         def wrapssl_fn(u8):
             return [norm(v) for v in ours(to_float(u8))]
+
+        def baseline_fn(u8):
+            return [norm(v) for v in base(to_float(u8))]
 
         def kornia_fn(u8):
             x = to_float(u8)
@@ -195,9 +223,11 @@ def main(argv=None) -> dict:
             x = to_float(u8)
             return [t(x) for t in bp]
 
-        contenders = {"wrapssl (fused torch ops, per sample, in process)": ("wrapssl", lambda: in_process(
+        contenders = {"wrapssl (kornia augmentations, fused kernels, per sample)": ("wrapssl", lambda: in_process(
                           wrapssl_fn, on_dev, args.batch, args.batches)),
-                      "kornia ops (wrapssl before #6), per sample": ("kornia", lambda: in_process(
+                      f"baseline recipe ({args.baseline})": ("baseline", lambda: in_process(
+                          baseline_fn, on_dev, args.batch, args.batches)),
+                      "kornia's own ops (wrapssl before #6), per sample": ("kornia", lambda: in_process(
                           kornia_fn, on_dev, args.batch, args.batches)),
                       f"torchvision v2 per sample, {workers} DataLoader workers": ("tv", lambda: run_loader(
                           images, "tv", args.batch, args.batches, workers)),
@@ -206,7 +236,7 @@ def main(argv=None) -> dict:
         if have_lightly:
             contenders[f"lightly BYOLTransform (PIL) per sample, {workers} DataLoader workers"] = (
                 "lightly", lambda: run_loader(images, "lightly", args.batch, args.batches, workers))
-        contenders = {k: v for k, v in contenders.items() if v[0] not in args.skip}
+        contenders = {k: v for k, v in contenders.items() if v[0] not in args.skip and (v[0] != "baseline" or base)}
         for _, fn in contenders.values():  # warm-up
             fn()
         walls = {k: [] for k in contenders}

@@ -10,11 +10,15 @@ the CPU and under autocast, see ``Learner(channels_last=...)``); byol-pytorch
 gets them as its users pass them (contiguous, unless ``--channels-last``
 converts every net).
 Then a full wrapssl step (default BYOL views) is split into augment / forward /
-backward / optimiser / EMA shares.
+backward / optimiser / EMA shares. With ``--baseline``, full steps with the current
+recipe race full steps with the recipe of another checkout (the same Learner, net and
+heads; only the views differ), alternating, as paired ratios.
 
     python benchmarks/bench_overhead.py --reps 5                     # CPU, small ResNet, 28 px, quick
     python benchmarks/bench_overhead.py --compile -1                 # also Learner(compile=True)
     python benchmarks/bench_gpu.py                                   # ResNet-50, 224 px, bf16 on a GPU
+    git worktree add /tmp/base 634149e                               # the recipe before kornia ops, then:
+    python benchmarks/bench_overhead.py --baseline /tmp/base/wrapssl/augment.py --reps 15
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from common import command, machine, markdown_table, median, race, save_json, small_resnet, sync
+from common import (command, load_baseline_augment, machine, markdown_table, median, race, save_json,
+                    small_resnet, sync)
 from wrapssl import Learner
 from wrapssl.augment import IMAGENET_MEAN, IMAGENET_STD
 from wrapssl.heads import mlp
@@ -189,6 +194,27 @@ def shares(args, images: torch.Tensor) -> dict[str, float]:
     return {k: median(v) for k, v in t.items()}
 
 
+def paired(times: dict[str, list[float]], reference: str) -> dict[str, tuple[float, float, float]]:
+    """Per contender: the median and 25/75% of its samples divided by the reference's sample beside them."""
+    out = {}
+    for k, v in times.items():
+        # neighbours in time share the machine's load: the median of their ratios is the robust number
+        pair = sorted(a / b for a, b in zip(v, times[reference]))
+        out[k] = (median(pair), pair[len(pair) // 4], pair[(3 * len(pair)) // 4])
+    return out
+
+
+def against_baseline(args, images: torch.Tensor, baseline) -> dict[str, list[float]]:
+    """Seconds per full step (default BYOL views) with the current recipe and with ``baseline``'s, alternating."""
+    net = build_net(args.arch)
+    torch.manual_seed(1)
+    steps = {"wrapssl, current views (kornia augmentations)": WrapsslStep(copy.deepcopy(net), args, augment=True),
+             "wrapssl, baseline views": WrapsslStep(copy.deepcopy(net), args, augment=True,
+                                                    views=baseline.byol_views(args.image_size))}
+    return race({k: (lambda s=s: [s.step(images) for _ in range(args.steps)]) for k, s in steps.items()},
+                reps=args.reps, n=1, device=args.device)
+
+
 def parse(argv=None) -> argparse.Namespace:
     """The settings of a step (net, sizes, optimiser, device, autocast); other benchmarks build theirs here too."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +236,9 @@ def parse(argv=None) -> argparse.Namespace:
                     help="also time Learner(compile=True) with this hidden_layer ('avgpool' or -1, the net's output "
                          "with fc removed); one per run: compiled code objects are shared across Learners, and two "
                          "in one process can exhaust dynamo's recompile limit")
+    ap.add_argument("--baseline", default=None, metavar="AUGMENT_PY",
+                    help="also race full steps with the default views against the recipe of this augment.py "
+                         "(from a git worktree of an older commit), in this process")
     ap.add_argument("--json", default=None, help="write the numbers here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -237,7 +266,9 @@ def main(argv=None) -> dict:
     floor.to(device=dev, memory_format=args.memory_format)
     wrap = WrapsslStep(copy.deepcopy(net), args, augment=False)
     with args.autocast:  # the floor's views get the memory format the Learner gives its net (channels_last on
-        both = wrap.learner._memory_format(both)  # the CPU and under autocast): the ratio is the wrapper's cost
+        # the CPU and under autocast): the ratio is the wrapper's cost. The policy lives on the encoder since #13
+        layout = getattr(wrap.learner.encoder, "input_format", None) or wrap.learner._memory_format
+        both = layout(both)
     contenders = {"floor (hand-written)": lambda: floor.step(both),
                   "wrapssl, identity views": lambda: wrap.step(images)}
     warm = {}
@@ -263,12 +294,10 @@ def main(argv=None) -> dict:
     step_mem = {k: step_memory(f, dev) for k, f in contenders.items()}
     floor_t = times["floor (hand-written)"]
     rows = []
-    for k, v in times.items():
-        # neighbours in time share the machine's load: the median of their ratios is the robust number
-        pair = sorted(a / b for a, b in zip(v, floor_t))
+    for k, (mid, q1, q3) in paired(times, "floor (hand-written)").items():
+        v = times[k]
         rows.append([k, f"{per_step[k] * 1e3:.1f}", f"{min(v) / args.steps * 1e3:.1f}", f"{args.batch / per_step[k]:.0f}",
-                     f"{median(pair):.3f}", f"{pair[len(pair) // 4]:.3f}–{pair[(3 * len(pair)) // 4]:.3f}",
-                     f"{min(v) / min(floor_t):.3f}"])
+                     f"{mid:.3f}", f"{q1:.3f}–{q3:.3f}", f"{min(v) / min(floor_t):.3f}"])
     print(f"\n{command()}\n{machine(dev)}\n")
     if dev.startswith("cuda"):
         for row, k in zip(rows, times):
@@ -280,6 +309,18 @@ def main(argv=None) -> dict:
     if warm:
         print("first three (compiling) steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in warm.items()))
 
+    vs_baseline = None
+    if args.baseline:
+        bt = against_baseline(args, images, load_baseline_augment(args.baseline))
+        reference = "wrapssl, baseline views"
+        vs_baseline = {k: {"ms_per_step": median(v) / args.steps * 1e3, "ratio": r}
+                       for (k, v), r in zip(bt.items(), paired(bt, reference).values())}
+        print(f"\nFull steps, default BYOL views: current recipe against {args.baseline}\n")
+        print(markdown_table(["contender", "ms/step (median)", "× baseline (median of paired ratios)",
+                              "paired ratios, 25–75%"],
+                             [[k, f"{d['ms_per_step']:.1f}", f"{d['ratio'][0]:.3f}",
+                               f"{d['ratio'][1]:.3f}–{d['ratio'][2]:.3f}"] for k, d in vs_baseline.items()]))
+
     sh = shares(args, images)
     total = sum(sh.values())
     print("\nFull wrapssl step (default BYOL views), median per phase:\n")
@@ -288,6 +329,7 @@ def main(argv=None) -> dict:
                          + [["total", f"{total * 1e3:.1f}", "100%"]]))
     return save_json(args.json, {"command": command(), "machine": machine(dev), "per_step_s": per_step,
                                  "ratio_median": median(ratios), "shares_s": sh, "compile_warmup_s": warm,
+                                 "against_baseline": vs_baseline,
                                  "step_peak_device_bytes": step_mem if dev.startswith("cuda") else None})
 
 

@@ -103,6 +103,22 @@ def race(fns: dict[str, Callable[[], object]], reps: int = 7, n: int = 3, device
     return out
 
 
+def load_baseline_augment(path: str):
+    """The augment module of another checkout (e.g. a ``git worktree`` of an older commit), loaded beside ours.
+
+    Its recipes then run in this process next to the current ones, so the two are timed in one
+    run. Only a self-contained ``wrapssl/augment.py`` (one file, torch imports only) loads this way.
+    """
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("baseline_augment", path)
+    if spec is None or spec.loader is None or not Path(path).is_file():
+        raise SystemExit(f"error: --baseline {path} is not a file; pass the wrapssl/augment.py of a worktree, e.g. "
+                         "git worktree add /tmp/base COMMIT && ... --baseline /tmp/base/wrapssl/augment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
