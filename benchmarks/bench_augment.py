@@ -153,9 +153,9 @@ def per_op(size: int, batch: int, reps: int, baseline=None) -> tuple[list[str], 
         if base is not None:
             fns["baseline"] = lambda: base(x)
         t = {key: median(v) * 1e3 for key, v in race(fns, reps=reps, n=2).items()}
-        row = [f"{size}", name, f"{t['kornia']:.1f}", f"{t['wrapssl']:.1f}", f"{t['kornia'] / t['wrapssl']:.1f}×"]
+        row = [f"{size}", name, f"{t['kornia']:.2f}", f"{t['wrapssl']:.2f}", f"{t['kornia'] / t['wrapssl']:.1f}×"]
         if base is not None:
-            row += [f"{t['baseline']:.1f}", f"{t['wrapssl'] / t['baseline']:.3f}"]
+            row += [f"{t['baseline']:.2f}", f"{t['wrapssl'] / t['baseline']:.3f}"]
         rows.append(row)
     header = ["size", "op", "kornia ms", "wrapssl ms", "speed-up"]
     return header + (["baseline ms", "wrapssl / baseline"] if baseline else []), rows
@@ -252,10 +252,10 @@ def main(argv=None) -> dict:
             loader = "DataLoader" in k
             cpu_per_1k = median(cpus[k]) / (args.batch * (args.batches + (1 if loader else 0))) * 1000
             res[k] = {"images_per_s": ips, "cpu_s_per_1000": cpu_per_1k}
-            rows.append([k, f"{ips:.0f}", f"{cpu_per_1k:.2f}"])
+            rows.append([k, f"{ips:.0f}", f"{1e3 * args.batch / ips:.2f}", f"{cpu_per_1k:.2f}"])
         results[size] = res
         print(f"### {size}x{size}, batch {args.batch}, two views per image\n")
-        print(markdown_table(["contender", "images/s (median)", "CPU s per 1000 images"], rows))
+        print(markdown_table(["contender", "images/s (median)", "ms per batch", "CPU s per 1000 images"], rows))
     save_json(args.json, {"command": command(), "machine": machine(dev), "results": results})
     return results
 
