@@ -1,27 +1,37 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+# the version is written once, in wrapssl/__init__.py
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "wrapssl" / "__init__.py").read_text(), re.M).group(1)
 
 setup(
     name="wrapssl",
-    version="0.1.0",
+    version=VERSION,
     description="Self-supervised pretraining of any PyTorch vision network in three lines",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["wrapssl", "wrapssl.*"]),
+    package_data={"wrapssl": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
-        "kornia>=0.7",
-        "accelerate>=0.26",
-        "einops>=0.7",
+        "kornia>=0.7",          # the views are kornia augmentations
+        "accelerate>=0.29",     # GradientAccumulationPlugin(sync_each_batch=...)
+        "einops>=0.7",          # patch layouts of the masked-image method (issue 14)
+        "numpy",
+        "pillow",
         "tqdm",
-        "safetensors",
     ],
     extras_require={
         "plots": ["matplotlib>=3.5"],
         "eval": ["scikit-learn>=1.2"],
         "logging": ["tensorboard"],
+        "timm": ["timm"],
         "test": ["pytest", "matplotlib>=3.5", "scikit-learn>=1.2", "tensorboard"],
         "bench": ["byol-pytorch==0.9.1", "lightly==1.6.0", "psutil"],
     },

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 
 # Idle OpenMP threads spin by default and starve the working ones on a busy machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -32,6 +33,21 @@ def crop_scales(views) -> list[list[tuple[float, float]]]:
     """The area range of every random resized crop, view by view."""
     from wrapssl.augment import RandomResizedCrop
     return [[op.scale for op in view.modules() if isinstance(op, RandomResizedCrop)] for view in views.transforms]
+
+
+def help_blocks(text: str) -> dict[str, str]:
+    """Each option's help text from argparse's printed help, keyed by its first flag."""
+    blocks, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (-{1,2}[\w-]+)", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = line
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -1,41 +1,74 @@
-"""The wrapssl command line: embed, evaluate, plot and select over a run folder."""
+"""The wrapssl command line: embed, evaluate, plot and select over a run folder; outputs land in the run folder."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import help_blocks
 from wrapssl import cli
 from wrapssl.archs import build_arch
 from wrapssl.data import load_dataset
 from wrapssl.evaluate import Embeddings, embed_dataset, evaluate
-from wrapssl.select import select
+from wrapssl.select import near_duplicates, relative_threshold, select
+
+CLASSES = [f"digit {d}" for d in range(10)]
 
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
-    """A run folder as train.py leaves it: backbone.pt and metrics.json with the arguments."""
+    """A run folder as the training app leaves it: backbone.pt and metrics.json with the arguments and classes."""
     pytest.importorskip("sklearn")
     folder = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     net, _ = build_arch("small_resnet", channels=1, num_classes=10)
     torch.save(net.state_dict(), folder / "backbone.pt")
     args = {"arch": "small_resnet", "data": "digits", "image_size": 16, "hidden_layer": None}
-    (folder / "metrics.json").write_text(json.dumps({"args": args}))
+    (folder / "metrics.json").write_text(json.dumps({"args": args, "classes": CLASSES}))
     return folder, net
 
 
-def test_embed_matches_embedding_the_net_directly(run_folder, tmp_path):
+def test_embed_matches_embedding_the_net_directly(run_folder, tmp_path, capsys):
     folder, net = run_folder
     out = tmp_path / "emb.npz"
     assert cli.main(["embed", str(folder), "--out", str(out), "--limit", "64", "--csv", str(tmp_path / "e.csv"),
                      "--device", "cpu"]) == 0  # the direct computation below runs on the CPU too
+    assert "embedding test split" in capsys.readouterr().err  # a progress bar
     saved = Embeddings.load_npz(out)
     ds = torch.utils.data.Subset(load_dataset("digits", 16), range(64))
     direct = embed_dataset(net, ds, hidden_layer="avgpool")
     torch.testing.assert_close(saved.embeddings, direct.embeddings)
     assert torch.equal(saved.labels, direct.labels)
+    assert saved.files == load_dataset("digits").files[:64]
     assert len((tmp_path / "e.csv").read_text().splitlines()) == 65
+
+
+def test_embed_chunks_agree_with_one_pass(run_folder, tmp_path, monkeypatch):
+    folder, _ = run_folder
+    monkeypatch.setattr(cli, "EMBED_CHUNK", 7)  # 30 images in chunks of 7, 7, 7, 7, 2
+    cli.main(["embed", str(folder), "--out", str(tmp_path / "a.npz"), "--limit", "30", "--batch-size", "5"])
+    monkeypatch.setattr(cli, "EMBED_CHUNK", 4096)
+    cli.main(["embed", str(folder), "--out", str(tmp_path / "b.npz"), "--limit", "30"])
+    a, b = Embeddings.load_npz(tmp_path / "a.npz"), Embeddings.load_npz(tmp_path / "b.npz")
+    torch.testing.assert_close(a.embeddings, b.embeddings)
+    assert torch.equal(a.labels, b.labels) and a.files == b.files
+
+
+def test_outputs_default_to_the_run_folder(run_folder, tmp_path, monkeypatch, capsys):
+    folder, _ = run_folder
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    cli.main(["embed", str(folder), "--limit", "40", "--split", "train"])
+    cli.main(["embed", str(folder), "--limit", "40"])
+    emb = folder / "embeddings-test.npz"
+    assert emb.is_file() and (folder / "embeddings-train.npz").is_file()
+    cli.main(["select", str(emb), "-n", "5", "--duplicates", "0.2"])
+    assert (folder / "embeddings-test-selection.csv").is_file()
+    assert (folder / "embeddings-test-selection-duplicates.csv").is_file()
+    capsys.readouterr()
+    cli.main(["evaluate", "--train-embeddings", str(folder / "embeddings-train.npz"), "--test-embeddings", str(emb),
+              "-k", "5"])
+    assert json.loads((folder / "scores.json").read_text()) == json.loads(capsys.readouterr().out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluate_prints_the_same_scores_as_the_library(run_folder, tmp_path, capsys):
@@ -46,7 +79,9 @@ def test_evaluate_prints_the_same_scores_as_the_library(run_folder, tmp_path, ca
     capsys.readouterr()
     cli.main(["evaluate", "--train-embeddings", str(a), "--test-embeddings", str(b), "-k", "20",
               "--out", str(tmp_path / "scores.json")])
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert "scoring 120 test embeddings against 300 train embeddings" in captured.err  # progress
     expected = evaluate(Embeddings.load_npz(a), Embeddings.load_npz(b), k=20)
     assert printed.keys() == expected.keys()
     for key in expected:
@@ -54,32 +89,45 @@ def test_evaluate_prints_the_same_scores_as_the_library(run_folder, tmp_path, ca
     assert json.loads((tmp_path / "scores.json").read_text()) == printed
 
 
-def test_select_writes_the_library_selection_and_duplicates(tmp_path):
+def test_select_writes_the_library_selection_and_duplicates(tmp_path, capsys):
     torch.manual_seed(0)
     x = torch.randn(50, 8)
     x[49] = x[3] * 1.001  # a planted near-copy
     emb = Embeddings(x, torch.full((50,), -1), [f"img{i}.png" for i in range(50)])
     emb.save_npz(tmp_path / "e.npz")
     out = tmp_path / "sel.csv"
-    cli.main(["select", str(tmp_path / "e.npz"), "-n", "7", "--out", str(out), "--duplicates", "0.999"])
+    cli.main(["select", str(tmp_path / "e.npz"), "-n", "7", "--out", str(out), "--duplicates", "0.2"])
     rows = out.read_text().splitlines()[1:]
     expected = select(x, 7, seed=0)
     assert [int(r.split(",")[1]) for r in rows] == expected.indices.tolist()
     assert [r.split(",")[2] for r in rows] == [f"img{i}.png" for i in expected.indices.tolist()]
     dups = (tmp_path / "sel-duplicates.csv").read_text().splitlines()[1:]
     assert [d.split(",")[:2] for d in dups] == [["img3.png", "img49.png"]]
+    assert f"cosine >= {relative_threshold(x, 0.2):.4f}" in capsys.readouterr().out
+    cli.main(["select", str(tmp_path / "e.npz"), "-n", "7", "--out", str(out), "--duplicate-cosine", "0.5"])
+    dups = (tmp_path / "sel-duplicates.csv").read_text().splitlines()[1:]
+    assert len(dups) == len(near_duplicates(x, 0.5)[0]) > 1
 
 
-def test_plot_writes_a_png(tmp_path):
+def test_plot_writes_a_png_with_the_runs_class_names(run_folder, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    from wrapssl import plots
+
+    folder, _ = run_folder
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(3, 16)) * 5
     x = torch.tensor(np.concatenate([c + rng.normal(size=(30, 16)) for c in centers]), dtype=torch.float32)
-    Embeddings(x, torch.arange(3).repeat_interleave(30), [str(i) for i in range(90)]).save_npz(tmp_path / "e.npz")
-    cli.main(["plot", str(tmp_path / "e.npz"), "--out", str(tmp_path / "map.png"), "--method", "pca"])
+    Embeddings(x, torch.arange(3).repeat_interleave(30), [str(i) for i in range(90)]).save_npz(folder / "p.npz")
+    seen = []
+    real = plots.embedding_map
+    monkeypatch.setattr(plots, "embedding_map", lambda *a, **k: seen.append(k["class_names"]) or real(*a, **k))
+    cli.main(["plot", str(folder / "p.npz"), "--method", "pca"])
     import matplotlib.image
-    img = matplotlib.image.imread(tmp_path / "map.png")
+    img = matplotlib.image.imread(folder / "p-map.png")
     assert img.ndim == 3 and img.std() > 0.01
+    cli.main(["plot", str(folder / "p.npz"), "--method", "pca", "--class-names", "a, b,c",
+              "--out", str(tmp_path / "m.png")])
+    assert seen == [CLASSES, ["a", "b", "c"]]
 
 
 def test_bare_backbone_without_metrics_needs_arch(run_folder, tmp_path):
@@ -95,9 +143,18 @@ def test_bare_backbone_without_metrics_needs_arch(run_folder, tmp_path):
                   "--out", str(tmp_path / "y.npz")])
 
 
-def test_help_of_every_subcommand(capsys):
-    for cmd in ("embed", "evaluate", "plot", "select"):
-        with pytest.raises(SystemExit) as e:
-            cli.main([cmd, "--help"])
-        assert e.value.code == 0
-        assert "--" in capsys.readouterr().out
+@pytest.mark.parametrize("command", ["embed", "evaluate", "plot", "select"])
+def test_help_shows_every_default(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    blocks = help_blocks(capsys.readouterr().out)
+    assert "--out" in blocks
+    missing = [flag for flag, text in blocks.items() if flag != "-h" and "default" not in text]
+    assert not missing, f"help of {command} {missing} does not state the default"
+
+
+def test_bad_numbers_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["select", "x.npz", "-n", "0"])
+    assert e.value.code == 2 and "argument -n: expected a positive whole number" in capsys.readouterr().err

@@ -228,3 +228,35 @@ def test_select_rejects_bad_embeddings():
         sel.select(torch.full((4, 2), math.inf), 2)
     with pytest.raises(ValueError, match="empty"):
         sel.select(torch.ones(0, 3), 1)
+
+
+@pytest.mark.parametrize("n,sample", [(40, 2048), (300, 64)])
+def test_nearest_neighbour_distance_equals_brute_force(n, sample):
+    x = torch.randn(n, 6, generator=torch.Generator().manual_seed(n))
+    u = unit(x)
+    d = np.sqrt(np.clip(2 - 2 * u @ u.T, 0, None))
+    np.fill_diagonal(d, np.inf)
+    pool = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:sample].numpy()
+    expected = float(torch.tensor(d.min(axis=1)[pool]).median())  # torch's median: the lower middle value
+    assert sel.nearest_neighbour_distance(x, sample=sample) == pytest.approx(expected, abs=1e-5)
+
+
+def test_relative_threshold_finds_planted_copies_where_a_fixed_cosine_floods():
+    """Clustered embeddings (high pair cosines everywhere, as trained ones): the relative rule finds the copies."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 32, generator=g) + 4  # all clusters in one cone: median pair cosine near 0.9
+    x = centres.repeat_interleave(200, 0) + 0.6 * torch.randn(1000, 32, generator=g)
+    planted = [(3, 990), (500, 999), (17, 620)]
+    for a, b in planted:
+        x[b] = x[a] + 1e-3 * torch.randn(32, generator=g)
+    cos = F.normalize(x, dim=1) @ F.normalize(x, dim=1).T
+    assert cos.median() > 0.8
+    flooded, _ = sel.near_duplicates(x, 0.97)
+    assert len(flooded) > 100 * len(planted)  # a fixed cosine that sounds strict finds "duplicates" everywhere
+    t = sel.relative_threshold(x, 0.1)
+    d_nn = sel.nearest_neighbour_distance(x)
+    assert t == pytest.approx(1 - (0.1 * d_nn) ** 2 / 2)
+    pairs, _ = sel.near_duplicates(x, t)
+    assert sorted(map(tuple, pairs.tolist())) == sorted(planted)
+    with pytest.raises(ValueError, match="0.1-0.3"):
+        sel.relative_threshold(x, 0)

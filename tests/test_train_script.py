@@ -1,4 +1,5 @@
-"""train.py: help text, clear errors, a tiny run with resume, and a 2-process gloo launch with identical weights."""
+"""The training app (wrapssl/train.py, `wrapssl train`, `python -m wrapssl.train`, the top-level train.py):
+help with every default, clear errors, a tiny run with resume, named data sets, and a 2-process gloo launch."""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +14,11 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
+from conftest import help_blocks
+from test_torchvision_formats import write_cifar, write_stl
+from wrapssl import cli
+from wrapssl import train as app
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data", "digits", "--image-size", "8", "--batch-size", "16", "--knn-train", "300", "--knn-test", "100",
         "--knn-k", "20", "--log-every", "1", "--no-plots"]
@@ -20,7 +26,7 @@ TINY = ["--data", "digits", "--image-size", "8", "--batch-size", "16", "--knn-tr
 
 @pytest.fixture(scope="module")
 def train_script():
-    """train.py imported as a module (its main() is what `python train.py` runs)."""
+    """The top-level train.py imported as a module (its main() is what `python train.py` runs)."""
     spec = importlib.util.spec_from_file_location("wrapssl_train_script", REPO / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -30,8 +36,14 @@ def train_script():
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
+def reset_accelerate() -> None:
+    """A fresh Accelerate singleton, as a new process would have."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def naive_hash(state: dict) -> str:
-    """SHA-256 over sorted keys and raw tensor bytes, written independently of train.py."""
+    """SHA-256 over sorted keys and raw tensor bytes, written independently of the app."""
     h = hashlib.sha256()
     for key in sorted(state):
         h.update(key.encode("utf-8"))
@@ -40,16 +52,24 @@ def naive_hash(state: dict) -> str:
     return h.hexdigest()
 
 
-def test_help_explains_every_flag_with_advice(train_script, capsys):
+def subprocess_env() -> dict:
+    """CPU-only, one thread, this checkout importable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit) as done:
-        train_script.parse_args(["--help"])
+        cli.main(["train", "--help"])
     assert done.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
-    for flag in ["--data", "--arch", "--hidden-layer", "--method", "--image-size", "--batch-size", "--steps",
-                 "--epochs", "--lr", "--optimizer", "--mixed-precision", "--grad-accum", "--out", "--resume",
-                 "--seed", "--eval-every", "--num-workers"]:
-        assert flag in text, flag
-    assert "in our runs" in text and "dataset-fashion-mnist" in text
+    blocks = help_blocks(capsys.readouterr().out)
+    assert {"--data", "--data-root", "--arch", "--method", "--batch-size", "--steps", "--grad-accum", "--out",
+            "--resume", "--plots"} <= set(blocks)
+    missing = [flag for flag, text in blocks.items() if flag != "-h" and "default" not in text]
+    assert not missing, f"help of {missing} does not state the default"
+    assert "256" in blocks["--batch-size"] and "simclr" in blocks["--method"]  # the real defaults, not prose
 
 
 def test_missing_fashion_mnist_says_how_to_install(train_script, tmp_path):
@@ -63,6 +83,14 @@ def test_unknown_arch_is_a_clean_error(train_script, tmp_path):
         train_script.main([*TINY, "--arch", "resnet-18", "--out", str(tmp_path)])
 
 
+def test_bad_numbers_are_usage_errors(capsys):
+    for flag in ("--batch-size", "--steps", "--grad-accum", "--knn-k"):
+        with pytest.raises(SystemExit) as err:
+            app.parse_args([flag, "0"])
+        assert err.value.code == 2
+        assert f"argument {flag}: expected a positive whole number, got '0'" in capsys.readouterr().err
+
+
 def test_tiny_run_writes_everything_and_resumes(train_script, tmp_path):
     out = tmp_path / "run"
     first = train_script.main([*TINY, "--steps", "3", "--checkpoint-every", "2", "--out", str(out)])
@@ -71,28 +99,68 @@ def test_tiny_run_writes_everything_and_resumes(train_script, tmp_path):
     assert first["steps"] == 3 and first["images_seen"] == 48
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["knn_after"] == first["knn_after"]
+    assert saved["classes"] == [str(d) for d in range(10)]
     backbone = torch.load(out / "backbone.pt", weights_only=True)
     assert naive_hash(backbone) == first["weights_sha256"][0]
     assert (out / "checkpoint-00000003.pt").is_file() and (out / "metrics.csv").is_file()
+    assert (out / "backbone.safetensors").is_file()
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     second = train_script.main([*TINY, "--steps", "5", "--checkpoint-every", "2", "--out", str(out), "--resume"])
     assert second["steps"] == 5 and second["knn_before"] == first["knn_before"]  # "before" is the first run's
     assert (out / "checkpoint-00000005.pt").is_file()
 
 
-def test_two_process_launch_ends_with_identical_weights(tmp_path):
-    """`accelerate launch` with 2 gloo processes on CPU (with gradient accumulation): same weights everywhere."""
+def test_wrapssl_train_and_python_m_run_the_same_app(tmp_path):
+    """`wrapssl train ...` in-process and `python -m wrapssl.train ...` in a new process end with the same weights."""
+    run = [*TINY, "--steps", "2", "--checkpoint-every", "10"]
+    assert cli.main(["train", *run, "--out", str(tmp_path / "a")]) == 0
+    done = subprocess.run([sys.executable, "-m", "wrapssl.train", *run, "--out", str(tmp_path / "b")],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "kNN accuracy" in done.stdout
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert a["weights_sha256"] == b["weights_sha256"] and a["knn_after"] == b["knn_after"]
+
+
+def test_cifar10_by_name(tmp_path):
+    write_cifar(tmp_path / "data", per_batch=8)
+    metrics = app.main(["--data", "cifar10", "--data-root", str(tmp_path / "data"), "--image-size", "16",
+                        "--batch-size", "8", "--steps", "2", "--knn-k", "5", "--no-plots", "--out",
+                        str(tmp_path / "run")])
+    config = torch.load(tmp_path / "run" / "checkpoint-00000002.pt", weights_only=True)["config"]
+    assert config["dataset_size"] == 40 and config["image_size"] == 16  # the 5 train batches
+    assert 0 <= metrics["knn_after"] <= 1 and metrics["classes"][0] == "plane"
+
+
+def test_stl10_pretrains_on_unlabeled_and_reports_train_to_test(tmp_path):
+    write_stl(tmp_path / "data", {"train": 6, "test": 4, "unlabeled": 24})
+    metrics = app.main(["--data", "stl10", "--data-root", str(tmp_path / "data"), "--image-size", "16",
+                        "--batch-size", "8", "--steps", "2", "--knn-k", "3", "--no-plots", "--out",
+                        str(tmp_path / "run")])
+    config = torch.load(tmp_path / "run" / "checkpoint-00000002.pt", weights_only=True)["config"]
+    assert config["dataset_size"] == 24  # the unlabeled split
+    assert 0 <= metrics["knn_before"] <= 1 and 0 <= metrics["knn_after"] <= 1
+    assert metrics["classes"] == [f"class{i}" for i in range(10)]
+
+
+def test_named_data_without_files_says_where_to_get_them(tmp_path):
+    with pytest.raises(SystemExit, match="cifar-10-python.tar.gz"):
+        app.main(["--data", "cifar10", "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="needs the folder it was downloaded to"):
+        app.main(["--data", "stl10", "--out", str(tmp_path / "run")])
+
+
+@pytest.mark.slow
+def test_accelerate_launch_m_two_processes_end_with_identical_weights(tmp_path):
+    """`accelerate launch -m wrapssl.train` with 2 gloo processes on CPU (with accumulation): same weights everywhere."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",  # CPU processes even beside a GPU
-           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(REPO / "train.py"), *TINY, "--batch-size", "8", "--steps", "3", "--grad-accum", "2",
+           "-m", "wrapssl.train", *TINY, "--batch-size", "8", "--steps", "3", "--grad-accum", "2",
            "--out", str(out)]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["steps"] == 3
@@ -104,32 +172,36 @@ def test_two_process_launch_ends_with_identical_weights(tmp_path):
     assert config["num_processes"] == 2 and config["global_batch"] == 16
 
 
-def test_min_crop_reaches_the_global_crops_only(train_script, tmp_path):
+def test_min_crop_reaches_the_global_crops_only(tmp_path):
     from conftest import crop_scales
 
-    args = train_script.parse_args([*TINY, "--method", "dino", "--min-crop", "0.3", "--method-arg", "n_local=2",
-                                    "--method-arg", "out_dim=32", "--method-arg", "hidden_size=32"])
-    train = train_script.load_data(args)[0]
-    trainer, _ = train_script.make_trainer(args, "digits", train, None, 10, tmp_path)
+    args = app.parse_args([*TINY, "--method", "dino", "--min-crop", "0.3", "--method-arg", "n_local=2",
+                           "--method-arg", "out_dim=32", "--method-arg", "hidden_size=32"])
+    trainer, _ = app.make_trainer(args, "digits", app.load_data(args), tmp_path)
     assert crop_scales(trainer.learner.views) == [[(0.3, 1.0)]] * 2 + [[(0.05, 0.4)]] * 2  # locals keep theirs
 
 
-def test_compile_and_deterministic_flags_reach_the_trainer(train_script, tmp_path):
-    args = train_script.parse_args([*TINY, "--compile", "--deterministic"])
-    train = train_script.load_data(args)[0]
+def test_compile_and_deterministic_flags_reach_the_trainer(tmp_path, monkeypatch):
+    calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: calls.append(k) or real_compile(*a, **k))
+    args = app.parse_args([*TINY, "--compile", "--deterministic"])
+    data = app.load_data(args)
     before = torch.are_deterministic_algorithms_enabled()
     try:
-        trainer, _ = train_script.make_trainer(args, "digits", train, None, 10, tmp_path)
-        assert trainer.learner.encoder._compiled_call_impl is not None
-        assert torch.are_deterministic_algorithms_enabled()
-        plain, _ = train_script.make_trainer(train_script.parse_args(TINY), "digits", train, None, 10, tmp_path / "p")
-        assert plain.learner.encoder._compiled_call_impl is None
+        app.make_trainer(args, "digits", data, tmp_path)
+        assert calls and torch.are_deterministic_algorithms_enabled()
+        calls.clear()
+        reset_accelerate()
+        app.make_trainer(app.parse_args(TINY), "digits", data, tmp_path / "p")
+        assert not calls
     finally:
         torch.use_deterministic_algorithms(before)
+        torch._dynamo.reset()
 
 
-def test_bad_settings_exit_with_the_reason(train_script, tmp_path):
-    with pytest.raises(SystemExit, match="batch_size must be a positive int"):
-        train_script.main([*TINY, "--batch-size", "0", "--out", str(tmp_path)])
+def test_bad_settings_exit_with_the_reason(tmp_path):
     with pytest.raises(SystemExit, match="min-crop"):
-        train_script.main([*TINY, "--min-crop", "1.5", "--out", str(tmp_path)])
+        app.main([*TINY, "--min-crop", "1.5", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--method-arg expects KEY=VALUE"):
+        app.main([*TINY, "--method-arg", "temperature", "--out", str(tmp_path)])

@@ -1,12 +1,19 @@
 """wrapssl: self-supervised pretraining of any PyTorch vision network in three lines."""
-from .augment import Views, byol_views, multicrop_views, set_crop_scale, simclr_views, view_transform
-from .compat import BYOL
-from .evaluate import Embeddings, embed_dataset, knn_accuracy, linear_probe
-from .learner import Learner
-from .methods import Method, available_methods, get_method, register_method
-from .trainer import Trainer
+import os
 
-__version__ = "0.1.0"
+# Idle OpenMP threads spin-wait by default; on a shared CPU they starve the threads doing the work and a
+# step can take 10-50x longer. Sleeping costs next to nothing on an idle machine. It must be set before
+# torch loads OpenMP, so it lives here, ahead of every entry point (`wrapssl`, `python -m wrapssl.train`).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .augment import Views, byol_views, multicrop_views, set_crop_scale, simclr_views, view_transform  # noqa: E402
+from .compat import BYOL  # noqa: E402
+from .evaluate import Embeddings, embed_dataset, knn_accuracy, linear_probe  # noqa: E402
+from .learner import Learner  # noqa: E402
+from .methods import Method, available_methods, get_method, register_method  # noqa: E402
+from .trainer import Trainer  # noqa: E402
+
+__version__ = "0.1.0"  # the one place the version is written (setup.py reads it from here)
 
 __all__ = [
     "Learner", "BYOL", "Trainer", "Method", "available_methods", "get_method", "register_method",

@@ -1,4 +1,4 @@
-"""The ``wrapssl`` command: embed, evaluate, plot and select over a pretrained backbone."""
+"""The ``wrapssl`` command: train, then embed, evaluate, plot and select with what a run learned."""
 from __future__ import annotations
 
 import argparse
@@ -11,30 +11,48 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .checks import positive_int_arg
 from .hidden import LayerSpec
 
-DESCRIPTION = """Use what a wrapssl run learned. SOURCE is a run folder written by train.py
+DESCRIPTION = """Pretrain with `wrapssl train`, then use what the run learned. SOURCE is a run folder
 (backbone.pt + metrics.json), a backbone.pt (give --arch unless metrics.json sits beside it)
-or a Trainer checkpoint-N.pt."""
+or a Trainer checkpoint-N.pt. Outputs go into the run folder (or beside the input file)
+unless --out says otherwise."""
+EMBED_CHUNK = 4096  # images per progress-bar tick when embedding
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, unless its help already says it in words ("default: ...")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def _layer(text: str | None) -> LayerSpec | None:
     """A hidden layer from the command line: an int index or a dotted name."""
     if text is None:
         return None
-    return int(text) if text.lstrip("-").isdigit() else text
+    return int(text) if str(text).lstrip("-").isdigit() else text
 
 
-def _run_args(folder: Path) -> dict[str, Any]:
-    """The train.py arguments recorded in a run folder's metrics.json (empty if none)."""
+def _run_record(folder: Path) -> dict[str, Any]:
+    """The metrics.json a training run left in ``folder`` (empty if none)."""
     path = folder / "metrics.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text()).get("args", {})
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path} is not valid JSON ({e}); pass --arch and --data explicitly") from None
 
 
 def _net_state(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The net's state_dict from a run folder, a backbone.pt or a Trainer checkpoint, and its folder."""
+    from .checkpoints import CHECKPOINT_FORMAT
+
     if source.is_dir():
         source = source / "backbone.pt"
     if not source.is_file():
@@ -44,7 +62,7 @@ def _net_state(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
         state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"error: {source} is not a readable torch file ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and state.get("format") == "wrapssl.trainer":
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         prefix = "encoder.net."  # the Learner keeps the user's net under encoder.net
         state = {k[len(prefix):]: v for k, v in state["learner"].items() if k.startswith(prefix)}
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -60,66 +78,103 @@ def _channels_and_classes(state: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 def load_backbone(source: str | os.PathLike, arch: str | None = None, hidden_layer: LayerSpec | None = None
-                  ) -> tuple[nn.Module, LayerSpec, dict[str, Any]]:
-    """(net with the saved weights, its hidden layer, the run's recorded train.py arguments)."""
+                  ) -> tuple[nn.Module, LayerSpec, dict[str, Any], Path]:
+    """(net with the saved weights, its hidden layer, the run's recorded arguments, the run folder)."""
     from .archs import build_arch
 
     state, folder = _net_state(Path(source))
-    recorded = _run_args(folder)
+    recorded = _run_record(folder).get("args", {})
     arch = arch or recorded.get("arch")
     if not arch:
         raise SystemExit(f"error: no metrics.json beside {source} says which architecture this is; pass --arch "
                          "(e.g. --arch small_resnet or --arch resnet18)")
     channels, classes = _channels_and_classes(state)
-    net, default_layer = build_arch(arch, channels=channels, num_classes=classes,
-                                    image_size=recorded.get("image_size"))
+    try:
+        net, default_layer = build_arch(arch, channels=channels, num_classes=classes,
+                                        image_size=recorded.get("image_size"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
         raise SystemExit(f"error: the weights in {source} do not fit arch {arch!r}: {e}") from None
-    layer = hidden_layer if hidden_layer is not None else _layer(recorded.get("hidden_layer")) or default_layer
-    return net, layer, recorded
+    for layer in (hidden_layer, _layer(recorded.get("hidden_layer")), default_layer):
+        if layer is not None:
+            return net, layer, recorded, folder
+    raise AssertionError("build_arch always gives a default layer")
 
 
 def _dataset(spec: str | None, recorded: dict[str, Any], split: str, image_size: int | None, root: str | None):
-    """The data to embed: --data, else the run's own data set."""
-    from .data import FASHION_MNIST_DIR, load_dataset
+    """The data to embed: --data, else the run's own data set (its labelled train/test splits)."""
+    from .data import load_dataset
 
     spec = spec or recorded.get("data")
     if not spec:
-        raise SystemExit("error: pass --data (a folder, 'fashion-mnist' or 'digits')")
-    size = image_size or recorded.get("image_size")
+        raise SystemExit("error: pass --data (a folder or a named data set such as fashion-mnist)")
     try:
-        return load_dataset(spec, size, train=split == "train", root=root or recorded.get("data_root") or
-                            FASHION_MNIST_DIR)
+        return load_dataset(spec, image_size or recorded.get("image_size"), split=split,
+                            root=root or recorded.get("data_root"))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
-def _embed(args: argparse.Namespace, split: str):
-    """Embeddings of one split of the data with the loaded backbone."""
-    from .evaluate import embed_dataset
+def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: LayerSpec, what: str):
+    """``embed_dataset`` in chunks of EMBED_CHUNK images, with a progress bar on stderr."""
+    from torch.utils.data import Subset
+    from tqdm.auto import tqdm
 
-    net, layer, recorded = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
+    from .evaluate import Embeddings, embed_dataset
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net = net.to(device)
+    parts = []
+    with tqdm(total=len(ds), desc=f"embedding {what}", unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
+        for start in range(0, len(ds), EMBED_CHUNK):
+            chunk = Subset(ds, range(start, min(start + EMBED_CHUNK, len(ds))))
+            part = embed_dataset(net, chunk, batch_size=args.batch_size, device=device, hidden_layer=layer)
+            parts.append(part)
+            bar.update(len(chunk))
+    files = list(getattr(ds, "files", None) or [str(i) for i in range(len(ds))])[:len(ds)]
+    return Embeddings(torch.cat([p.embeddings for p in parts]), torch.cat([p.labels for p in parts]), files)
+
+
+def _embed(args: argparse.Namespace, split: str):
+    """(embeddings of one split of the data with the loaded backbone, the run folder)."""
+    from torch.utils.data import Subset
+
+    net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
     ds = _dataset(args.data, recorded, split, args.image_size, args.data_root)
     if args.limit:
-        from torch.utils.data import Subset
         files = getattr(ds, "files", None)
-        ds_limited = Subset(ds, range(min(args.limit, len(ds))))
-        if files is not None:
-            ds_limited.files = files[:len(ds_limited)]
-        ds = ds_limited
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return embed_dataset(net.to(device), ds, batch_size=args.batch_size, device=device, hidden_layer=layer)
+        limited = Subset(ds, range(min(args.limit, len(ds))))
+        limited.files = list(files[:len(limited)]) if files is not None else None
+        ds = limited
+    return _embed_with_progress(net, ds, args, layer, f"{split} split"), folder
+
+
+def _class_names(args: argparse.Namespace, folder: Path) -> list[str] | None:
+    """Class names for a legend: --class-names, else the ones the run recorded in metrics.json."""
+    if args.class_names:
+        return [c.strip() for c in args.class_names.split(",")]
+    return _run_record(folder).get("classes") or None
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    """Pretrain a backbone (the same app as `python -m wrapssl.train`)."""
+    from .train import main as train_main
+
+    train_main(list(argv))
+    return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
     """Write embeddings (and labels, file names) of a data set to .npz (and .csv)."""
-    emb = _embed(args, args.split)
-    emb.save_npz(args.out)
+    emb, folder = _embed(args, args.split)
+    out = Path(args.out or folder / f"embeddings-{args.split}.npz")
+    emb.save_npz(out)
     if args.csv:
         emb.save_csv(args.csv)
-    print(f"wrote {len(emb)} embeddings of width {emb.embeddings.shape[1]} to {args.out}"
+    print(f"wrote {len(emb)} embeddings of width {emb.embeddings.shape[1]} to {out}"
           + (f" and {args.csv}" if args.csv else ""))
 
 
@@ -129,20 +184,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     if args.train_embeddings and args.test_embeddings:
         train, test = Embeddings.load_npz(args.train_embeddings), Embeddings.load_npz(args.test_embeddings)
+        folder = Path(args.test_embeddings).parent
     elif args.source:
-        train, test = _embed(args, "train"), _embed(args, "test")
+        (train, folder), (test, _) = _embed(args, "train"), _embed(args, "test")
     else:
         raise SystemExit("error: pass SOURCE (a run folder or backbone) or both --train-embeddings and "
                          "--test-embeddings")
+    print(f"scoring {len(test)} test embeddings against {len(train)} train embeddings: kNN, linear probe, "
+          "k-means clustering, retrieval ...", file=sys.stderr)
     try:
         scores = evaluate(train, test, k=args.k, temperature=args.temperature)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     text = json.dumps(scores, indent=2)
     print(text)
-    if args.out:
-        from .files import atomic_write_text
-        atomic_write_text(args.out, text)
+    from .files import atomic_write_text
+    out = Path(args.out or folder / "scores.json")
+    atomic_write_text(out, text)
+    print(f"wrote {out}", file=sys.stderr)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -150,103 +209,137 @@ def cmd_plot(args: argparse.Namespace) -> None:
     from . import plots
     from .evaluate import Embeddings
 
-    emb = Embeddings.load_npz(args.embeddings)
+    source = Path(args.embeddings)
+    emb = Embeddings.load_npz(source)
     labels = emb.labels if bool((emb.labels >= 0).any()) else None
-    path = plots.embedding_map(emb.embeddings, labels, args.out, method=args.method, max_points=args.max_points,
-                               seed=args.seed)
+    points = min(len(emb), args.max_points)
+    print(f"projecting {points} of {len(emb)} points with {args.method}"
+          + (" (t-SNE: about a minute per 5,000 points on a CPU)" if args.method == "tsne" else "") + " ...",
+          file=sys.stderr)
+    out = Path(args.out or source.with_name(source.stem + "-map.png"))
+    path = plots.embedding_map(emb.embeddings, labels, out, method=args.method, max_points=args.max_points,
+                               seed=args.seed, class_names=_class_names(args, source.parent))
     print(f"wrote {path}")
 
 
 def cmd_select(args: argparse.Namespace) -> None:
     """A diverse subset to label (k-center greedy) and, optionally, near-duplicate pairs."""
     from .evaluate import Embeddings
-    from .select import near_duplicates, select
     from .files import atomic_write_text
+    from .select import near_duplicates, relative_threshold, select
 
-    emb = Embeddings.load_npz(args.embeddings)
+    source = Path(args.embeddings)
+    emb = Embeddings.load_npz(source)
+    out = Path(args.out or source.with_name(source.stem + "-selection.csv"))
     try:
         chosen = select(emb.embeddings, args.n, method=args.method, weights=args.weights, seed=args.seed,
                         files=emb.files)
+        if args.duplicates is not None:
+            threshold = relative_threshold(emb.embeddings, args.duplicates, seed=args.seed)
+            how = f"closer than {args.duplicates:g} x the median nearest-neighbour distance: cosine >= {threshold:.4f}"
+        else:
+            threshold, how = args.duplicate_cosine, f"cosine >= {args.duplicate_cosine}"
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     rows = ["rank,index,file"] + [f"{r},{int(i)},{f}" for r, (i, f) in
                                   enumerate(zip(chosen.indices.tolist(), chosen.files or []))]
-    atomic_write_text(args.out, "\n".join(rows) + "\n")
-    print(f"wrote {len(chosen.indices)} selected items to {args.out}")
-    if args.duplicates is not None:
-        result = near_duplicates(emb.embeddings, threshold=args.duplicates)
-        pairs, sims = result[0], result[1]
+    atomic_write_text(out, "\n".join(rows) + "\n")
+    print(f"wrote {len(chosen.indices)} selected items to {out}")
+    if threshold is not None:
+        try:
+            pairs, sims = near_duplicates(emb.embeddings, threshold=threshold)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         lines = ["file_a,file_b,cosine"] + [f"{emb.files[int(i)]},{emb.files[int(j)]},{float(s):.4f}"
                                             for (i, j), s in zip(pairs.tolist(), sims.tolist())]
-        dup_path = Path(args.out).with_name(Path(args.out).stem + "-duplicates.csv")
+        dup_path = out.with_name(out.stem + "-duplicates.csv")
         atomic_write_text(dup_path, "\n".join(lines) + "\n")
-        print(f"wrote {len(lines) - 1} near-duplicate pairs (cosine >= {args.duplicates}) to {dup_path}")
+        print(f"wrote {len(lines) - 1} near-duplicate pairs ({how}) to {dup_path}")
 
 
 def _backbone_args(p: argparse.ArgumentParser) -> None:
     """Arguments shared by the subcommands that load a backbone and a data set."""
     p.add_argument("--arch", help="architecture of a bare backbone.pt (default: the run's own, from metrics.json)")
     p.add_argument("--hidden-layer", help="layer to embed from (default: the run's, else the arch's default)")
-    p.add_argument("--data", help="folder, 'fashion-mnist' or 'digits' (default: the run's own data)")
-    p.add_argument("--data-root", help="folder holding the Fashion-MNIST IDX files")
-    p.add_argument("--image-size", type=int, help="resize images to this (default: the run's image size)")
-    p.add_argument("--limit", type=int, help="embed only the first N images (quick looks)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass; lower it if memory is short")
+    p.add_argument("--data", help="folder or named data set, e.g. fashion-mnist (default: the run's own data)")
+    p.add_argument("--data-root", help="folder holding a named data set's files (default: the run's)")
+    p.add_argument("--image-size", type=positive_int_arg,
+                   help="resize images to this (default: the run's image size)")
+    p.add_argument("--limit", type=positive_int_arg, help="embed only the first N images (default: all)")
+    p.add_argument("--batch-size", type=positive_int_arg, default=256,
+                   help="images per forward pass; lower it if memory is short")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``wrapssl`` command."""
-    parser = argparse.ArgumentParser(prog="wrapssl", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="wrapssl", description=DESCRIPTION, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("embed", help="embed a data set with a pretrained backbone",
-                       description=cmd_embed.__doc__)
+    sub.add_parser("train", help="pretrain a backbone (`wrapssl train --help` lists its flags)", add_help=False)
+
+    def command(name: str, help: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=func.__doc__, formatter_class=HelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("embed", "embed a data set with a pretrained backbone", cmd_embed)
     p.add_argument("source", help="run folder, backbone.pt or checkpoint-N.pt")
     _backbone_args(p)
-    p.add_argument("--split", choices=["train", "test"], default="test", help="which split of a built-in data set")
-    p.add_argument("--out", default="embeddings.npz", help="output .npz (embeddings, labels, files)")
-    p.add_argument("--csv", help="also write a CSV: file,label,e0..eD-1")
-    p.set_defaults(func=cmd_embed)
+    p.add_argument("--split", choices=["train", "test", "unlabeled"], default="test",
+                   help="which split of a named data set (unlabeled: STL-10 only)")
+    p.add_argument("--out", help="output .npz: embeddings, labels, files (default: "
+                                 "<run folder>/embeddings-<split>.npz)")
+    p.add_argument("--csv", help="also write a CSV here: file,label,e0..eD-1 (default: no CSV)")
 
-    p = sub.add_parser("evaluate", help="kNN / linear probe / clustering / retrieval scores",
-                       description=cmd_evaluate.__doc__)
-    p.add_argument("source", nargs="?", help="run folder, backbone.pt or checkpoint-N.pt")
+    p = command("evaluate", "kNN / linear probe / clustering / retrieval scores", cmd_evaluate)
+    p.add_argument("source", nargs="?", help="run folder, backbone.pt or checkpoint-N.pt (default: use "
+                                             "--train-embeddings and --test-embeddings)")
     _backbone_args(p)
-    p.add_argument("--train-embeddings", help="saved train embeddings (.npz), instead of SOURCE")
-    p.add_argument("--test-embeddings", help="saved test embeddings (.npz), instead of SOURCE")
-    p.add_argument("-k", type=int, default=200, help="kNN neighbours (200 as in InstDisc/DINO; 20 for tiny sets)")
+    p.add_argument("--train-embeddings", help="saved train embeddings (.npz), instead of SOURCE (default: none)")
+    p.add_argument("--test-embeddings", help="saved test embeddings (.npz), instead of SOURCE (default: none)")
+    p.add_argument("-k", type=positive_int_arg, default=200,
+                   help="kNN neighbours (200 as in InstDisc/DINO; 20 for tiny sets)")
     p.add_argument("--temperature", type=float, default=0.1, help="kNN vote temperature; lower = sharper votes")
-    p.add_argument("--out", help="also write the scores as JSON here")
-    p.set_defaults(func=cmd_evaluate)
+    p.add_argument("--out", help="scores as JSON (default: <run folder>/scores.json, or beside the test "
+                                 "embeddings)")
 
-    p = sub.add_parser("plot", help="2-D map of saved embeddings", description=cmd_plot.__doc__)
+    p = command("plot", "2-D map of saved embeddings", cmd_plot)
     p.add_argument("embeddings", help=".npz written by 'wrapssl embed'")
-    p.add_argument("--out", default="embedding_map.png", help="output PNG")
+    p.add_argument("--out", help="output PNG (default: <embeddings>-map.png beside the .npz)")
     p.add_argument("--method", choices=["tsne", "pca", "umap"], default="tsne",
                    help="tsne (scikit-learn; slow above ~10k points), pca (fast, linear), umap (needs umap-learn)")
-    p.add_argument("--max-points", type=int, default=5000, help="subsample to this many points")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_plot)
+    p.add_argument("--max-points", type=positive_int_arg, default=5000, help="subsample to this many points")
+    p.add_argument("--class-names", help="comma-separated legend names by label (default: the class names the "
+                                         "run recorded in its metrics.json, else the label numbers)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsample and the projection")
 
-    p = sub.add_parser("select", help="pick a diverse subset to label; find near-duplicates",
-                       description=cmd_select.__doc__)
+    p = command("select", "pick a diverse subset to label; find near-duplicates", cmd_select)
     p.add_argument("embeddings", help=".npz written by 'wrapssl embed'")
-    p.add_argument("-n", type=int, required=True, help="how many items to select")
+    p.add_argument("-n", type=positive_int_arg, required=True, help="how many items to select (required)")
     p.add_argument("--method", choices=["kcenter", "random"], default="kcenter",
                    help="kcenter covers the embedding space (coreset); random is the baseline")
     p.add_argument("--weights", choices=["density", "uncertainty"],
-                   help="density avoids outliers; uncertainty favours items between clusters")
-    p.add_argument("--duplicates", type=float, metavar="COSINE",
-                   help="also list pairs with cosine similarity >= this (0.95-0.99 finds near-copies)")
-    p.add_argument("--out", default="selection.csv", help="output CSV: rank,index,file")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_select)
+                   help="density avoids outliers; uncertainty favours items between clusters (default: none)")
+    dup = p.add_mutually_exclusive_group()
+    dup.add_argument("--duplicates", type=float, metavar="FRACTION",
+                     help="also list near-duplicate pairs: pairs closer than FRACTION x the median distance from "
+                          "an item to its nearest neighbour (0.1-0.3 finds near-copies; the cosine it amounts "
+                          "to is printed; default: no duplicate search)")
+    dup.add_argument("--duplicate-cosine", type=float, metavar="COSINE",
+                     help="the same with an absolute cosine threshold instead (its meaning depends on the model; "
+                          "default: none)")
+    p.add_argument("--out", help="output CSV: rank,index,file (default: <embeddings>-selection.csv beside the "
+                                 ".npz; duplicates go to <out>-duplicates.csv)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first pick and of the distance sample")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wrapssl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the training app parses its own flags
+        return cmd_train(argv[1:])
     args = build_parser().parse_args(argv)
     args.func(args)
     return 0

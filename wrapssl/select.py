@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from .checks import positive_int
 
-__all__ = ["Selection", "select", "density_weights", "uncertainty_weights", "coverage_radius", "near_duplicates"]
+__all__ = ["Selection", "select", "density_weights", "uncertainty_weights", "coverage_radius", "near_duplicates",
+           "nearest_neighbour_distance", "relative_threshold"]
 
 METHODS = ("kcenter", "random")
 # Float32 dot products of unit vectors are off by ~1e-6, so a distance near 0 can be off by
@@ -323,3 +324,36 @@ def near_duplicates(embeddings: Any, threshold: float = 0.95, block_size: int = 
     key = pairs[:, 0] * (int(pairs.max()) + 1) + pairs[:, 1]
     perm = key.argsort()
     return pairs[perm], sims[perm]
+
+
+def nearest_neighbour_distance(embeddings: Any, sample: int = 2048, seed: int = 0) -> float:
+    """Median distance from a row to its nearest other row, over a random sample of ``sample`` rows.
+
+    Distances are between unit vectors (sqrt(2 - 2·cos)). The sample's rows are
+    compared with every row, so the cost is N × sample dot products.
+    """
+    x = _unit_rows(_unpack(embeddings, None)[0])
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("need at least 2 embeddings to measure nearest-neighbour distances")
+    pool = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:positive_int(sample, "sample")]
+    best = []
+    for start in range(0, len(pool), 256):
+        rows = pool[start:start + 256].to(x.device)
+        sims = x[rows] @ x.T
+        sims[torch.arange(len(rows), device=x.device), rows] = -math.inf  # a row is not its own neighbour
+        best.append(sims.amax(1))
+    return float((2 - 2 * torch.cat(best)).clamp_min(0).sqrt().median())
+
+
+def relative_threshold(embeddings: Any, fraction: float, sample: int = 2048, seed: int = 0) -> float:
+    """The cosine above which two rows are closer than ``fraction`` × the median nearest-neighbour distance.
+
+    An absolute cosine means different things for different models (trained
+    embeddings of one data set can have a median pair cosine of 0.8); relative to
+    how far apart true neighbours typically are, 0.1-0.3 marks near-copies.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}; 0.1-0.3 finds near-copies")
+    d = fraction * nearest_neighbour_distance(embeddings, sample, seed)
+    return 1 - d * d / 2

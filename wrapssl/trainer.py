@@ -55,6 +55,7 @@ class Trainer:
     ``checkpoint_folder``). Beyond them:
 
     Args:
+        hidden_layer: as in ``Learner`` (default: the Learner's, the net's own pre-logits).
         dataset: any dataset of images or (image, label) items, uint8 or float in [0, 1],
             an image tensor, or a data set name ("fashion-mnist", "digits") / an image folder path.
             Workers only decode; random augmentation runs inside the Learner on the device.
@@ -87,7 +88,7 @@ class Trainer:
     """
 
     def __init__(self, net: nn.Module, *, dataset: Dataset | torch.Tensor | str, image_size: int | None = None,
-                 hidden_layer: LayerSpec = -2, learning_rate: float = 3e-4, num_train_steps: int | None = None,
+                 hidden_layer: LayerSpec | None = None, learning_rate: float = 3e-4, num_train_steps: int | None = None,
                  batch_size: int = 16, optimizer_klass: type[Optimizer] | None = None, checkpoint_every: int = 1000,
                  checkpoint_folder: str | os.PathLike = "./checkpoints", byol_kwargs: dict | None = None,
                  optimizer_kwargs: dict | None = None, accelerator_kwargs: dict | None = None,
@@ -180,10 +181,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
 
-    def _build_learner(self, hidden_layer: LayerSpec, method: str | Method, sync_batchnorm: bool | None,
+    def _build_learner(self, hidden_layer: LayerSpec | None, method: str | Method, sync_batchnorm: bool | None,
                        learner_kwargs: dict) -> nn.Module:
         """The Learner around the user's net, with SyncBatchNorm on multi-GPU runs."""
-        learner = Learner(self.net, self.image_size, hidden_layer, method, channels=self.channels, **learner_kwargs)
+        if hidden_layer is not None:  # None: the Learner's own default
+            learner_kwargs = {"hidden_layer": hidden_layer, **learner_kwargs}
+        learner = Learner(self.net, self.image_size, method=method, channels=self.channels, **learner_kwargs)
         acc = self.accelerator
         if sync_batchnorm is None:
             sync_batchnorm = acc.num_processes > 1 and acc.device.type == "cuda"

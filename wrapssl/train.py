@@ -1,0 +1,350 @@
+"""The training app: pretrain a backbone self-supervised, then report what it learned (kNN before and after).
+
+    wrapssl train                                    # small ResNet on Fashion-MNIST, a few minutes on 2 CPU cores
+    python -m wrapssl.train --data stl10 --data-root ~/data --arch resnet18 --method simclr
+    wrapssl train --data ~/photos --arch resnet18 --image-size 96 --epochs 100 --method byol
+    accelerate launch -m wrapssl.train ...                            # the GPUs from `accelerate config`
+    accelerate launch --multi_gpu --num_processes 2 -m wrapssl.train  # 2 processes without GPUs (gloo)
+    torchrun --nproc_per_node 2 -m wrapssl.train ...                  # the same without accelerate's launcher
+
+Writes into --out: checkpoints (resume with --resume), backbone.pt and backbone.safetensors
+(the net's weights), metrics.json, metrics.csv, TensorBoard logs and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from accelerate.utils import gather_object
+from torch.utils.data import Dataset, Subset
+
+from .archs import build_arch
+from .checks import positive_int_arg
+from .cli import HelpFormatter
+from .data import DATASETS, FASHION_MNIST_DIR, dataset_name, load_dataset
+from .evaluate import Embeddings, embed_dataset, knn_accuracy
+from .files import atomic_write_text
+from .methods import available_methods
+from .optim import OPTIMIZERS
+from .trainer import Trainer
+
+# The default run is chosen to finish in about 5 minutes on 2 idle CPU cores and to clearly beat the
+# randomly initialised net; what we measured is in docs/training.md.
+DEFAULTS = dict(data="fashion-mnist", arch="small_resnet", method="simclr", batch_size=256, steps=250, lr=2e-3)
+DEFAULT_IMAGE_SIZE = {"fashion-mnist": 28, "digits": 16, "cifar10": 32, "stl10": 96}
+# Per-method settings for short runs at batch 256, used unless --method-arg overrides them.
+METHOD_DEFAULTS = {"simclr": {"temperature": 0.2}}
+# Smallest crop of the global views by data: at 28 px an 8% crop is a 8x8 patch with no garment left in it.
+MIN_CROP = {"fashion-mnist": 0.25, "digits": 0.25}
+DIGITS_TRAIN = 1297  # digits has no official split: the first 1,297 train, the last 500 are the kNN queries
+# The split each named data set pretrains on; kNN memory is its "train" split, queries its "test" split.
+PRETRAIN_SPLIT = {"stl10": "unlabeled"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, with its default and tuning advice in every help string."""
+    p = argparse.ArgumentParser(
+        prog="wrapssl train",
+        description="Self-supervised pretraining of a vision backbone with wrapssl; prints kNN accuracy of the "
+                    "representation before (random init) and after.",
+        formatter_class=HelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default=DEFAULTS["data"],
+                   help=f"a named data set ({', '.join(DATASETS)}) or a folder of images (one subfolder per class "
+                        "gives kNN labels; a flat folder trains without the kNN report). stl10 pretrains on its "
+                        "100k unlabeled split and reports kNN from train (memory) to test (queries)")
+    d.add_argument("--data-root", default=None,
+                   help=f"folder holding a named data set's files in torchvision's layout (cifar-10-batches-py, "
+                        f"stl10_binary; nothing is downloaded). Default for fashion-mnist: {FASHION_MNIST_DIR} "
+                        "(apt-get install -y dataset-fashion-mnist)")
+    d.add_argument("--image-size", type=positive_int_arg, default=None,
+                   help="side of the square views (default: " + ", ".join(
+                       f"{s} for {n}" for n, s in DEFAULT_IMAGE_SIZE.items()) + ", 64 for folders). "
+                        "Compute grows with its square: on CPU stay at or below 64")
+    d.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader processes decoding images; 0 is best for in-memory data (Fashion-MNIST, "
+                        "CIFAR-10), use 4-8 per GPU for folders of JPEGs")
+    m = p.add_argument_group("model and method")
+    m.add_argument("--arch", default=DEFAULTS["arch"],
+                   help="'small_resnet' (28-64 px on CPU), any torchvision model name (resnet50, vit_b_16, "
+                        "convnext_tiny, ...) or 'timm:<name>'. Weights are never downloaded")
+    m.add_argument("--hidden-layer", default=None,
+                   help="layer whose output is the representation: a name from net.named_modules() or an int "
+                        "index into its children (default: the architecture's global pool)")
+    m.add_argument("--method", default=DEFAULTS["method"], choices=available_methods(),
+                   help="self-supervised method. simclr learns fastest in short CPU runs; byol/dino need longer "
+                        "runs (their EMA target moves slowly: lower the momentum with "
+                        "--method-arg moving_average_decay=0.99 for short runs)")
+    m.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyperparameter, repeatable, e.g. temperature=0.2 (simclr: 0.1-0.5; lower values "
+                        "weigh hard negatives more and want larger batches; this app uses 0.2, which beat the "
+                        "method's 0.5 at batch 256 in our runs) or projection_hidden_size=1024")
+    m.add_argument("--channels", type=int, choices=[1, 3], default=3,
+                   help="input channels of the net; grey images are repeated to 3. Grey data gets the same "
+                        "augmentation either way (brightness/contrast jitter; saturation, hue and grayscale do "
+                        "nothing on grey); the recorded runs use 3")
+    m.add_argument("--min-crop", type=float, default=None,
+                   help="smallest area fraction of the global random crops (default 0.25 for the 28-px built-in "
+                        "data, else the method's 0.08); below 0.2 small images lose their object")
+    o = p.add_argument_group("optimisation")
+    length = o.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int_arg, default=None,
+                        help=f"optimiser steps (default {DEFAULTS['steps']} when --epochs is not given)")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the data, instead of --steps")
+    o.add_argument("--batch-size", type=positive_int_arg, default=DEFAULTS["batch_size"],
+                   help="images per process per batch. Contrastive methods want 256 or more (more negatives); "
+                        "below 64 BatchNorm statistics get noisy")
+    o.add_argument("--lr", type=float, default=DEFAULTS["lr"],
+                   help="learning rate at a global batch of 256; it is scaled by global batch / 256. AdamW "
+                        "with the small ResNet, in our runs: 2e-3 to 1e-2 equally good, 3e-2 and above lose most "
+                        "of the gain; if the loss turns NaN, halve it or lengthen the warmup. SGD: 0.05 "
+                        "(SimSiam); LARS: 0.2-0.3 (BYOL, SimCLR)")
+    o.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="adamw is robust at any batch; lars was designed for batches of 1024 and more")
+    o.add_argument("--weight-decay", type=float, default=None,
+                   help="default 0.05 (adamw), 1e-4 (sgd), 1.5e-6 (lars); biases and norms never decay")
+    o.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup before the cosine decay (default: 10%% of the steps); lengthen it if the "
+                        "loss spikes or turns NaN early")
+    o.add_argument("--grad-accum", type=positive_int_arg, default=None,
+                   help="batches per optimiser step: a larger effective batch without the memory (default: "
+                        "accelerate's setting, ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1)")
+    o.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip gradients to this norm (DINO clips ViTs at 3.0; default: no clipping)")
+    o.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="bf16 on GPUs that support it (A100, H100) saves memory and time; fp16 needs loss "
+                        "scaling (done for you) and can overflow; keep 'no' on CPU (default: accelerate's config)")
+    o.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentations")
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoders (also switched on by a dynamo backend in `accelerate "
+                        "config`): the first steps compile (about a minute); it pays most when the hidden layer "
+                        "is the net's own output (benchmarks/RESULTS.md)")
+    o.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (slower): needed on a GPU for a resumed run to end "
+                        "bit-identical to an uninterrupted one; CPU runs are reproducible without it")
+    r = p.add_argument_group("output")
+    r.add_argument("--out", default=None, help="output folder (default: runs/<method>-<data>)")
+    r.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the latest checkpoint in --out ('auto' when the flag is given alone) or "
+                        "from a checkpoint path (default: start from step 0)")
+    r.add_argument("--checkpoint-every", type=positive_int_arg, default=100, help="steps between checkpoints")
+    r.add_argument("--log-every", type=positive_int_arg, default=10,
+                   help="steps between log lines; the NaN check also runs then (no per-step GPU sync)")
+    r.add_argument("--eval-every", type=positive_int_arg, default=None,
+                   help="also log kNN accuracy every N steps during training (costs one embedding pass; "
+                        "default: only before and after)")
+    r.add_argument("--knn-train", type=positive_int_arg, default=10000,
+                   help="training images embedded as the kNN memory (the test split is the queries)")
+    r.add_argument("--knn-test", type=positive_int_arg, default=None,
+                   help="cap on the kNN query images (default: all)")
+    r.add_argument("--knn-k", type=positive_int_arg, default=200, help="neighbours voting in the kNN classifier")
+    r.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="write loss curve, augmentation grid and embedding map PNGs (needs matplotlib)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line (--steps defaults to DEFAULTS["steps"] when --epochs is not given)."""
+    args = build_parser().parse_args(argv)
+    if args.steps is None and args.epochs is None:
+        args.steps = DEFAULTS["steps"]
+    return args
+
+
+@dataclass
+class RunData:
+    """What a run trains on and is judged by: kNN memory and queries are None without labels."""
+
+    train: Dataset
+    memory: Dataset | None
+    queries: Dataset | None
+    classes: list[str]
+
+
+def _method_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE strings as keyword arguments (values parsed as Python literals when they are)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"error: --method-arg expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _data_name(spec: str) -> str:
+    """A short name for the data: the built-in's name or the folder's."""
+    return dataset_name(spec) or Path(spec).expanduser().resolve().name or "data"
+
+
+def _cap(ds: Dataset, n: int | None) -> Dataset:
+    """The first n items of ds (all when n is None)."""
+    return ds if n is None or n >= len(ds) else Subset(ds, range(n))
+
+
+def load_data(args: argparse.Namespace) -> RunData:
+    """The pretraining set and the labelled kNN memory and queries, from --data; missing files exit with advice."""
+    name = dataset_name(args.data)
+    try:
+        if name == "digits":
+            full = load_dataset("digits", args.image_size)
+            train = Subset(full, range(DIGITS_TRAIN))
+            test = Subset(full, range(DIGITS_TRAIN, len(full)))
+            return RunData(train, _cap(train, args.knn_train), _cap(test, args.knn_test), list(full.classes))
+        if name is not None:
+            def split(which: str) -> Dataset:
+                return load_dataset(name, args.image_size, root=args.data_root, split=which)
+            labelled = split("train")
+            train = split(PRETRAIN_SPLIT[name]) if name in PRETRAIN_SPLIT else labelled
+            return RunData(train, _cap(labelled, args.knn_train), _cap(split("test"), args.knn_test),
+                           list(labelled.classes))
+        folder = load_dataset(args.data, args.image_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not folder.classes:
+        print(f"note: {args.data} has no class subfolders; training without the kNN report")
+        return RunData(folder, None, None, [])
+    # one image in five is a kNN query; pretraining sees every image (labels are never used for it)
+    queries = [i for i in range(len(folder)) if i % 5 == 0 and folder.labels[i] >= 0]
+    memory = [i for i in range(len(folder)) if i % 5 != 0 and folder.labels[i] >= 0]
+    return RunData(folder, Subset(folder, memory[:args.knn_train]), _cap(Subset(folder, queries), args.knn_test),
+                   list(folder.classes))
+
+
+def make_trainer(args: argparse.Namespace, name: str, data: RunData, out: Path) -> tuple[Trainer, Any]:
+    """The net from --arch and the Trainer from the flags; bad settings exit with the reason."""
+    min_crop = args.min_crop if args.min_crop is not None else MIN_CROP.get(name)
+    if min_crop is not None and not 0 < min_crop <= 1:
+        raise SystemExit(f"error: --min-crop must lie in (0, 1], got {min_crop}")
+    crop = {} if min_crop is None else {"crop_scale": (min_crop, 1.0)}  # global views; local crops keep theirs
+    knn_sets = (data.memory, data.queries) if data.memory is not None else None
+    torch.manual_seed(args.seed)  # the same initial net on every process
+    try:
+        net, hidden = build_arch(args.arch, channels=args.channels, num_classes=max(len(data.classes), 1),
+                                 image_size=args.image_size)
+        if args.hidden_layer is not None:
+            hidden = int(args.hidden_layer) if args.hidden_layer.lstrip("-").isdigit() else args.hidden_layer
+        method_kwargs = {**crop, **METHOD_DEFAULTS.get(args.method, {}), **_method_kwargs(args.method_arg)}
+        trainer = Trainer(
+            net, dataset=data.train, image_size=args.image_size, hidden_layer=hidden, method=args.method,
+            learning_rate=args.lr, scale_lr=True, num_train_steps=args.steps, epochs=args.epochs,
+            batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, gradient_accumulation_steps=args.grad_accum,
+            max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision, num_workers=args.num_workers,
+            seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, checkpoint_folder=out,
+            log_every=args.log_every, eval_every=args.eval_every if knn_sets is not None else None,
+            eval_dataset=knn_sets, eval_k=args.knn_k, plot=args.plots, compile=args.compile,
+            deterministic=args.deterministic, **method_kwargs)
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return trainer, hidden
+
+
+def weights_sha256(net: torch.nn.Module) -> str:
+    """SHA-256 over the state_dict: each key (UTF-8) then its tensor's raw bytes, in sorted key order."""
+    h = hashlib.sha256()
+    for key, value in sorted(net.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def knn_report(trainer: Trainer, memory: Dataset, queries: Dataset, k: int) -> tuple[float, Embeddings]:
+    """kNN accuracy (temperature 0.1) of the learner's representation, and the query embeddings."""
+    device = trainer.accelerator.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        a = embed_dataset(trainer.learner, memory, batch_size=512, device=device)
+        b = embed_dataset(trainer.learner, queries, batch_size=512, device=device)
+    return knn_accuracy(a.embeddings, a.labels, b.embeddings, b.labels, k=k, temperature=0.1), b
+
+
+def make_plots(trainer: Trainer, data: RunData, queries: Embeddings | None, out: Path) -> None:
+    """Augmentation grid and embedding map (the Trainer wrote the loss curve); skipped with a notice if unavailable."""
+    try:
+        from . import plots
+        images = torch.stack([data.train[i][0] for i in range(8)]).to(trainer.accelerator.device)
+        plots.augmentation_grid(trainer.learner, images, out / "augmentations.png")
+        if queries is not None:
+            plots.embedding_map(queries.embeddings, queries.labels, out / "embedding_map.png",
+                                class_names=data.classes or None, max_points=2000)
+    except ImportError as e:  # plotting is an extra
+        print(f"note: plots skipped ({e}); pip install matplotlib scikit-learn")
+
+
+def final_report(trainer: Trainer, args: argparse.Namespace, data: RunData, metrics: dict[str, Any],
+                 hashes: list[str]) -> Embeddings | None:
+    """Compute and print the run's final metrics into ``metrics`` (main process); returns the query embeddings."""
+    query_emb = None
+    if data.memory is not None:
+        metrics["knn_after"], query_emb = knn_report(trainer, data.memory, data.queries, args.knn_k)
+        before, after = metrics["knn_before"], metrics["knn_after"]
+        print(f"kNN accuracy (k={args.knn_k}, t=0.1, {len(data.memory)} train images as memory, "
+              f"{len(data.queries)} test queries): before {100 * before:.2f}% -> after {100 * after:.2f}% "
+              f"({100 * (after - before):+.2f} points)")
+    if len(set(hashes)) > 1:
+        print(f"warning: the {len(hashes)} processes ended with different weights: {hashes}")
+    losses = trainer.history.get("loss") or [(0, None)]
+    metrics.update(steps=trainer.step, images_seen=trainer.step * trainer.global_batch * trainer.grad_accum,
+                   num_processes=trainer.accelerator.num_processes, device=str(trainer.accelerator.device),
+                   weights_sha256=hashes, final_loss=losses[-1][1], classes=data.classes, args=dict(vars(args)))
+    return query_emb
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Pretrain, evaluate before/after, write everything to --out; returns the metrics."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    name = _data_name(args.data)
+    if args.image_size is None:
+        args.image_size = DEFAULT_IMAGE_SIZE.get(name, 64)
+    out = Path(args.out or f"runs/{args.method}-{name}")
+    data = load_data(args)
+    trainer, hidden = make_trainer(args, name, data, out)
+    acc = trainer.accelerator
+    acc.print(f"wrapssl: {args.method} on {name} ({len(data.train)} images, {args.image_size} px), {args.arch} "
+              f"[{hidden}], {trainer.num_train_steps} steps of {trainer.global_batch * trainer.grad_accum} images, "
+              f"lr {trainer.lr:.3g}, {acc.num_processes} process(es) on {acc.device}")
+
+    metrics_path = out / "metrics.json"
+    metrics: dict[str, Any] = {}
+    if trainer.step > 0 and metrics_path.is_file():  # resumed: keep the first run's "before"
+        metrics = json.loads(metrics_path.read_text())
+    if data.memory is not None and "knn_before" not in metrics and acc.is_main_process:
+        metrics["knn_before"], _ = knn_report(trainer, data.memory, data.queries, args.knn_k)
+        metrics["knn_before_step"] = trainer.step
+        print(f"kNN accuracy before (step {trainer.step}): {100 * metrics['knn_before']:.2f}%")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # so that a resumed run finds it
+    acc.wait_for_everyone()
+
+    train_start = time.perf_counter()
+    with trainer:  # ends the trackers and the process group when the report is done
+        trainer()
+        metrics.update(train_time_s=round(time.perf_counter() - train_start, 1))
+        hashes = [weights_sha256(net=trainer.net)]
+        if acc.num_processes > 1:
+            hashes = gather_object(hashes)
+        if acc.is_main_process:
+            query_emb = final_report(trainer, args, data, metrics, hashes)
+            if args.plots:
+                make_plots(trainer, data, query_emb, out)
+            metrics.update(wall_time_s=round(time.perf_counter() - start, 1))
+            atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
+            print(f"wrote {out}/backbone.pt, backbone.safetensors, checkpoints, metrics.json and plots "
+                  f"in {metrics['wall_time_s']:.0f} s")
+        acc.wait_for_everyone()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
