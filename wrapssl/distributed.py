@@ -61,10 +61,3 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     out = x.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean of ``x`` over processes, without gradient (``x.detach()`` itself without dist)."""
-    if not _active() or dist.get_world_size() == 1:
-        return x.detach()
-    return all_reduce_sum(x) / dist.get_world_size()
