@@ -158,3 +158,17 @@ def test_bad_numbers_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["select", "x.npz", "-n", "0"])
     assert e.value.code == 2 and "argument -n: expected a positive whole number" in capsys.readouterr().err
+
+
+def test_python_m_wrapssl_is_the_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "wrapssl", "select", "x.npz", "-n", "0"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "argument -n: expected a positive whole number" in done.stderr
+    assert "Traceback" not in done.stderr

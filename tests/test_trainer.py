@@ -16,7 +16,6 @@ from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 from torch.utils.data import Dataset
 
-import wrapssl.trainer as trainer_mod
 from conftest import crop_scales, small_cnn
 from wrapssl.data import TensorImages
 from wrapssl.ema import cosine_momentum
@@ -251,7 +250,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(trainer_mod.torch, "save", torn_save)
+    monkeypatch.setattr(torch, "save", torn_save)  # a disk that fills up half-way through the file
     trainer.step = 6  # pretend two more steps were taken
     with pytest.raises(OSError, match="disk full"):
         trainer.save_checkpoint()
