@@ -158,3 +158,23 @@ def test_a_view_keeps_no_reference_to_its_input_or_output():
 def test_wrapssl_exports_the_recipes_as_views_of_kornia_containers():
     views = wrapssl.byol_views(16)
     assert isinstance(views, wrapssl.Views) and all(isinstance(v, K.AugmentationSequential) for v in views.transforms)
+
+
+def test_inverse_puts_each_view_back_where_its_crop_came_from():
+    torch.manual_seed(9)
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
+    ramp = (0.5 + 0.005 * xx + 0.0025 * yy).expand(6, 3, 40, 40)  # bilinear resampling is exact on a ramp
+    view = A.sequence(A.RandomResizedCrop(16, scale=(0.3, 0.6), flip_p=0.5), A.RandomSolarize(p=0.5))
+    out = view(ramp)
+    back = view.inverse(out)
+    p = view[0]._params
+    assert back.shape == ramp.shape and 0 < p["flip"].sum() < 6
+    for i in range(6):
+        t, l, h, w = (int(p[k][i]) for k in ("top", "left", "height", "width"))
+        inside = (slice(None), slice(t + 1, t + h - 1), slice(l + 1, l + w - 1))  # the crop, less its rim
+        solarized = (view._params[1].data["batch_prob"][i] > 0.5).item()  # intensity ops are not inverted
+        want = 1 - ramp[i] if solarized else ramp[i]  # every pixel is >= 0.5
+        torch.testing.assert_close(back[i][inside], want[inside], atol=1e-4, rtol=0)
+        outside = torch.ones(40, 40, dtype=torch.bool)
+        outside[max(t - 2, 0):t + h + 2, max(l - 2, 0):l + w + 2] = False  # the bilinear fade at the crop's edge
+        assert torch.all(back[i][:, outside] == 0)

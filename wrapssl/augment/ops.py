@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from kornia import augmentation as K
+from kornia.geometry.transform import warp_affine
 
 from . import kernels
 
@@ -81,7 +82,8 @@ class RandomResizedCrop(RandomOp, K.GeometricAugmentationBase2D):
     large (the Trainer's loaders do). The flip mirrors the sampling grid, so it costs
     nothing. Parameters: ``top``, ``left``, ``height``, ``width`` (pixels), ``flip`` (bool)
     and ``output_size``; ``transform_matrix`` maps input pixel coordinates (integer pixel
-    centres) to output ones, as kornia's geometric ops do. Applies to every channel.
+    centres) to output ones, as kornia's geometric ops do, and ``inverse`` warps views back
+    onto the input's grid. Applies to every channel.
     """
 
     hparams = ("size", "scale", "ratio", "flip_p")
@@ -137,6 +139,13 @@ class RandomResizedCrop(RandomOp, K.GeometricAugmentationBase2D):
         m[:, 0, 2] = torch.where(flip, ow - 1 - tx, tx)  # the mirror image x'' = ow − 1 − x'
         m[:, 1, 1], m[:, 1, 2], m[:, 2, 2] = sy, ty, 1.0
         return m
+
+    def inverse_transform(self, input: torch.Tensor, flags: dict[str, Any], transform: torch.Tensor | None = None,
+                          size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Views warped back onto the input's pixel grid (``transform``: the inverse matrices); zeros outside the crop."""
+        if transform is None or size is None:
+            raise ValueError("inverting a crop needs its inverse matrices and the input size; call op.inverse(views)")
+        return warp_affine(input, transform[:, :2].to(input), tuple(size), align_corners=True)
 
     def apply_transform(self, input: torch.Tensor, params: Params, flags: dict[str, Any],
                         transform: torch.Tensor | None = None) -> torch.Tensor:
