@@ -411,3 +411,57 @@ def test_embed_dataset_plain_grey_net_matches_a_hand_normalised_forward():
         net.eval()((images.float() / 255 - mean) / std)
     handle.remove()
     torch.testing.assert_close(got, feats["x"].flatten(1))
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def test_raw_pixels_are_the_flattened_images_at_the_requested_size():
+    from wrapssl.data import TensorImages
+
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    ds = TensorImages(images, torch.arange(6))
+    e = ev.raw_pixels(ds, batch_size=4)
+    assert torch.equal(e.embeddings, images.flatten(1).float() / 255)
+    assert e.labels.tolist() == list(range(6))
+    # at another size: torch's antialiased bilinear resize of each image, flattened
+    small = ev.raw_pixels(ds, image_size=4).embeddings
+    ref = torch.nn.functional.interpolate(images.float() / 255, size=(4, 4), mode="bilinear", antialias=True,
+                                          align_corners=False).flatten(1)
+    assert small.shape == (6, 16) and torch.allclose(small, ref, atol=1e-6)
+
+
+def test_baseline_scores_match_the_metrics_computed_by_hand():
+    from wrapssl.data import TensorImages
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(30)
+    # four classes of 8x8 grey images: a bright square in a class-specific corner, plus noise
+    images = torch.rand(120, 1, 8, 8, generator=g) * 60
+    for c in range(4):
+        r, col = divmod(c, 2)
+        images[y == c, :, 4 * r:4 * r + 4, 4 * col:4 * col + 4] += 150
+    images = images.to(torch.uint8)
+    memory, queries = TensorImages(images[::2], y[::2]), TensorImages(images[1::2], y[1::2])
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
+    rows = ev.baseline_scores(memory, queries, random_init=net, k=5, hidden_layer=-2)
+    px, pq = images[::2].flatten(1).float() / 255, images[1::2].flatten(1).float() / 255
+    assert rows["raw_pixels"]["knn"] == ev.knn_accuracy(px, y[::2], pq, y[1::2], k=5, temperature=0.1)
+    assert rows["raw_pixels"]["linear"] == ev.linear_probe(px, y[::2], pq, y[1::2])
+    a, b = ev.embed_dataset(net, memory, hidden_layer=-2), ev.embed_dataset(net, queries, hidden_layer=-2)
+    assert rows["random_init"]["knn"] == ev.knn_accuracy(a.embeddings, a.labels, b.embeddings, b.labels, k=5)
+    assert rows["random_init"]["linear"] == ev.linear_probe(a.embeddings, a.labels, b.embeddings, b.labels)
+    logits = ev.baseline_scores(memory, queries, random_init=net, k=5, linear=False)  # the net's own output
+    c, d = ev.embed_dataset(net, memory), ev.embed_dataset(net, queries)
+    assert c.embeddings.shape[1] == 4 and "linear" not in logits["random_init"]
+    assert logits["random_init"]["knn"] == ev.knn_accuracy(c.embeddings, c.labels, d.embeddings, d.labels, k=5)
+    assert rows["raw_pixels"]["knn"] > 0.9  # the corners are easy for pixels
+
+
+def test_format_scores_table():
+    text = ev.format_scores({"raw_pixels": {"knn": 0.7885, "linear": 0.841}, "pretrained": {"knn": 0.88}},
+                            memory=60000)
+    header, raw, pre = text.splitlines()
+    assert "kNN (k=200, 60000 memory)" in header and "linear probe" in header
+    assert raw.split()[-2:] == ["78.85%", "84.10%"] and raw.startswith("raw pixels")
+    assert pre.split()[-2:] == ["88.00%", "-"]

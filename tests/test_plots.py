@@ -308,3 +308,24 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
         with pytest.raises(ImportError, match=r"pip install matplotlib.*wrapssl\[plots\]"):
             call()
     assert not os.listdir(tmp_path)
+
+
+def test_learning_curve_draws_points_and_baseline_levels(tmp_path):
+    points = [(5.0, 0.86), (0.0, 0.78), (2.5, 0.83)]  # unsorted on purpose
+    fig = plots.learning_curve_figure(points, {"raw pixels": 0.7885, "random init": 0.779})
+    ax = fig.axes[0]
+    curve, *levels = ax.get_lines()
+    assert list(curve.get_xdata()) == [0.0, 2.5, 5.0]
+    assert np.allclose(curve.get_ydata(), [78.0, 83.0, 86.0])
+    assert sorted(float(line.get_ydata()[0]) for line in levels) == pytest.approx([77.9, 78.85])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "raw pixels: 78.8%" in legend and "random init: 77.9%" in legend
+    path = plots.learning_curve(points, tmp_path / "curve.png", {"raw pixels": 0.7885})
+    assert matplotlib.image.imread(path).ndim == 3
+
+
+def test_learning_curve_bad_input():
+    with pytest.raises(ValueError, match="points is empty"):
+        plots.learning_curve_figure([])
+    with pytest.raises(ValueError, match="minutes, accuracy"):
+        plots.learning_curve_figure([(0, "high")])

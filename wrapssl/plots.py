@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "loss_curve", "loss_curve_figure", "augmentation_grid", "augmentation_grid_figure",
     "embedding_map", "embedding_map_figure", "project_2d", "bar_chart", "bar_chart_figure",
+    "learning_curve", "learning_curve_figure",
 ]
 
 History = Mapping[str, Sequence[tuple[int, float]]]
@@ -484,6 +485,45 @@ def embedding_map(embeddings: Any, labels: Any = None, path: PathLike = "embeddi
     """
     fig = embedding_map_figure(embeddings, labels, method, thumbnails, class_names, max_points, seed, **kwargs)
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- learning curve
+
+def learning_curve_figure(points: Sequence[tuple[float, float]], baselines: Mapping[str, float] | None = None,
+                          title: str = "Did pretraining pay off?", ylabel: str = "kNN accuracy") -> "Figure":
+    """Accuracy against minutes of training, with each baseline (raw pixels, random init) as a level line."""
+    Figure = _figure_class()
+    try:
+        arr = np.array([(float(t), float(v)) for t, v in points], dtype=np.float64).reshape(-1, 2)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"points must be (minutes, accuracy) pairs, e.g. [(0, 0.78), (5, 0.86)]: {e}") from e
+    if not len(arr):
+        raise ValueError("points is empty: evaluate at least once, e.g. [(0.0, 0.78)]")
+    arr = arr[np.argsort(arr[:, 0], kind="stable")]
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(arr[:, 0], 100 * arr[:, 1], "o-", color="C0", linewidth=2, label="pretrained backbone")
+    ax.annotate(f"{100 * arr[-1, 1]:.1f}%", arr[-1] * (1, 100), textcoords="offset points", xytext=(4, 6),
+                color="C0", fontweight="bold")
+    styles = iter([("C3", "--"), ("C7", ":"), ("C2", "-.")])
+    for name, value in (baselines or {}).items():
+        colour, dash = next(styles, ("C4", "--"))
+        ax.axhline(100 * float(value), color=colour, linestyle=dash, linewidth=1.5,
+                   label=f"{name}: {100 * float(value):.1f}%")
+    ax.set_xlabel("minutes of training")
+    ax.set_ylabel(f"{ylabel} (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.margins(x=0.1, y=0.12)  # room for the final value's label
+    ax.set_xlim(left=0)
+    ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
+def learning_curve(points: Sequence[tuple[float, float]], path: PathLike, baselines: Mapping[str, float] | None = None,
+                   title: str = "Did pretraining pay off?", ylabel: str = "kNN accuracy") -> Path:
+    """Save accuracy against minutes of training, with the baselines' levels drawn as lines, as a PNG."""
+    return _save(learning_curve_figure(points, baselines, title, ylabel), path)
 
 
 # ----------------------------------------------------------------------------- bar chart
