@@ -35,11 +35,11 @@ def test_embed_matches_embedding_the_net_directly(run_folder, tmp_path, capsys):
                      "--device", "cpu"]) == 0  # the direct computation below runs on the CPU too
     assert "embedding test split" in capsys.readouterr().err  # a progress bar
     saved = Embeddings.load_npz(out)
-    ds = torch.utils.data.Subset(load_dataset("digits", 16), range(64))
+    ds = torch.utils.data.Subset(load_dataset("digits", 16, split="test"), range(64))  # embed's default split
     direct = embed_dataset(net, ds, hidden_layer="avgpool")
     torch.testing.assert_close(saved.embeddings, direct.embeddings)
     assert torch.equal(saved.labels, direct.labels)
-    assert saved.files == load_dataset("digits").files[:64]
+    assert saved.files == load_dataset("digits").files[1297:1297 + 64]
     assert len((tmp_path / "e.csv").read_text().splitlines()) == 65
 
 
@@ -87,6 +87,13 @@ def test_evaluate_prints_the_same_scores_as_the_library(run_folder, tmp_path, ca
     for key in expected:
         assert printed[key] == pytest.approx(expected[key], abs=1e-6)
     assert json.loads((tmp_path / "scores.json").read_text()) == printed
+
+
+def test_evaluate_a_run_keeps_queries_out_of_the_memory(run_folder, capsys):
+    folder, _ = run_folder
+    cli.main(["evaluate", str(folder), "-k", "20"])
+    scores = json.loads(capsys.readouterr().out)
+    assert (scores["n_train"], scores["n_test"]) == (1297, 500)  # digits: the app's own split, disjoint
 
 
 def test_select_writes_the_library_selection_and_duplicates(tmp_path, capsys):

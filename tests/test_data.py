@@ -329,6 +329,16 @@ def test_digits_match_sklearn():
     assert Digits(image_size=16)[0][0].shape == (1, 16, 16)
 
 
+def test_digits_splits_are_disjoint_and_in_order():
+    whole, train, test = Digits(), Digits(split="train"), Digits(split="test")
+    assert (len(train), len(test)) == (1297, 500)
+    assert train.files + test.files == whole.files and train.labels + test.labels == whole.labels
+    assert torch.equal(torch.cat([train.images, test.images]), whole.images)
+    assert load_dataset("digits", split="test").files == test.files and len(load_dataset("digits")) == 1797
+    with pytest.raises(ValueError, match="splits 'train' and 'test'"):
+        Digits(split="unlabeled")
+
+
 def test_tensor_images_float_conversion_and_labels():
     x = torch.rand(5, 3, 4, 6)
     ds = TensorImages(x, labels=torch.arange(5))

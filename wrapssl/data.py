@@ -392,18 +392,31 @@ class FashionMNIST(TensorImages):
         return root
 
 
-class Digits(TensorImages):
-    """scikit-learn's 1,797 8x8 handwritten digits as 1x8x8 uint8, labels 0-9 (no train/test split)."""
+DIGITS_TRAIN = 1297  # the first 1,297 digits train, the last 500 are the test split
 
-    def __init__(self, image_size: int | Sequence[int] | None = None) -> None:
+
+class Digits(TensorImages):
+    """scikit-learn's 1,797 8x8 handwritten digits as 1x8x8 uint8, labels 0-9.
+
+    The set has no official split: ``split="train"`` is the first DIGITS_TRAIN images,
+    ``"test"`` the rest, None all of them.
+    """
+
+    def __init__(self, image_size: int | Sequence[int] | None = None, split: str | None = None) -> None:
         try:
             from sklearn.datasets import load_digits
         except ImportError as exc:
             raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from exc
+        keep = {None: slice(None), "train": slice(None, DIGITS_TRAIN), "test": slice(DIGITS_TRAIN, None)}
+        if split not in keep:
+            raise ValueError(f"digits has the splits 'train' and 'test' (or None for all), got {split!r}")
         bunch = load_digits()
         images = np.round(bunch.images * (255 / 16)).clip(0, 255).astype(np.uint8)  # values are 0..16
         super().__init__(torch.from_numpy(images), torch.from_numpy(bunch.target), image_size,
                          [str(d) for d in range(10)], name="digits")
+        # item names keep the index in the whole set, so a file name means the same image in every split
+        self.images, self.files = self.images[keep[split]], self.files[keep[split]]
+        self.labels = self.labels[keep[split]]
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -617,20 +630,20 @@ def load_dataset(spec: str, image_size: int | Sequence[int] | None = None, train
     """A named data set (one of DATASETS) or an image folder path, as a dataset of uint8 images.
 
     ``split`` ("train" or "test"; STL-10 also "unlabeled" and "train+unlabeled") defaults to
-    ``train``'s; digits and folders have no splits. ``root`` is the folder holding a named set's
+    ``train``'s; digits gives all its images unless ``split`` names one; folders have no splits. ``root`` is the folder holding a named set's
     files in torchvision's layout (Fashion-MNIST: the IDX files, default FASHION_MNIST_DIR);
     nothing is downloaded. ``channels`` applies to folders. Prefix a folder named like a
     built-in with "./".
     """
-    split = split or ("train" if train else "test")
     name = dataset_name(spec)
-    if name not in (None, "stl10", "digits") and split not in ("train", "test"):
+    if name == "digits":  # no official split: all images unless a split is asked for by name
+        return Digits(image_size=image_size, split=split)
+    split = split or ("train" if train else "test")
+    if name not in (None, "stl10") and split not in ("train", "test"):
         raise ValueError(f"{name} has the splits 'train' and 'test', got {split!r}")
     if name == "fashion-mnist":
         return FashionMNIST(root if root is not None else FASHION_MNIST_DIR, train=split == "train",
                             image_size=image_size)
-    if name == "digits":
-        return Digits(image_size=image_size)
     if name == "cifar10":
         return CIFAR10(root, train=split == "train", image_size=image_size)
     if name == "stl10":

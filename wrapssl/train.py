@@ -43,7 +43,6 @@ DEFAULT_IMAGE_SIZE = {"fashion-mnist": 28, "digits": 16, "cifar10": 32, "stl10":
 METHOD_DEFAULTS = {"simclr": {"temperature": 0.2}}
 # Smallest crop of the global views by data: at 28 px an 8% crop is a 8x8 patch with no garment left in it.
 MIN_CROP = {"fashion-mnist": 0.25, "digits": 0.25}
-DIGITS_TRAIN = 1297  # digits has no official split: the first 1,297 train, the last 500 are the kNN queries
 # The split each named data set pretrains on; kNN memory is its "train" split, queries its "test" split.
 PRETRAIN_SPLIT = {"stl10": "unlabeled"}
 
@@ -196,11 +195,6 @@ def load_data(args: argparse.Namespace) -> RunData:
     """The pretraining set and the labelled kNN memory and queries, from --data; missing files exit with advice."""
     name = dataset_name(args.data)
     try:
-        if name == "digits":
-            full = load_dataset("digits", args.image_size)
-            train = Subset(full, range(DIGITS_TRAIN))
-            test = Subset(full, range(DIGITS_TRAIN, len(full)))
-            return RunData(train, _cap(train, args.knn_train), _cap(test, args.knn_test), list(full.classes))
         if name is not None:
             def split(which: str) -> Dataset:
                 return load_dataset(name, args.image_size, root=args.data_root, split=which)
@@ -340,8 +334,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 make_plots(trainer, data, query_emb, out)
             metrics.update(wall_time_s=round(time.perf_counter() - start, 1))
             atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
-            print(f"wrote {out}/backbone.pt, backbone.safetensors, checkpoints, metrics.json and plots "
-                  f"in {metrics['wall_time_s']:.0f} s")
+            print(f"wrote {out}/backbone.pt, backbone.safetensors, checkpoints, metrics.json"
+                  f"{' and plots' if args.plots else ''} in {metrics['wall_time_s']:.0f} s")
         acc.wait_for_everyone()
     return metrics
 
