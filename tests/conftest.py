@@ -70,16 +70,21 @@ def fmnist_train():
     return x, y
 
 
+def reset_accelerate() -> None:
+    """A fresh Accelerate singleton, as a new process would have."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture
 def fresh_accelerate():
     """One intra-op thread (tiny tensors; a shared CPU punishes more) and a clean Accelerate singleton per test."""
-    from accelerate.state import AcceleratorState, GradientState
-
     before = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
     torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()

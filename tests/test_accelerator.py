@@ -3,21 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import GeneralTracker
 
+from conftest import reset_accelerate
 from test_trainer import images, make, tiny_net
 from wrapssl.learner import Learner
 from wrapssl.monitor import NonFiniteLossError
 from wrapssl.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
-
-
-def reset_accelerate() -> None:
-    """A fresh Accelerate singleton, as a new process would have."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def batches_per_step(trainer: Trainer) -> float:

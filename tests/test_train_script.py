@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
-from conftest import help_blocks
+from conftest import help_blocks, reset_accelerate
 from test_torchvision_formats import write_cifar, write_stl
 from wrapssl import cli
 from wrapssl import train as app
@@ -34,12 +33,6 @@ def train_script():
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
-
-
-def reset_accelerate() -> None:
-    """A fresh Accelerate singleton, as a new process would have."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def naive_hash(state: dict) -> str:

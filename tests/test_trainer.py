@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 from torch.utils.data import Dataset
 
-from conftest import crop_scales, small_cnn
+from conftest import crop_scales, reset_accelerate, small_cnn
 from wrapssl.data import TensorImages
 from wrapssl.ema import cosine_momentum
 from wrapssl.methods import BYOLMethod
@@ -187,8 +186,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     raw = torch.load(latest_checkpoint(tmp_path / "a"), weights_only=True)  # no pickled objects inside
     assert raw["step"] == 4 and raw["config"]["num_train_steps"] == 4 and raw["data"]["samples_in_epoch"] == 32
     assert {"torch", "numpy", "python"} <= set(raw["rng"][0])
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     second = make(tmp_path / "b", steps=4, optimizer="lars", resume=latest_checkpoint(tmp_path / "a"))
     assert second.step == 4 and second.learner.step == 4
     assert (second.epoch, second.samples_in_epoch) == (first.epoch, first.samples_in_epoch)
@@ -220,8 +218,7 @@ def test_compile_flag_reaches_the_encoders_and_trains_the_same(tmp_path):
     assert compiled.learner.encoder._compiled_call_impl is not None and compiled.net._compiled_call_impl is None
     compiled()
     assert graphs, "torch.compile never traced the encoder"
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     plain = make(tmp_path / "p", steps=3)
     plain()
     a, b = compiled.learner.state_dict(), plain.learner.state_dict()
@@ -293,8 +290,7 @@ def uninterrupted(tmp_path_factory):
     torch.set_num_threads(1)
     make(folder)()
     torch.use_deterministic_algorithms(False)  # make() switched it on for the process; tests switch it per test
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     return load_checkpoint(latest_checkpoint(folder))
 
 
@@ -303,8 +299,7 @@ def test_resume_after_crash_at_epoch_end_is_bit_exact(tmp_path, uninterrupted):
     with pytest.raises(_Crash):
         make(tmp_path, data=data)()
     assert latest_checkpoint(tmp_path).name == "checkpoint-00000006.pt"
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = make(tmp_path, resume="auto")
     assert resumed.step == 6 and (resumed.epoch, resumed.samples_in_epoch) == (0, 48)
     resumed()
