@@ -1,13 +1,17 @@
 """Hidden-layer capture: names, indices, callables, pooling, early exit, closing."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 from torchvision import models
 
 from wrapssl import Learner
-from wrapssl.hidden import Encoder, pool
+from wrapssl.hidden import ClassifierInput, Encoder, copy_module, eval_mode, input_channels, pool
 
 from conftest import small_cnn
+
+SMALL = dict(projection_hidden_size=32, projection_size=8)
 
 
 class CountingHead(nn.Module):
@@ -169,3 +173,207 @@ def test_layer_that_never_fires_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="never ran"):
         Encoder(Unused(), "spare")(torch.rand(2, 3, 8, 8))
+
+
+# ----------------------------------------------------------------------------- feature layouts
+
+class ChannelsLastNet(nn.Module):
+    """A conv stem whose features are laid out (B, H, W, C), as timm's Swin gives them, then a classifier."""
+
+    def __init__(self, channels: int = 24, stride: int = 2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, stride=stride, padding=1)
+        self.features = nn.Identity()  # names the (B, H, W, C) maps
+        self.norm = nn.LayerNorm(channels)
+        self.head = nn.Linear(channels, 5)
+
+    def forward(self, x):
+        h = self.features(self.stem(x).permute(0, 2, 3, 1))
+        return self.head(self.norm(h).mean(dim=(1, 2)))
+
+
+def test_channels_last_maps_are_pooled_over_their_spatial_axes():
+    net = ChannelsLastNet(24).eval()
+    x = torch.rand(2, 3, 16, 16)
+    maps = net.features(net.stem(x).permute(0, 2, 3, 1))  # (2, 8, 8, 24)
+    naive = torch.stack([maps[b].reshape(-1, 24).mean(dim=0) for b in range(2)])
+    torch.testing.assert_close(Encoder(net, "features")(x), naive)
+    learner = Learner(net, image_size=16, hidden_layer="features", normalize=None, **SMALL)
+    assert learner.feature_dim == 24
+    torch.testing.assert_close(learner.embed(x), naive, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_maps_as_wide_as_they_are_high_are_told_apart_by_a_larger_probe(layout):
+    """(B, 8, 8, 8) says nothing; on images twice as large only the spatial axes grow."""
+    net = (ChannelsLastNet(8, stride=1) if layout == "NHWC" else small_cnn(width=8)).eval()
+    layer = "features" if layout == "NHWC" else "2"  # small_cnn's first conv block: (B, 8, 8, 8) at 8 px
+    x = torch.rand(2, 3, 8, 8)
+    learner = Learner(net, image_size=8, hidden_layer=layer, normalize=None, channels_last=False, **SMALL)
+    maps = (net.features(net.stem(x).permute(0, 2, 3, 1)) if layout == "NHWC" else net[:3](x)).detach()
+    assert maps.shape == (2, 8, 8, 8)
+    spatial = (1, 2) if layout == "NHWC" else (2, 3)
+    torch.testing.assert_close(learner.embed(x), maps.mean(dim=spatial))
+
+
+class FixedSizeNet(ChannelsLastNet):
+    """Runs on 8x8 images only."""
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            raise ValueError("this net takes 8x8 images")
+        return super().forward(x)
+
+
+def test_an_undecidable_layout_is_an_error_that_names_the_fix():
+    with pytest.raises(ValueError, match="feature_layout='NCHW' or feature_layout='NHWC'"):
+        Learner(FixedSizeNet(8, stride=1), image_size=8, hidden_layer="features", **SMALL)
+    net = FixedSizeNet(8, stride=1).eval()
+    learner = Learner(net, image_size=8, hidden_layer="features", feature_layout="NHWC", normalize=None, **SMALL)
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(learner.embed(x), net.features(net.stem(x).permute(0, 2, 3, 1)).mean(dim=(1, 2)))
+
+
+def test_swin_features_keep_their_full_width():
+    """torchvision's and timm's Swin lay features out (B, H, W, C): the representation has all C channels."""
+    torch.manual_seed(0)
+    net = models.swin_t(num_classes=7).eval()
+    x = torch.rand(2, 3, 32, 32)
+    learner = Learner(net, image_size=32, hidden_layer="features", normalize=None, **SMALL)
+    assert learner.feature_dim == 768
+    torch.testing.assert_close(learner.embed(x), net.features(x).mean(dim=(1, 2)), rtol=1e-4, atol=1e-5)
+    timm = pytest.importorskip("timm")
+    swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=7, img_size=56).eval()
+    learner = Learner(swin, image_size=56, hidden_layer=lambda n, v: n.forward_features(v), normalize=None, **SMALL)
+    assert learner.feature_dim == 768
+    with torch.no_grad():
+        torch.testing.assert_close(learner.embed(torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))),
+                                   swin.forward_features(torch.rand(2, 3, 56, 56, generator=torch.Generator()
+                                                                    .manual_seed(0))).mean(dim=(1, 2)),
+                                   rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the default layer
+
+class DropoutHead(nn.Module):
+    """Features, then a dropout that only feeds the classifier (as torchvision's EfficientNet and VGG)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = small_cnn()[:-1]
+        self.drop = nn.Dropout(0.5)
+        self.fc = CountingHead(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.body(x)))
+
+
+def test_default_layer_is_the_classifier_input_without_its_dropout():
+    net = DropoutHead()
+    learner = Learner(net, image_size=16, normalize=None, channels_last=False, **SMALL)
+    assert learner.hidden_layer == ClassifierInput("fc.fc", ("drop",))
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(learner.embed(x), net.body.eval()(x))
+        net.train()
+        torch.testing.assert_close(learner.encoder(x), net.body(x))  # train mode, yet no dropout: same every time
+        torch.testing.assert_close(learner.encoder(x), learner.encoder(x))
+    net.fc.calls = 0
+    net(x)  # the user's own forward keeps its dropout and its classifier
+    assert net.fc.calls == 1
+    out = []
+    net.drop.register_forward_hook(lambda m, a, o: out.append((a[0], o)))
+    net(x)
+    assert not torch.equal(out[0][0], out[0][1])  # dropout still drops outside the Learner's passes
+
+
+class LinearThenNorm(nn.Module):
+    """A net whose last Linear is followed by a norm: a projection inside the body, not a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = small_cnn()[:-1]
+        self.proj = nn.Linear(64, 32)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.norm(self.proj(self.body(x)))
+
+
+def test_nets_without_a_classifier_are_represented_by_their_output():
+    for net in (LinearThenNorm().eval(), small_cnn()[:-1].eval()):
+        learner = Learner(net, image_size=16, normalize=None, channels_last=False, **SMALL)
+        x = torch.rand(2, 3, 16, 16)
+        assert learner.hidden_layer == -1
+        torch.testing.assert_close(learner.embed(x), net(x))
+    resnet = models.resnet18().eval()
+    resnet.fc = nn.Identity()  # the common way to drop a classifier
+    learner = Learner(resnet, image_size=32, normalize=None, channels_last=False, **SMALL)
+    assert learner.hidden_layer == -1 and learner.feature_dim == 512
+
+
+class NeedsRealTensors(nn.Module):
+    """Reads a value on the host, which a meta tensor cannot give."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = small_cnn()[:-1]
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.fc(h * (1.0 if h.sum().item() > -1e9 else 0.0))
+
+
+def test_nets_that_cannot_run_on_meta_tensors_are_probed_on_a_copy():
+    net = NeedsRealTensors().eval()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    learner = Learner(net, image_size=16, normalize=None, channels_last=False, **SMALL)
+    assert learner.hidden_layer == ClassifierInput("fc") and learner.feature_dim == 64
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(learner.embed(x), net.body(x))
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_eval_mode_restores_every_flag_through_train():
+    """Mixed flags come back; modules that were training get train(True), which is where caches are dropped."""
+    class Cache(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cache = {}
+
+        def train(self, mode=True):
+            super().train(mode)
+            if mode:
+                self.cache = {}
+            return self
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(Cache(), nn.BatchNorm1d(2)))
+    net[1][1].eval()
+    flags = [m.training for m in net.modules()]
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+        net[1][0].cache["cpu"] = torch.ones(1)
+    assert [m.training for m in net.modules()] == flags
+    assert net[1][0].cache == {}
+
+
+def test_copy_module_copies_modules_that_cache_non_leaf_tensors():
+    lin = nn.Linear(3, 3)
+    lin.cache = {"cpu": lin.weight * 2}  # computed with gradients, as timm's LeViT caches its attention biases
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(lin)
+    twin = copy_module(lin)
+    assert twin.cache["cpu"].grad_fn is None and torch.equal(twin.cache["cpu"], lin.cache["cpu"])
+    assert twin.weight is not lin.weight and torch.equal(twin.weight, lin.weight)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4, 13])
+def test_input_channels_come_from_the_first_convolution(channels):
+    assert input_channels(small_cnn(channels=channels)) == channels
+    vit = models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+    vit.conv_proj = nn.Conv2d(channels, 8, 8, 8)  # the patch embedding is a convolution
+    assert input_channels(vit) == channels
+    assert input_channels(nn.Sequential(nn.Flatten(), nn.Linear(12, 2))) == 3  # no convolution: RGB

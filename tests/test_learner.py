@@ -9,7 +9,7 @@ from torch import nn
 from torchvision import models
 
 import wrapssl
-from wrapssl import BYOL, Learner
+from wrapssl import Learner
 from wrapssl.ema import cosine_momentum
 
 from conftest import crop_scales, small_cnn
@@ -149,14 +149,6 @@ def test_ema_survives_moving_the_learner():
         assert t.dtype == torch.float64 and torch.equal(o, t)
 
 
-def test_use_momentum_false_has_no_target_and_still_learns():
-    learner = BYOL(small_cnn(), image_size=16, use_momentum=False, **SMALL)
-    assert learner.target_encoder is None
-    learner(torch.rand(4, 3, 16, 16)).backward()
-    learner.update_moving_average()
-    assert learner.step == 1 and learner.net[0].weight.grad is not None
-
-
 def test_per_sample_augmentation_differs_within_a_batch():
     torch.manual_seed(0)
     learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, **SMALL)
@@ -204,26 +196,6 @@ def test_return_embedding_gives_projection_and_embedding_without_augmentation():
     torch.testing.assert_close(emb, expected_emb)
     torch.testing.assert_close(proj, learner.method.projector(expected_emb))
     torch.testing.assert_close(learner(x, return_embedding=True, return_projection=False), expected_emb)
-
-
-def test_byol_pytorch_readme_example_runs_with_only_the_import_changed():
-    resnet = models.resnet18()
-    learner = BYOL(resnet, image_size=32, hidden_layer="avgpool")
-    opt = torch.optim.Adam(learner.parameters(), lr=3e-4)
-    before = resnet.conv1.weight.clone()
-    for _ in range(2):
-        images = torch.randn(4, 3, 32, 32).clamp(0, 1)
-        loss = learner(images)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        learner.update_moving_average()
-    assert not torch.equal(before, resnet.conv1.weight)
-    assert learner.momentum == 0.99 and learner.method.projection_hidden_size == 4096
-    kw = BYOL(models.resnet18(), image_size=32, hidden_layer=-2, projection_size=128, projection_hidden_size=256,
-              moving_average_decay=0.9, use_momentum=True,
-              augment_fn=nn.Sequential(wrapssl.view_transform(32)))
-    assert kw.method.projector[-1].out_features == 128 and kw.momentum == 0.9
 
 
 def test_state_dict_round_trip_keeps_step_and_target():
@@ -342,13 +314,13 @@ def test_one_channel_net_gets_grey_normalisation():
     assert torch.isfinite(learner(x))
 
 
-def test_kornia_pipelines_work_as_augment_fn_like_byol_pytorch_readme():
+def test_kornia_pipelines_work_as_augment_fn():
     import kornia
 
     augment_fn = nn.Sequential(kornia.augmentation.RandomHorizontalFlip())
     augment_fn2 = nn.Sequential(kornia.augmentation.RandomHorizontalFlip(),
                                 kornia.filters.GaussianBlur2d((3, 3), (1.5, 1.5)))
-    learner = BYOL(small_cnn(), image_size=16, augment_fn=augment_fn, augment_fn2=augment_fn2, **SMALL)
+    learner = Learner(small_cnn(), image_size=16, augment_fn=augment_fn, augment_fn2=augment_fn2, **SMALL)
     x = torch.rand(4, 3, 16, 16)
     views = learner.views(x)
     blurred = kornia.filters.GaussianBlur2d((3, 3), (1.5, 1.5))(x)
@@ -550,7 +522,6 @@ def test_a_net_that_cannot_take_channels_last_falls_back_without_side_effects():
 
     auto, auto_loss, auto_state, auto_in = step()
     off, off_loss, off_state, off_in = step(channels_last=False)
-    assert auto._accepts_channels_last is False
     assert len(auto_in) == 2 and auto_in[0].shape[0] == 2  # the failed probe, then the online pass
     assert all(x.is_contiguous() for x in auto_in[1:])
     # the probe ran in eval mode without gradients: the step is exactly the contiguous one, BN statistics included
@@ -597,3 +568,110 @@ def test_raw_views_are_freed_before_the_net_runs():
     learner(torch.rand(8, 3, 16, 16)).backward()
     assert len(refs) == 2 and len(alive) == 2  # the target pass, then the online pass
     assert alive == [[False, False], [False, False]]
+
+
+# ----------------------------------------------------------------------------- channels
+
+@pytest.mark.parametrize("channels", [1, 2, 4, 13])
+def test_the_channel_count_is_read_from_the_net_and_any_count_trains(channels):
+    torch.manual_seed(0)
+    stats = None if channels in (1, 3) else ((0.5,) * channels, (0.25,) * channels)
+    kwargs = {} if stats is None else {"normalize": stats}
+    learner = Learner(small_cnn(channels=channels), image_size=16, **kwargs, **SMALL)
+    assert learner.channels == channels
+    x = torch.rand(4, channels, 20, 20)
+    loss = learner(x)
+    loss.backward()
+    assert torch.isfinite(loss) and learner.net[0].weight.grad is not None
+    x = x[..., :16, :16]  # the net's own size: embed does not resize it
+    emb = learner.embed(x)
+    mean, std = (0.449, 0.226) if stats is None else (0.5, 0.25)  # grey: ImageNet's statistics averaged
+    with torch.no_grad():
+        expected = learner.net.eval()[:-1]((x - mean) / std)
+    torch.testing.assert_close(emb, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_multispectral_nets_need_their_own_statistics():
+    with pytest.raises(ValueError, match="estimate_normalization"):
+        Learner(small_cnn(channels=4), image_size=16, **SMALL)
+    learner = Learner(small_cnn(channels=4), image_size=16, channels=4, normalize=None, **SMALL)
+    with pytest.raises(ValueError, match="4"):
+        learner(torch.rand(4, 3, 16, 16))  # RGB images for a 4-band net
+
+
+# ----------------------------------------------------------------------------- errors of the net
+
+class PicksyNet(nn.Module):
+    """Fails on more than 2 images (the Learner's probes use 2), with an exception that is not a RuntimeError."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = small_cnn()
+
+    def forward(self, x):
+        if x.shape[0] > 2:
+            raise KeyError("no more than two images")
+        return self.body(x)
+
+
+def test_any_exception_of_the_net_gets_context_and_keeps_its_type():
+    learner = Learner(PicksyNet(), image_size=16, hidden_layer=-1, **SMALL)
+    with pytest.raises(KeyError, match=r"PicksyNet failed on views of shape \(8, 3, 16, 16\).*image_size") as info:
+        learner(torch.rand(4, 3, 16, 16))
+    assert isinstance(info.value.__cause__, KeyError) and "two images" in str(info.value.__cause__)
+    with pytest.raises(KeyError, match="PicksyNet failed"):
+        learner.embed(torch.rand(3, 3, 16, 16))
+
+
+def test_timm_size_assertions_name_dynamic_img_size():
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=3)
+    with pytest.raises(AssertionError, match="dynamic_img_size=True") as info:
+        Learner(vit, image_size=32, **SMALL)
+    assert isinstance(info.value.__cause__, AssertionError)
+    learner = Learner(timm.create_model("vit_tiny_patch16_224", num_classes=3, dynamic_img_size=True), image_size=32,
+                      **SMALL)
+    assert learner.embed(torch.rand(2, 3, 32, 32)).shape == (2, 192)
+
+
+def test_levit_with_a_cache_from_eval_mode_wraps_and_never_serves_stale_biases():
+    """timm's LeViT caches its attention biases (a tensor with a grad_fn) after an eval forward with gradients on."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("levit_128s", num_classes=3).eval()
+    x = torch.rand(2, 3, 224, 224)
+    net(x)
+    cached = [t for m in net.modules() for t in getattr(m, "attention_bias_cache", {}).values()]
+    assert cached and cached[0].grad_fn is not None  # the premise: plain deepcopy fails on this net now
+    learner = Learner(net.train(), image_size=224, **SMALL)
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-2)
+    learner.embed(x)  # an eval-mode pass in between fills the cache
+    learner(torch.rand(2, 3, 224, 224)).backward()
+    opt.step()
+    got = learner.embed(x)
+    net.train()  # LeViT drops its cache in train(True): the reference computes fresh biases
+    net.eval()
+    with torch.no_grad():
+        expected = net.forward_head(net.forward_features(learner.normalize(x)), pre_logits=True)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- float input
+
+def test_float_input_unit_standardized_and_auto():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    net = small_cnn()
+    unit = Learner(net, image_size=16, hidden_layer=-2, **SMALL)
+    with pytest.raises(ValueError, match="float_input='standardized'"):
+        unit(torch.randn(4, 3, 16, 16))
+    standardized = Learner(net, image_size=16, hidden_layer=-2, float_input="standardized", **SMALL)
+    auto = Learner(net, image_size=16, hidden_layer=-2, float_input="auto", **SMALL)
+    z = unit.normalize(x)
+    torch.testing.assert_close(standardized.embed(z), unit.embed(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(auto.embed(z), unit.embed(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(auto.embed(x), unit.embed(x))  # inside [0, 1]: plain images
+    assert not torch.allclose(standardized.embed(x), unit.embed(x))  # read as standardised
+    assert torch.isfinite(standardized(torch.randn(4, 3, 16, 16)))
+    with pytest.raises(ValueError, match="float_input must be one of"):
+        Learner(net, image_size=16, hidden_layer=-2, float_input="zscore", **SMALL)

@@ -1,11 +1,12 @@
 """The EMA target network and its momentum schedule."""
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
+
+from .hidden import copy_module
 
 
 def cosine_momentum(base: float, step: int, total_steps: int | None) -> float:
@@ -18,7 +19,7 @@ def cosine_momentum(base: float, step: int, total_steps: int | None) -> float:
 
 def make_target(online: nn.Module) -> nn.Module:
     """A frozen deep copy of ``online``: no gradients, same mode, same values."""
-    target = copy.deepcopy(online)
+    target = copy_module(online)
     target.requires_grad_(False)
     return target
 

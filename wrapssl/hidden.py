@@ -1,18 +1,106 @@
-"""Find a hidden layer by name, index or callable, hook it, stop the net there, pool it."""
+"""The encoder: the user's net up to its hidden layer (by name, index, callable or the classifier's input),
+hooked with an early exit, pooled to (B, D); its width probe, input memory format and error context."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import difflib
-from typing import Callable, Union
+from dataclasses import dataclass
+from typing import Callable, Iterator, Union
 
 import torch
 from torch import nn
 
-LayerSpec = Union[str, int, Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+
+@dataclass(frozen=True)
+class ClassifierInput:
+    """The input of the net's final classifier (its pre-logits), taken by a hook; the classifier never runs.
+
+    ``classifier`` and ``dropouts`` are names from ``net.named_modules()``, so the same
+    spec finds the same layers in a copy of the net. The ``dropouts`` (those right
+    before the classifier) are passed through unchanged: they regularise a classifier
+    that self-supervised training does not train, and would only add noise to the
+    representation. In eval mode they are identities anyway.
+    """
+
+    classifier: str
+    dropouts: tuple[str, ...] = ()
+
+
+LayerSpec = Union[str, int, ClassifierInput, Callable[[nn.Module, torch.Tensor], torch.Tensor]]
 POOLINGS = ("mean", "cls", "none")
+LAYOUTS = ("NCHW", "NHWC")
 
 
 class _EarlyExit(Exception):
     """Raised by the hook to skip the rest of the net once the layer has fired."""
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside; every submodule's own train/eval flag restored afterwards.
+
+    Restored through ``train()``, parents before children, rather than by setting the flags:
+    modules that keep eval-mode caches (timm's LeViT attention biases) drop them in ``train()``,
+    so weights that change while training are never served from a stale cache.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in flags:  # modules() lists parents first: children then fix their own flag
+            if m.training != was_training:
+                m.train(was_training)
+
+
+@contextlib.contextmanager
+def on_meta(module: nn.Module) -> Iterator[None]:
+    """Swap every parameter and buffer of ``module`` for a meta tensor; restore the originals after."""
+    saved = []
+    for m in module.modules():
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is not None:
+                    saved.append((store, name, t))
+    try:
+        for store, name, t in saved:
+            meta = torch.empty_like(t, device="meta")
+            store[name] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        yield
+    finally:
+        for store, name, t in saved:
+            store[name] = t
+
+
+def _tensors_in(value: object) -> Iterator[torch.Tensor]:
+    """The tensors held by a module attribute: a tensor, or one inside dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_in(v)
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module``, also when it caches tensors computed with gradients.
+
+    ``copy.deepcopy`` refuses non-leaf tensors; nets such as timm's LeViT keep one (an
+    attention-bias cache) after a forward in eval mode. The copy gets such a tensor detached:
+    its value, computed from weights the copy shares at this moment.
+    """
+    memo: dict[int, object] = {}
+    for m in module.modules():
+        for name, value in vars(m).items():
+            if name in ("_parameters", "_buffers", "_modules"):
+                continue
+            for t in _tensors_in(value):
+                if t.grad_fn is not None:
+                    memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(module, memo)
 
 
 def find_layer(net: nn.Module, layer: str | int) -> nn.Module | None:
@@ -41,71 +129,161 @@ def find_layer(net: nn.Module, layer: str | int) -> nn.Module | None:
                     f"got {type(layer).__name__}")
 
 
-def _first_tensor(out) -> torch.Tensor:
+def first_tensor(out: object) -> torch.Tensor:
     """The first tensor of a module output that may be a tuple, list or dict."""
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (tuple, list)):
         for o in out:
             if isinstance(o, (torch.Tensor, tuple, list, dict)):
-                return _first_tensor(o)
+                return first_tensor(o)
     if isinstance(out, dict):
         for o in out.values():
             if isinstance(o, (torch.Tensor, tuple, list, dict)):
-                return _first_tensor(o)
+                return first_tensor(o)
     if hasattr(out, "last_hidden_state"):  # Hugging Face model outputs
         return out.last_hidden_state
     raise TypeError(f"the hidden layer produced {type(out).__name__}, which holds no tensor; "
                     "pick another hidden_layer or pass a callable f(net, x) -> features")
 
 
-def pool(h: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """(B,C,H,W) → mean over space; (B,N,D) tokens → mean over tokens or the first (cls) token."""
+def feature_layout(shape: tuple[int, ...], fmt: str | None = None) -> str:
+    """"NCHW" or "NHWC" for a 4-D feature map of ``shape`` from square images; ValueError when it cannot tell.
+
+    The two equal spatial sides give the layout away: (B, C, H, H) or (B, H, H, C). Only
+    when all three sides are equal does ``fmt``, what the net declares (timm's
+    ``output_fmt``), decide: it describes the net's final features, not every layer's.
+    """
+    a, h, w = shape[1:]
+    if h == w and a != h:
+        return "NCHW"
+    if a == h and w != h:
+        return "NHWC"
+    if fmt in LAYOUTS:
+        return fmt
+    raise ValueError(f"cannot tell whether the hidden layer's output of shape {tuple(shape)} is (B,C,H,W) or "
+                     "(B,H,W,C); pass feature_layout='NCHW' or feature_layout='NHWC' so that the mean is "
+                     "taken over its spatial axes")
+
+
+def pool(h: torch.Tensor, pooling: str = "mean", layout: str = "NCHW") -> torch.Tensor:
+    """Feature maps → mean over their spatial axes (``layout`` says which); (B,N,D) tokens → mean or first token."""
     if pooling == "none" or h.ndim == 2:
         return h.flatten(1)
     if h.ndim == 4:
         if pooling == "cls":
             raise ValueError("pooling='cls' needs token outputs (B,N,D), but the hidden layer gave "
                              f"feature maps of shape {tuple(h.shape)}; use pooling='mean'")
-        return h.mean(dim=(2, 3))
+        return h.mean(dim=(1, 2) if layout == "NHWC" else (2, 3))
     if h.ndim == 3:
         return h[:, 0] if pooling == "cls" else h.mean(dim=1)
     return h.flatten(1)
 
 
-class Encoder(nn.Module):
-    """The user's net up to its hidden layer, pooled to (B, D); the rest of the net is skipped."""
+def input_channels(net: nn.Module, default: int = 3) -> int:
+    """The channel count the net takes: timm's ``in_chans``, else its first convolution's (a patch embedding is
+    one), else ``default``."""
+    declared = getattr(net, "in_chans", None)  # timm's; also right for stems that reshape first (TResNet)
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared
+    for m in net.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+            if m.in_channels > 0:  # lazy convolutions do not know theirs yet
+                return m.in_channels
+    return default
 
-    def __init__(self, net: nn.Module, layer: LayerSpec = -1, pooling: str = "mean"):
+
+def size_hint(net: nn.Module, image_size: int) -> str:
+    """Advice for a net built for one input size (a ViT, most timm transformers) run at another; else ''."""
+    if isinstance(getattr(net, "image_size", None), int) and net.image_size != image_size:  # torchvision's ViT
+        return (f"; this net is built for {net.image_size}x{net.image_size} images: build it with "
+                f"image_size={image_size} (e.g. models.vit_b_16(image_size={image_size})) or set "
+                f"image_size={net.image_size}")
+    built = getattr(getattr(net, "patch_embed", None), "img_size", None)
+    if built is None:
+        cfg = getattr(net, "pretrained_cfg", None)
+        built = cfg.get("input_size", (None,))[1:] if isinstance(cfg, dict) else None
+    if not built or tuple(built) == (image_size, image_size):
+        return ""
+    if getattr(net, "dynamic_img_size", None) is False:
+        return (f"; timm built this net for {built[0]}x{built[1]} images: create it with dynamic_img_size=True "
+                f"(or img_size={image_size})")
+    return (f"; timm built this net for {built[0]}x{built[1]} images: if it needs that size, create it "
+            f"with img_size={image_size}, or set image_size={built[1]}")
+
+
+def with_context(error: Exception, message: str) -> Exception:
+    """``error``'s type (RuntimeError if it cannot take a message) with ``message``; raise it ``from error``."""
+    try:
+        return type(error)(message)
+    except Exception:
+        return RuntimeError(message)
+
+
+class Encoder(nn.Module):
+    """The user's net up to its hidden layer, pooled to (B, D); the rest of the net is skipped.
+
+    ``layer``: a dotted name or child index (its output), a ``ClassifierInput`` (the
+    input of that classifier) or a callable ``f(net, x)``. ``feature_layout`` says how
+    4-D outputs are laid out ("NCHW" or "NHWC"; None: found at the first 4-D output).
+    ``channels_last`` is the input memory format policy (see ``input_format``).
+    """
+
+    def __init__(self, net: nn.Module, layer: LayerSpec = -1, pooling: str = "mean",
+                 feature_layout: str | None = None, channels_last: bool | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if feature_layout is not None and feature_layout not in LAYOUTS:
+            raise ValueError(f"feature_layout must be one of {LAYOUTS} or None (detected), got {feature_layout!r}")
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last must be None (automatic), True or False, got {channels_last!r}")
         self.net = net
-        self.pooling = pooling
+        self.pooling, self.layout, self.channels_last = pooling, feature_layout, channels_last
+        self.spec = layer
         self.fn = layer if callable(layer) and not isinstance(layer, nn.Module) else None
-        self.layer_name = None if self.fn else layer
-        self.module = None if self.fn else find_layer(net, layer)
         self._captured: torch.Tensor | None = None
         self._armed = False
-        self._handle = None
-        if self.module is not None:
-            self._handle = self.module.register_forward_hook(self._hook)
+        self._handles: list = []
+        self.module: nn.Module | None = None
+        if isinstance(layer, ClassifierInput):
+            self.module = net.get_submodule(layer.classifier)
+            self._handles.append(self.module.register_forward_pre_hook(self._input_hook))
+            for name in layer.dropouts:
+                self._handles.append(net.get_submodule(name).register_forward_hook(self._pass_through))
+        elif self.fn is None:
+            self.module = find_layer(net, layer)
+            if self.module is not None:
+                self._handles.append(self.module.register_forward_hook(self._output_hook))
+        self._open = True
+        # automatic channels_last is for convolutional nets only, and only once the net is seen to accept it
+        self._convolutional = any(isinstance(m, nn.Conv2d) for m in net.modules())
+        self._accepts_channels_last: bool | None = None
 
-    def _hook(self, module: nn.Module, inputs, output) -> None:
-        if not self._armed:  # only our own forward is intercepted; the user's net(x) runs as usual
-            return
-        self._captured = _first_tensor(output)
+    def _capture(self, h: object) -> None:
+        self._captured = first_tensor(h)
         self._armed = False
         raise _EarlyExit
+
+    def _output_hook(self, module: nn.Module, inputs, output) -> None:
+        if self._armed:  # only our own forward is intercepted; the user's net(x) runs as usual
+            self._capture(output)
+
+    def _input_hook(self, module: nn.Module, inputs) -> None:
+        if self._armed:
+            self._capture(inputs)
+
+    def _pass_through(self, module: nn.Module, inputs, output):
+        return inputs[0] if self._armed else None
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The raw hidden-layer output for images x (no pooling)."""
         if self.fn is not None:
-            return _first_tensor(self.fn(self.net, x))
-        if self.module is None:
-            return _first_tensor(self.net(x))
-        if self._handle is None:
+            return first_tensor(self.fn(self.net, x))
+        if not self._open:
             raise RuntimeError("this encoder was closed; create a new Learner to train again")
+        if self.module is None:
+            return first_tensor(self.net(x))
         self._captured, self._armed = None, True
         try:
             self.net(x)
@@ -115,25 +293,106 @@ class Encoder(nn.Module):
             self._armed = False
         h, self._captured = self._captured, None  # keep no activation past the call
         if h is None:
-            raise RuntimeError(f"hidden_layer {self.layer_name!r} never ran during the forward pass "
+            raise RuntimeError(f"hidden_layer {self.spec!r} never ran during the forward pass "
                                f"of {type(self.net).__name__}; choose a layer that the forward uses "
                                "(see print(net)) or pass a callable f(net, x)")
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pool(self.hidden(x), self.pooling)
+        h = self.hidden(x)
+        if h.ndim == 4 and self.pooling != "none" and self.layout is None:
+            self.layout = self._layout_of(tuple(h.shape), tuple(x.shape))
+        return pool(h, self.pooling, self.layout or "NCHW")
+
+    def _hidden_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the raw hidden output for images of ``shape``, found without touching the net.
+
+        A forward on the meta device costs no memory or compute and moves no BN
+        statistics; nets that meta tensors cannot run through get a forward on a
+        throw-away copy in eval mode instead.
+        """
+        try:
+            with torch.no_grad(), on_meta(self), eval_mode(self.net):
+                return tuple(self.hidden(torch.zeros(shape, device="meta")).shape)
+        except Exception:
+            pass
+        net = copy_module(self.net)
+        probe = Encoder(net, self.spec)
+        device = next(iter([*net.parameters(), *net.buffers()]), torch.empty(0)).device
+        try:
+            with torch.no_grad(), eval_mode(net):
+                return tuple(probe.hidden(torch.zeros(shape, device=device)).shape)
+        finally:
+            probe.close()
+
+    def _layout_of(self, hidden: tuple[int, ...], images: tuple[int, ...]) -> str:
+        """The layout of a 4-D hidden output of shape ``hidden`` for images of shape ``images``.
+
+        When its shape cannot tell, the net runs (on the meta device) on images twice as
+        large: the axes that grow are the spatial ones.
+        """
+        try:
+            return feature_layout(hidden, getattr(self.net, "output_fmt", None))
+        except ValueError as e:
+            try:
+                larger = self._hidden_shape((*images[:2], 2 * images[2], 2 * images[3]))
+            except Exception:
+                raise e from None
+            grew = tuple(a != b for a, b in zip(hidden[1:], larger[1:]))
+            if grew == (False, True, True):
+                return "NCHW"
+            if grew == (True, True, False):
+                return "NHWC"
+            raise
+
+    def probe_width(self, channels: int, image_size: int) -> int:
+        """Width of the pooled hidden layer for (channels, image_size) images; fixes the feature layout."""
+        images = (2, channels, image_size, image_size)
+        try:
+            hidden = self._hidden_shape(images)
+        except Exception as e:
+            raise with_context(e, f"could not run {type(self.net).__name__} on images of shape {images} to find "
+                                  f"the width of its hidden layer: {e}\nCheck image_size, channels and "
+                                  f"hidden_layer{size_hint(self.net, image_size)}") from e
+        if len(hidden) == 4 and self.pooling != "none" and self.layout is None:
+            self.layout = self._layout_of(hidden, images)
+        return pool(torch.empty(hidden, device="meta"), self.pooling, self.layout or "NCHW").shape[-1]
+
+    def input_format(self, batch: torch.Tensor) -> torch.Tensor:
+        """``batch`` in the memory format the net gets: ``torch.channels_last`` when it helps and works.
+
+        ``channels_last=None`` (automatic): for nets with ``Conv2d`` layers, on the CPU and under
+        CUDA autocast, unless a first 2-image probe shows the net cannot take it. True: always.
+        """
+        if batch.ndim != 4 or self.channels_last is False:
+            return batch
+        if self.channels_last is None:
+            device = batch.device.type
+            fast = device == "cpu" or (device == "cuda" and torch.is_autocast_enabled("cuda"))
+            if not self._convolutional or not fast:
+                return batch
+            if self._accepts_channels_last is None:
+                self._accepts_channels_last = self._runs_channels_last(batch)
+            if not self._accepts_channels_last:
+                return batch
+        return batch.contiguous(memory_format=torch.channels_last)
+
+    def _runs_channels_last(self, batch: torch.Tensor) -> bool:
+        """Whether the encoder runs on channels_last images: one uncompiled no-grad pass over 2 images
+        in eval mode (no batch-norm statistics move). False also when it fails for another reason:
+        the real pass then reports that error."""
+        probe = batch[:2].contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad(), eval_mode(self):
+                self.forward(probe)  # not through __call__: a compiled encoder stays uncompiled
+        except Exception:
+            return False
+        return True
 
     def close(self) -> None:
-        """Remove the hook; the net behaves exactly as before wrapping."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the hooks; the net behaves exactly as before wrapping."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._open = False
         self._captured = None
-
-
-def input_channels(net: nn.Module) -> int:
-    """The channel count the net takes: its first Conv2d's, if 1 or 3; else 3."""
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels if m.in_channels in (1, 3) else 3
-    return 3
