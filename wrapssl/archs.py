@@ -1,30 +1,28 @@
-"""Backbones by name: a small CPU-friendly ResNet, any torchvision model, timm models; with their hidden layer."""
+"""Backbones by name (a small CPU-friendly ResNet, any torchvision classifier, timm models) and local weights."""
 from __future__ import annotations
 
 import difflib
-from typing import Sequence
+import fnmatch
+import os
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
-from .hidden import LayerSpec
+from .hidden import LayerSpec, input_channels
+from .prelogits import find_pre_logits
 
-__all__ = ["SmallResNet", "build_arch", "available_archs", "default_hidden_layer", "adapt_input_channels"]
+__all__ = ["SmallResNet", "build_arch", "available_archs", "adapt_input_channels", "read_state_dict",
+           "load_weights"]
 
-# Hidden layers of torchvision families whose pooled output is not a top-level "avgpool" module.
-_FAMILY_LAYERS = {
-    "vit_": "encoder",          # tokens (B, 1+N, D) after the final LayerNorm; mean- or cls-pooled
-    "densenet": "features",     # feature maps before the functional ReLU + pooling
-    "mobilenet_v2": "features",
-    "squeezenet": "features",
-    "mnasnet": "layers",
-    "shufflenet": "conv5",
-    "maxvit": "blocks",
-}
 # Inception-style nets: their auxiliary heads only cost compute and unused parameters when pretraining.
 _NO_AUX = ("googlenet", "inception_v3")
+# Where other trainers keep the net's weights inside a checkpoint dict.
+_STATE_KEYS = ("state_dict", "model", "module", "net", "model_state_dict")
 
 
 class SmallResNet(nn.Module):
@@ -74,64 +72,175 @@ def available_archs() -> list[str]:
     return ["small_resnet", *models.list_models(module=models)]
 
 
-def default_hidden_layer(name: str, net: nn.Module) -> LayerSpec:
-    """The representation layer of a torchvision-style net: its global pool, or the family's feature block."""
-    for prefix, layer in _FAMILY_LAYERS.items():
-        if name.startswith(prefix):
-            return layer
-    top = dict(net.named_children())
-    if "avgpool" in top:
-        return "avgpool"
-    return -2  # the child before the classifier, the usual layout
+def _first_conv(net: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """(name, module) of the net's first Conv2d, the one its images meet (a patch embedding is one)."""
+    return next(((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def adapt_kernel(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """A first convolution's kernel (out, in, k, k) for ``channels`` inputs: the sum over its inputs, spread evenly.
+
+    An image whose channels are all equal then gives the same response as before, so a
+    grey or multispectral net starts as the RGB net does on grey images.
+    """
+    if weight.shape[1] == channels:
+        return weight
+    return weight.sum(dim=1, keepdim=True).div(channels).expand(-1, channels, -1, -1).contiguous()
 
 
 def adapt_input_channels(net: nn.Module, channels: int) -> nn.Module:
-    """Make the first 3-channel Conv2d of ``net`` take ``channels`` inputs (in place; returns ``net``).
+    """Make the first Conv2d of ``net`` take ``channels`` inputs (in place; returns ``net``).
 
-    For 1 channel the new kernel is the old one summed over its colour inputs,
-    so the adapted net on a grey image equals the original on that image
-    repeated to RGB (same initial function, one third of the stem's work).
+    The new kernel is ``adapt_kernel`` of the old one: for 1 channel the sum over the
+    colour inputs, so the adapted net on a grey image equals the original on that image
+    repeated to RGB (same initial function, one third of the stem's work); any other count
+    gets the same response to an image whose channels are all equal.
     """
-    if channels == 3:
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    found = _first_conv(net)
+    if found is None:
+        raise ValueError(f"{type(net).__name__} has no Conv2d to adapt to {channels} channel(s); "
+                         "adapt its first layer yourself")
+    name, conv = found
+    if conv.in_channels == channels:
         return net
-    if channels != 1:
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    for name, conv in net.named_modules():
-        if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
-            if conv.groups != 1:
-                break
-            new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                            bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                            device=conv.weight.device, dtype=conv.weight.dtype)
-            with torch.no_grad():
-                new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
-                if conv.bias is not None:
-                    new.bias.copy_(conv.bias)
-            parent_name, _, attr = name.rpartition(".")
-            setattr(net.get_submodule(parent_name) if parent_name else net, attr, new)
-            return net
-    raise ValueError(f"{type(net).__name__} has no plain 3-channel Conv2d to adapt to {channels} channel(s); "
-                     "pass channels=3 (grey images are repeated to RGB) or adapt the stem yourself")
+    if conv.groups != 1:
+        raise ValueError(f"{type(net).__name__}'s first convolution {name!r} is grouped; it cannot be adapted to "
+                         f"{channels} channel(s): adapt the stem yourself")
+    new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(adapt_kernel(conv.weight, channels))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(net.get_submodule(parent_name) if parent_name else net, attr, new)
+    if isinstance(getattr(net, "in_chans", None), int):  # timm's record of the input channels, read by the Learner
+        net.in_chans = channels
+    return net
 
 
-def _timm_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm's un-pooled features (the Learner pools them): maps (B,C,H,W) or tokens (B,N,D)."""
-    return net.forward_features(x)
+def _tensors_only(state: object) -> bool:
+    return isinstance(state, Mapping) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-def _build_timm(name: str, channels: int, num_classes: int, image_size: int | None) -> tuple[nn.Module, LayerSpec]:
-    """A randomly initialised timm model and its features callable."""
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without the prefix that DDP ("module.") or torch.compile ("_orig_mod.") put before every one."""
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A net's weights from a file: a torchvision/timm state dict (.pth, .pt, .bin, .safetensors), a
+    ``backbone.pt``, a wrapssl Trainer checkpoint (its online net) or another trainer's checkpoint dict."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "backbone.pt").is_file():
+        path = path / "backbone.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {os.fspath(path)} not found; pass a state dict file, a backbone.pt "
+                                "(or the run folder holding it) or a checkpoint-N.pt")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(os.fspath(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{os.fspath(path)} is not a readable weights file ({type(e).__name__}: {e}); it must be "
+                         "saved with torch.save(net.state_dict(), path) or safetensors") from e
+    if isinstance(state, Mapping) and isinstance(state.get("learner"), Mapping):  # a wrapssl Trainer checkpoint
+        prefix = "encoder.net."  # the Learner keeps the user's net under encoder.net
+        state = {k[len(prefix):]: v for k, v in state["learner"].items() if k.startswith(prefix)}
+    elif isinstance(state, Mapping) and not _tensors_only(state):
+        state = next((state[k] for k in _STATE_KEYS if _tensors_only(state.get(k))), state)
+    if not _tensors_only(state):
+        raise ValueError(f"{os.fspath(path)} holds no state dict of a net (a mapping of names to tensors); "
+                         "save one with torch.save(net.state_dict(), path)")
+    return _strip_prefix(dict(state))
+
+
+def _listing(items: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def load_weights(net: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
+                 ignore: Sequence[str] = ()) -> nn.Module:
+    """Load weights into ``net`` in place (returns it) from a file (see ``read_state_dict``) or a state dict.
+
+    Every key must match in name and shape, except keys matching a pattern of ``ignore``
+    (``fnmatch`` patterns such as ``"fc.*"``, or prefixes such as ``"fc."``), which keep the
+    net's own values. A first convolution saved for another channel count is adapted with
+    ``adapt_kernel`` (RGB weights for a grey or multispectral net). Anything else that does
+    not fit raises a ValueError that names the keys and what to do.
+    """
+    state = read_state_dict(source) if isinstance(source, (str, os.PathLike)) else _strip_prefix(dict(source))
+    patterns = list(ignore)
+
+    def ignored(key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+    own = net.state_dict()
+    state = {k: v for k, v in state.items() if not ignored(k)}
+    first = _first_conv(net)
+    stem = f"{first[0]}.weight" if first else None
+    if stem in state and stem in own and state[stem].ndim == 4 and state[stem].shape[0] == own[stem].shape[0] \
+            and state[stem].shape[2:] == own[stem].shape[2:]:
+        state[stem] = adapt_kernel(state[stem], own[stem].shape[1])
+    # BatchNorm fills in a missing num_batches_tracked itself (files saved by old PyTorch versions lack it)
+    missing = [k for k in own if k not in state and not ignored(k) and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state dict"
+        parts = []
+        if wrong:
+            parts.append("shapes differ for " + _listing([f"{k} (file {tuple(state[k].shape)}, net "
+                                                          f"{tuple(own[k].shape)})" for k in wrong]))
+        if missing:
+            parts.append(f"{len(missing)} key(s) of the net are not in the file: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} key(s) of the file are not in the net: {_listing(unexpected)}")
+        modules = sorted({k.rpartition(".")[0] + "." for k in [*wrong, *missing, *unexpected]})
+        if len(modules) <= 2:  # a classifier for another number of classes, say
+            advice = (f"Build the net to match the file (e.g. its number of classes), or pass ignore={modules!r} "
+                      "to keep the net's own values there")
+        else:
+            advice = "The file is of another architecture or variant: check the model name"
+
+        raise ValueError(f"the weights in {where} do not fit {type(net).__name__}: {'; '.join(parts)}. {advice}")
+    net.load_state_dict(state, strict=False)  # strict is checked above, with the ignored keys left out
+    return net
+
+
+def _timm_checkpoint_filter(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` through the model module's ``checkpoint_filter_fn``, as timm loads its own pretrained weights
+    (it converts original checkpoint layouts and resamples position embeddings to the net's image size)."""
+    fn = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
+    return fn(state, net) if callable(fn) else state
+
+
+def _build_timm(name: str, channels: int, num_classes: int, image_size: int | None) -> nn.Module:
+    """A randomly initialised timm model, built for ``image_size`` where the model fixes its input size."""
     try:
         import timm
     except ImportError as e:
         raise ImportError(f"architecture {name!r} needs timm: pip install timm "
                           f"(or pick a torchvision model, e.g. 'resnet18', or 'small_resnet')") from e
-    kwargs = {"img_size": image_size} if image_size is not None and "vit" in name else {}
+    kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=channels)
     try:
-        net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels, **kwargs)
+        if image_size is not None:
+            try:
+                return timm.create_model(name, img_size=image_size, **kwargs)
+            except TypeError:  # a model that takes any size has no img_size argument
+                pass
+        return timm.create_model(name, **kwargs)
     except RuntimeError as e:  # timm's "Unknown model"
         raise ValueError(f"timm does not know the model {name!r}: {e}; see timm.list_models()") from e
-    return net, _timm_features
 
 
 def _is_timm_model(name: str) -> bool:
@@ -144,40 +253,49 @@ def _is_timm_model(name: str) -> bool:
 
 
 def build_arch(name: str = "small_resnet", channels: int = 3, num_classes: int = 10,
-               image_size: int | None = None) -> tuple[nn.Module, LayerSpec]:
-    """A randomly initialised network and its default hidden layer for ``Learner``.
+               image_size: int | None = None, weights: str | os.PathLike | None = None,
+               ignore: Sequence[str] = ()) -> tuple[nn.Module, LayerSpec]:
+    """A network and its representation layer for ``Learner``: the net's pre-logits (see ``find_pre_logits``).
 
     ``name``: "small_resnet" (the default, for 28-64 px images on CPU), any
     ``torchvision.models.list_models()`` name, or a timm name ("timm:resnet18";
     unprefixed names that torchvision lacks also go to timm when it is installed).
-    ``channels`` 1 adapts the stem to grey images; ``image_size`` is passed to
-    models that fix it at construction (ViT). Weights are never downloaded.
+    ``channels``: any count; the first convolution is adapted (``adapt_input_channels``).
+    ``image_size`` is passed to models that fix it at construction (ViTs).
+    ``weights``: a local file to start from (see ``load_weights``, which takes ``ignore``);
+    random initialisation otherwise. Nothing is ever downloaded.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"arch name must be a non-empty string, got {name!r}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be a positive int (the images' channel count), got {channels!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    state = read_state_dict(weights) if weights is not None else None
     key = name.strip()
-    if key.lower().startswith("timm:"):
-        return _build_timm(key[5:], channels, num_classes, image_size)
+    timm_name = key[5:] if key.lower().startswith("timm:") else None
     key = key.lower().replace("-", "_")
-    if key == "small_resnet":
-        return SmallResNet(channels, num_classes), "avgpool"
-    if key in models.list_models(module=models):
-        return _build_torchvision(key, channels, num_classes, image_size)
-    if _is_timm_model(name):
-        return _build_timm(name, channels, num_classes, image_size)
-    close = difflib.get_close_matches(key, available_archs(), n=3)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown architecture {name!r}{hint} Choose 'small_resnet', a torchvision model name "
-                     "(torchvision.models.list_models()), or 'timm:<name>' with timm installed")
+    if timm_name is None and key != "small_resnet" and key not in models.list_models(module=models):
+        if not _is_timm_model(name):
+            close = difflib.get_close_matches(key, available_archs(), n=3)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"unknown architecture {name!r}{hint} Choose 'small_resnet', a torchvision model name "
+                             "(torchvision.models.list_models()), or 'timm:<name>' with timm installed")
+        timm_name = name
+    if timm_name is not None:
+        net = _build_timm(timm_name, channels, num_classes, image_size)
+        if state is not None:
+            load_weights(net, _timm_checkpoint_filter(net, state), ignore)
+    else:
+        net = SmallResNet(channels, num_classes) if key == "small_resnet" else \
+            adapt_input_channels(_build_torchvision(key, num_classes, image_size), channels)
+        if state is not None:
+            load_weights(net, state, ignore)
+    return net, find_pre_logits(net, input_channels(net), image_size or 224)
 
 
-def _build_torchvision(name: str, channels: int, num_classes: int,
-                       image_size: int | None) -> tuple[nn.Module, LayerSpec]:
-    """A torchvision classification model without weights, adapted to ``channels``."""
+def _build_torchvision(name: str, num_classes: int, image_size: int | None) -> nn.Module:
+    """A torchvision classification model without weights."""
     kwargs: dict = {"weights": None, "num_classes": num_classes}
     if name.startswith("vit_") and image_size is not None:
         patch = int(name.rsplit("_", 1)[-1])
@@ -187,5 +305,4 @@ def _build_torchvision(name: str, channels: int, num_classes: int,
         kwargs["image_size"] = image_size
     if name in _NO_AUX:
         kwargs.update(aux_logits=False, init_weights=False)
-    net = models.get_model(name, **kwargs)
-    return adapt_input_channels(net, channels), default_hidden_layer(name, net)
+    return models.get_model(name, **kwargs)
