@@ -1,8 +1,10 @@
-"""MLP heads shared by the methods."""
+"""Heads shared by the methods: MLPs, and the simplicial embedding byol-pytorch 0.9 puts before its projector."""
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+from einops import rearrange
 from torch import nn
 
 _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -33,3 +35,31 @@ def mlp(dims: Sequence[int], batchnorm: bool = True, act: str = "relu",
         elif last_bn:
             layers.append(nn.BatchNorm1d(d_out, affine=last_bn_affine))
     return nn.Sequential(*layers)
+
+
+class Simplicial(nn.Module):
+    """Softmax over each group of ``simplex_dim`` features, at ``temperature``: vectors on products of simplices.
+
+    The SEM layer of Lavoie et al. 2022 (arXiv:2204.00616), used in front of the projector.
+    """
+
+    def __init__(self, simplex_dim: int = 8, temperature: float = 0.1):
+        super().__init__()
+        if isinstance(simplex_dim, bool) or not isinstance(simplex_dim, int) or simplex_dim < 1:
+            raise ValueError(f"simplex_dim must be a positive int, got {simplex_dim!r}")
+        if not temperature > 0:
+            raise ValueError(f"the simplicial temperature must be > 0, got {temperature!r}")
+        self.simplex_dim, self.temperature = simplex_dim, float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = rearrange(x, "... (l v) -> ... l v", v=self.simplex_dim)
+        return rearrange((groups / self.temperature).softmax(dim=-1), "... l v -> ... (l v)")
+
+
+def simplicial_embedding(dim: int, num_simplices: int = 32, simplex_dim: int = 8,
+                         temperature: float = 0.1) -> nn.Sequential:
+    """Linear to ``num_simplices · simplex_dim`` features, BatchNorm, then ``Simplicial``."""
+    if isinstance(num_simplices, bool) or not isinstance(num_simplices, int) or num_simplices < 1:
+        raise ValueError(f"num_simplices must be a positive int, got {num_simplices!r}")
+    width = num_simplices * simplex_dim
+    return nn.Sequential(nn.Linear(dim, width), nn.BatchNorm1d(width), Simplicial(simplex_dim, temperature))
