@@ -104,6 +104,18 @@ def test_tiny_run_writes_everything_and_resumes(train_script, tmp_path):
     assert (out / "checkpoint-00000005.pt").is_file()
 
 
+def test_the_run_folder_gets_its_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    import matplotlib.image
+
+    run = [arg for arg in TINY if arg != "--no-plots"]
+    app.main([*run, "--steps", "2", "--knn-test", "60", "--out", str(tmp_path)])
+    for name in ("loss_curve.png", "augmentations.png", "embedding_map.png"):
+        image = matplotlib.image.imread(tmp_path / name)
+        assert image.ndim == 3 and image.std() > 0.01, name
+
+
 def test_wrapssl_train_and_python_m_run_the_same_app(tmp_path):
     """`wrapssl train ...` in-process and `python -m wrapssl.train ...` in a new process end with the same weights."""
     run = [*TINY, "--steps", "2", "--checkpoint-every", "10"]
