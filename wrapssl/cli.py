@@ -51,23 +51,13 @@ def _run_record(folder: Path) -> dict[str, Any]:
 
 def _net_state(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The net's state_dict from a run folder, a backbone.pt or a Trainer checkpoint, and its folder."""
-    from .checkpoints import CHECKPOINT_FORMAT
+    from .archs import read_state_dict
 
-    if source.is_dir():
-        source = source / "backbone.pt"
-    if not source.is_file():
-        raise SystemExit(f"error: {source} not found; pass a run folder (with backbone.pt), a backbone.pt "
-                         "or a checkpoint-N.pt")
     try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {source} is not a readable torch file ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        prefix = "encoder.net."  # the Learner keeps the user's net under encoder.net
-        state = {k[len(prefix):]: v for k, v in state["learner"].items() if k.startswith(prefix)}
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SystemExit(f"error: {source} holds no state_dict of a net")
-    return state, source.parent
+        state = read_state_dict(source)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return state, source if source.is_dir() else source.parent
 
 
 def _channels_and_classes(state: dict[str, torch.Tensor]) -> tuple[int, int]:
