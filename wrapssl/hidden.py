@@ -26,6 +26,9 @@ class ClassifierInput:
     classifier: str
     dropouts: tuple[str, ...] = ()
 
+    def __str__(self) -> str:
+        return f"pre-logits (the input of {self.classifier!r})"
+
 
 LayerSpec = Union[str, int, ClassifierInput, Callable[[nn.Module, torch.Tensor], torch.Tensor]]
 POOLINGS = ("mean", "cls", "none")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,9 +14,15 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropo
 _RESHAPES = (nn.Flatten, nn.Identity)  # may sit between a dropout and the classifier
 
 
-def timm_pre_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm's own pre-logit features: ``forward_head(forward_features(x), pre_logits=True)``."""
-    return net.forward_head(net.forward_features(x), pre_logits=True)
+@dataclass(frozen=True)
+class TimmPreLogits:
+    """timm's own pre-logit features: ``forward_head(forward_features(x), pre_logits=True)``, as ``f(net, x)``."""
+
+    def __call__(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return net.forward_head(net.forward_features(x), pre_logits=True)
+
+    def __str__(self) -> str:
+        return "pre-logits (timm's forward_head(..., pre_logits=True))"
 
 
 def is_timm_like(net: nn.Module) -> bool:
@@ -71,13 +78,13 @@ def _classifier_in(order: list[tuple[str, nn.Module]]) -> ClassifierInput | None
 def find_pre_logits(net: nn.Module, channels: int, image_size: int) -> LayerSpec:
     """The hidden layer that gives ``net``'s own pre-logit features on (channels, image_size) images.
 
-    timm-style nets: ``timm_pre_logits``. Others: the input of the final classifier (the
+    timm-style nets: ``TimmPreLogits()``. Others: the input of the final classifier (the
     last Linear or 1x1 convolution that only pooling, flattening or activations follow),
     found from one forward on the meta device (or on a copy when meta tensors cannot run
     the net). A net without such a classifier: -1, its own output.
     """
     if is_timm_like(net):
-        return timm_pre_logits
+        return TimmPreLogits()
     shape = (2, channels, image_size, image_size)
     try:
         with torch.no_grad(), on_meta(net), eval_mode(net):
