@@ -4,7 +4,10 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from wrapssl import Learner
 from wrapssl import augment as A
+
+from conftest import small_cnn
 
 TOL = dict(atol=1e-5, rtol=0)
 BANDS = [2, 4, 13]
@@ -53,6 +56,19 @@ def test_recipes_take_any_channel_count_and_draw_as_for_rgb(channels):
         for v, view in zip(out, views.transforms):
             one = view(images(4, channels)[:, -1:], params=view._params)
             torch.testing.assert_close(v[:, -1:], one, **TOL)
+
+
+def test_a_learner_trains_a_13_band_net_on_estimated_statistics():
+    x = torch.randint(0, 256, (8, 13, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    heads = dict(projection_size=16, projection_hidden_size=32)
+    with pytest.raises(ValueError, match="estimate_normalization"):
+        Learner(small_cnn(channels=13), image_size=16, **heads)  # ImageNet's statistics are RGB's
+    net = small_cnn(channels=13)
+    learner = Learner(net, image_size=16, normalize=A.estimate_normalization(x), **heads)
+    loss = learner(x)
+    loss.backward()
+    assert torch.isfinite(loss) and net[0].weight.grad.abs().sum() > 0
+    assert learner.embed(x).shape == (8, 64)
 
 
 def test_to_float_takes_the_nets_channel_count_and_grey_for_rgb():
