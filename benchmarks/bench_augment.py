@@ -247,15 +247,20 @@ def main(argv=None) -> dict:
                 walls[k].append(w)
                 cpus[k].append(c)
         rows, res = [], {}
+        reference = next((k for k, (tag, _) in contenders.items() if tag == "baseline"), None)
         for k in contenders:
             ips = args.batch * args.batches / median(walls[k])
             loader = "DataLoader" in k
             cpu_per_1k = median(cpus[k]) / (args.batch * (args.batches + (1 if loader else 0))) * 1000
             res[k] = {"images_per_s": ips, "cpu_s_per_1000": cpu_per_1k}
             rows.append([k, f"{ips:.0f}", f"{1e3 * args.batch / ips:.2f}", f"{cpu_per_1k:.2f}"])
+            if reference:  # each repetition's time over the baseline's in the same repetition: same load
+                res[k]["time_vs_baseline"] = median([a / b for a, b in zip(walls[k], walls[reference])])
+                rows[-1].append(f"{res[k]['time_vs_baseline']:.3f}")
         results[size] = res
         print(f"### {size}x{size}, batch {args.batch}, two views per image\n")
-        print(markdown_table(["contender", "images/s (median)", "ms per batch", "CPU s per 1000 images"], rows))
+        print(markdown_table(["contender", "images/s (median)", "ms per batch", "CPU s per 1000 images"]
+                             + (["time × baseline (median of paired ratios)"] if reference else []), rows))
     save_json(args.json, {"command": command(), "machine": machine(dev), "results": results})
     return results
 
