@@ -179,3 +179,24 @@ def test_python_m_wrapssl_is_the_command(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "argument -n: expected a positive whole number" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_evaluate_agrees_with_the_training_app_on_the_same_backbone(tmp_path, capsys):
+    """One protocol everywhere: `wrapssl evaluate RUN` gives the app's own scores, baselines included."""
+    from conftest import reset_accelerate
+    from wrapssl import train as app
+
+    reset_accelerate()
+    metrics = app.main(["--data", "digits", "--image-size", "8", "--batch-size", "16", "--steps", "3", "--knn-k",
+                        "20", "--no-plots", "--seed", "3", "--out", str(tmp_path)])
+    reset_accelerate()
+    capsys.readouterr()
+    cli.main(["evaluate", str(tmp_path), "-k", "20"])
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["n_train"] == metrics["knn_memory"] == 1297  # every training image is the memory in both
+    assert scores["knn_top1"] == pytest.approx(metrics["scores"]["pretrained"]["knn"], abs=1e-6)
+    assert scores["linear_top1"] == pytest.approx(metrics["scores"]["pretrained"]["linear"], abs=0.005)
+    for row in ("raw_pixels", "random_init"):
+        assert scores["baselines"][row]["knn"] == pytest.approx(metrics["scores"][row]["knn"], abs=1e-6), row
+    cli.main(["evaluate", str(tmp_path), "-k", "20", "--no-baselines", "--out", str(tmp_path / "s.json")])
+    assert "baselines" not in json.loads(capsys.readouterr().out)

@@ -111,7 +111,7 @@ def test_the_run_folder_gets_its_plots(tmp_path):
 
     run = [arg for arg in TINY if arg != "--no-plots"]
     app.main([*run, "--steps", "2", "--knn-test", "60", "--out", str(tmp_path)])
-    for name in ("loss_curve.png", "augmentations.png", "embedding_map.png"):
+    for name in ("loss_curve.png", "augmentations.png", "embedding_map.png", "learning_curve.png"):
         image = matplotlib.image.imread(tmp_path / name)
         assert image.ndim == 3 and image.std() > 0.01, name
 
@@ -123,7 +123,7 @@ def test_wrapssl_train_and_python_m_run_the_same_app(tmp_path):
     done = subprocess.run([sys.executable, "-m", "wrapssl.train", *run, "--out", str(tmp_path / "b")],
                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "kNN accuracy" in done.stdout
+    assert "(random init) ->" in done.stdout and "raw pixels" in done.stdout  # the summary line
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert a["weights_sha256"] == b["weights_sha256"] and a["knn_after"] == b["knn_after"]
@@ -210,3 +210,37 @@ def test_bad_settings_exit_with_the_reason(tmp_path):
         app.main([*TINY, "--min-crop", "1.5", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--method-arg expects KEY=VALUE"):
         app.main([*TINY, "--method-arg", "temperature", "--out", str(tmp_path)])
+
+
+def test_report_scores_the_baselines_on_the_same_protocol(tmp_path, capsys):
+    """raw pixels, random init and pretrained rows equal a recomputation from the data and the saved backbone;
+    the learning curve starts at the random init and has a point per evaluation."""
+    from wrapssl.archs import build_arch
+    from wrapssl.data import load_dataset
+    from wrapssl.evaluate import embed_dataset, knn_accuracy, linear_probe
+
+    metrics = app.main([*TINY, "--steps", "6", "--out", str(tmp_path)])
+    scores = metrics["scores"]
+    data = load_dataset("digits", 8, split="train")
+    memory = torch.utils.data.Subset(data, range(300))
+    queries = torch.utils.data.Subset(load_dataset("digits", 8, split="test"), range(100))
+    x = torch.stack([memory[i][0] for i in range(300)]).flatten(1).float() / 255
+    y = torch.tensor([memory[i][1] for i in range(300)])
+    xq = torch.stack([queries[i][0] for i in range(100)]).flatten(1).float() / 255
+    yq = torch.tensor([queries[i][1] for i in range(100)])
+    assert scores["raw_pixels"]["knn"] == pytest.approx(knn_accuracy(x, y, xq, yq, k=20, temperature=0.1))
+    assert scores["raw_pixels"]["linear"] == pytest.approx(linear_probe(x, y, xq, yq))
+
+    net, layer = build_arch("small_resnet", channels=3, num_classes=10, image_size=8)
+    net.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True))
+    a, b = embed_dataset(net, memory, hidden_layer=layer), embed_dataset(net, queries, hidden_layer=layer)
+    assert scores["pretrained"]["knn"] == pytest.approx(knn_accuracy(a.embeddings, a.labels, b.embeddings, b.labels,
+                                                                     k=20, temperature=0.1))
+    assert scores["pretrained"]["linear"] == pytest.approx(linear_probe(a.embeddings, a.labels, b.embeddings,
+                                                                        b.labels), abs=0.011)
+    curve = metrics["learning_curve"]
+    assert curve[0] == [0.0, scores["random_init"]["knn"]] and len(curve) == 4  # start, steps 2, 4 and 6
+    assert [m for m, _ in curve] == sorted(m for m, _ in curve) and curve[-1][1] == scores["pretrained"]["knn"]
+    out = capsys.readouterr().out
+    assert f"{100 * scores['raw_pixels']['knn']:.2f}%" in out and "health (no labels needed)" in out
+    assert metrics["health"]["dim"] == 128 and not metrics["health"]["collapsed"]

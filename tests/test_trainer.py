@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -423,7 +424,8 @@ def test_knn_monitor_and_outputs(tmp_path, monkeypatch):
                                                                                 b.labels, k=5, temperature=0.1))
     rows = [r.split(",") for r in (tmp_path / "metrics.csv").read_text().splitlines()]
     assert rows[0] == ["step", "name", "value"]
-    assert {r[1] for r in rows[1:]} == {"loss", "lr", "momentum", "images_per_s", "knn"}
+    assert {r[1] for r in rows[1:]} == {"loss", "lr", "momentum", "images_per_s", "knn", "train_minutes", "rank",
+                                       "embedding_std"}
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
 
@@ -459,3 +461,57 @@ def test_single_process_cpu_launch_is_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29500")
     with pytest.warns(RuntimeWarning, match="--multi_gpu --num_processes N"):
         make(tmp_path, steps=1)
+
+
+class ConstantNet(nn.Module):
+    """A net whose output is the same vector for every image (its conv gets no useful gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.out = nn.Parameter(torch.randn(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out.expand(x.shape[0], -1) + 0 * self.conv(x).mean()
+
+
+def test_health_is_logged_and_warns_on_a_collapsed_run(tmp_path):
+    from wrapssl.health import health
+
+    trainer = make(tmp_path, steps=4, health_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a healthy run must not warn of collapse
+        trainer()
+    assert [s for s, _ in trainer.history["rank"]] == [2, 4]
+    # the logged values are the health of the embeddings of 48 (all) training images, computed again here
+    ref = health(trainer.learner.embed(images()))
+    assert trainer.history["rank"][-1][1] == pytest.approx(ref.rank, rel=1e-4)
+    assert trainer.history["embedding_std"][-1][1] == pytest.approx(ref.std, rel=1e-4)
+    assert not trainer.health.collapsed
+
+    torch.manual_seed(0)
+    collapsed = Trainer(ConstantNet(), **{**dict(dataset=images(), image_size=12, hidden_layer=-1, num_train_steps=4,
+                                                 batch_size=8, checkpoint_folder=tmp_path / "c", log_every=1,
+                                                 health_every=2), **QUIET, **HEADS})
+    with pytest.warns(RuntimeWarning, match="looks collapsed at step 2") as caught:
+        collapsed()
+    assert sum("collapsed" in str(w.message) for w in caught) == 1  # said once, not at every check
+    assert collapsed.health.collapsed and collapsed.history["rank"][-1][1] < 1.01
+
+
+def test_train_minutes_skip_evaluations(tmp_path, monkeypatch):
+    trainer = make(tmp_path, steps=4, eval_every=2, eval_dataset=(TensorImages(images(16), torch.arange(16) % 2),
+                                                                  TensorImages(images(8), torch.arange(8) % 2)),
+                   health_every=None)
+    slow_knn = trainer.knn
+
+    def knn_taking_a_second():
+        time.sleep(1.0)
+        return slow_knn()
+    monkeypatch.setattr(trainer, "knn", knn_taking_a_second)
+    start = time.perf_counter()
+    trainer()
+    wall = (time.perf_counter() - start) / 60
+    minutes = [m for _, m in trainer.history["train_minutes"]]
+    assert minutes == sorted(minutes) and 0 < minutes[-1]
+    assert minutes[-1] < wall - 1.9 / 60  # the two 1-second evaluations are not training time

@@ -128,18 +128,45 @@ def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: La
     return Embeddings(torch.cat([p.embeddings for p in parts]), torch.cat([p.labels for p in parts]), files)
 
 
-def _embed(args: argparse.Namespace, split: str):
-    """(embeddings of one split of the data with the loaded backbone, the run folder)."""
+def _split(args: argparse.Namespace, recorded: dict[str, Any], split: str):
+    """One split of the data (the first --limit images of it)."""
     from torch.utils.data import Subset
 
-    net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
     ds = _dataset(args.data, recorded, split, args.image_size, args.data_root)
     if args.limit:
         files = getattr(ds, "files", None)
         limited = Subset(ds, range(min(args.limit, len(ds))))
         limited.files = list(files[:len(limited)]) if files is not None else None
         ds = limited
+    return ds
+
+
+def _embed(args: argparse.Namespace, split: str):
+    """(embeddings of one split of the data with the loaded backbone, the run folder)."""
+    net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
+    ds = _split(args, recorded, split)
     return _embed_with_progress(net, ds, args, layer, f"{split} split"), folder
+
+
+def _baselines(args: argparse.Namespace, net: nn.Module, layer: LayerSpec, recorded: dict[str, Any],
+               train_ds, test_ds) -> dict[str, dict[str, float]]:
+    """Raw pixels and the randomly initialised net (the run's seed), scored as the backbone is."""
+    from .archs import build_arch
+    from .evaluate import probe_scores, raw_pixels
+
+    size = args.image_size or recorded.get("image_size")
+    print("scoring the baselines: raw pixels ...", file=sys.stderr)
+    rows = {"raw_pixels": probe_scores(raw_pixels(train_ds, size), raw_pixels(test_ds, size), args.k,
+                                       args.temperature)}
+    channels = next((p.shape[1] for p in net.parameters() if p.ndim == 4), 3)
+    torch.manual_seed(int(recorded.get("seed") or 0))  # the run's random init, as train.py built it
+    fresh, _ = build_arch(args.arch or recorded["arch"], channels=channels,
+                          num_classes=next((p.shape[0] for p in reversed(list(net.parameters())) if p.ndim == 2), 10),
+                          image_size=recorded.get("image_size"))
+    a = _embed_with_progress(fresh, train_ds, args, layer, "train split (random init)")
+    b = _embed_with_progress(fresh, test_ds, args, layer, "test split (random init)")
+    rows["random_init"] = probe_scores(a, b, args.k, args.temperature)
+    return rows
 
 
 def _class_names(args: argparse.Namespace, folder: Path) -> list[str] | None:
@@ -170,13 +197,16 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """kNN, linear probe, clustering and retrieval scores (train split as memory, test split as queries)."""
-    from .evaluate import Embeddings, evaluate
+    from .evaluate import Embeddings, evaluate, format_scores
 
     if args.train_embeddings and args.test_embeddings:
         train, test = Embeddings.load_npz(args.train_embeddings), Embeddings.load_npz(args.test_embeddings)
         folder = Path(args.test_embeddings).parent
     elif args.source:
-        (train, folder), (test, _) = _embed(args, "train"), _embed(args, "test")
+        net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
+        train_ds, test_ds = _split(args, recorded, "train"), _split(args, recorded, "test")
+        train = _embed_with_progress(net, train_ds, args, layer, "train split")
+        test = _embed_with_progress(net, test_ds, args, layer, "test split")
     else:
         raise SystemExit("error: pass SOURCE (a run folder or backbone) or both --train-embeddings and "
                          "--test-embeddings")
@@ -184,6 +214,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
           "k-means clustering, retrieval ...", file=sys.stderr)
     try:
         scores = evaluate(train, test, k=args.k, temperature=args.temperature)
+        if args.baselines and args.source:
+            rows = _baselines(args, net, layer, recorded, train_ds, test_ds)
+            rows["pretrained"] = {"knn": scores["knn_top1"], "linear": scores["linear_top1"]}
+            scores["baselines"] = {name: rows[name] for name in ("raw_pixels", "random_init")}
+            print(format_scores(rows, k=args.k, memory=int(scores["n_train"])), file=sys.stderr)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     text = json.dumps(scores, indent=2)
@@ -291,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=positive_int_arg, default=200,
                    help="kNN neighbours (200 as in InstDisc/DINO; 20 for tiny sets)")
     p.add_argument("--temperature", type=float, default=0.1, help="kNN vote temperature; lower = sharper votes")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score raw pixels and the randomly initialised net (the run's seed) on the same "
+                        "protocol, under \"baselines\" (needs SOURCE)")
     p.add_argument("--out", help="scores as JSON (default: <run folder>/scores.json, or beside the test "
                                  "embeddings)")
 

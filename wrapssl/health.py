@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rankme", "normalized_std", "Health", "health", "COLLAPSE_RANK", "COLLAPSE_STD"]
+__all__ = ["rankme", "normalized_std", "Health", "health", "probe_images", "embedding_health", "COLLAPSE_RANK",
+           "COLLAPSE_STD", "HEALTH_IMAGES"]
 
 # A run is called collapsed when its embeddings have an effective rank below COLLAPSE_RANK, or when their
 # normalised spread is below COLLAPSE_STD / sqrt(D). Healthy runs of every method on the main job stay far
@@ -94,3 +95,23 @@ def health(embeddings: Any) -> Health:
     """The health signals (RankMe, normalised spread) of an (N, D) embedding matrix."""
     x = _matrix(embeddings)
     return Health(rank=rankme(x), std=normalized_std(x), dim=x.shape[1])
+
+
+HEALTH_IMAGES = 512  # images in the fixed probe batch: enough for a stable rank of a 128-2048-d embedding
+
+
+def probe_images(dataset: Any, n: int = HEALTH_IMAGES) -> torch.Tensor:
+    """A fixed batch of ``n`` images spread evenly over ``dataset`` (items are images or (image, label))."""
+    size = len(dataset)
+    if size < 2:
+        raise ValueError(f"the health probe needs at least 2 images, the dataset has {size}")
+    picks = torch.linspace(0, size - 1, min(n, size)).round().long().unique().tolist()
+    items = [dataset[i] for i in picks]
+    return torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+
+
+@torch.no_grad()
+def embedding_health(learner: Any, images: torch.Tensor, batch_size: int = 256) -> Health:
+    """The health of ``learner.embed`` on ``images`` (no augmentation, no gradient, BN statistics untouched)."""
+    chunks = [learner.embed(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return health(torch.cat(chunks).float().cpu())

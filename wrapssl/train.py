@@ -1,4 +1,4 @@
-"""The training app: pretrain a backbone self-supervised, then report what it learned (kNN before and after).
+"""The training app: pretrain a backbone self-supervised, then report what it learned against the baselines.
 
     wrapssl train                                    # small ResNet on Fashion-MNIST, a few minutes on 2 CPU cores
     python -m wrapssl.train --data stl10 --data-root ~/data --arch resnet18 --method simclr
@@ -8,7 +8,10 @@
     torchrun --nproc_per_node 2 -m wrapssl.train ...                  # the same without accelerate's launcher
 
 Writes into --out: checkpoints (resume with --resume), backbone.pt and backbone.safetensors
-(the net's weights), metrics.json, metrics.csv, TensorBoard logs and PNG plots.
+(the net's weights), metrics.json, metrics.csv, TensorBoard logs and PNG plots. With labels,
+the report scores the pretrained backbone beside two trivial baselines on one protocol (kNN
+with every training image as memory, and a linear probe): raw pixels (the images flattened)
+and the randomly initialised net; learning_curve.png shows kNN against minutes of training.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from .archs import build_arch
 from .checks import positive_int_arg
 from .cli import HelpFormatter
 from .data import DATASETS, FASHION_MNIST_DIR, dataset_name, load_dataset
-from .evaluate import Embeddings, embed_dataset, knn_accuracy
+from .evaluate import ROW_NAMES, Embeddings, baseline_scores, embed_dataset, format_scores, probe_scores
 from .files import atomic_write_text
 from .methods import available_methods
 from .optim import OPTIMIZERS
@@ -137,15 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-every", type=positive_int_arg, default=10,
                    help="steps between log lines; the NaN check also runs then (no per-step GPU sync)")
     r.add_argument("--eval-every", type=positive_int_arg, default=None,
-                   help="also log kNN accuracy every N steps during training (costs one embedding pass; "
-                        "default: only before and after)")
-    r.add_argument("--knn-train", type=positive_int_arg, default=10000,
-                   help="training images embedded as the kNN memory (the test split is the queries)")
+                   help="kNN accuracy every N steps during training, for the learning curve (each costs one "
+                        "embedding pass over memory and queries; default: a third of the steps)")
+    r.add_argument("--knn-train", type=positive_int_arg, default=None,
+                   help="training images embedded as the kNN memory (default: all, the protocol of `wrapssl "
+                        "evaluate`; the test split is the queries)")
     r.add_argument("--knn-test", type=positive_int_arg, default=None,
                    help="cap on the kNN query images (default: all)")
     r.add_argument("--knn-k", type=positive_int_arg, default=200, help="neighbours voting in the kNN classifier")
+    r.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score raw pixels and the randomly initialised net on the same protocol (kNN and "
+                        "linear probe): a pretrained backbone that does not beat them has not learned anything "
+                        "useful")
     r.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
-                   help="write loss curve, augmentation grid and embedding map PNGs (needs matplotlib)")
+                   help="write the learning curve, loss curve, augmentation grid and embedding map PNGs (needs "
+                        "matplotlib)")
     return p
 
 
@@ -236,12 +245,22 @@ def make_trainer(args: argparse.Namespace, name: str, data: RunData, out: Path) 
             warmup_steps=args.warmup_steps, gradient_accumulation_steps=args.grad_accum,
             max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision, num_workers=args.num_workers,
             seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, checkpoint_folder=out,
-            log_every=args.log_every, eval_every=args.eval_every if knn_sets is not None else None,
+            log_every=args.log_every, eval_every=_eval_every(args, data) if knn_sets is not None else None,
             eval_dataset=knn_sets, eval_k=args.knn_k, plot=args.plots, compile=args.compile,
             deterministic=args.deterministic, **method_kwargs)
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     return trainer, hidden
+
+
+def _eval_every(args: argparse.Namespace, data: RunData) -> int:
+    """--eval-every, or a third of the run (two points inside the learning curve, and its end)."""
+    if args.eval_every is not None:
+        return args.eval_every
+    steps = args.steps
+    if steps is None:  # --epochs: the Trainer resolves the steps; estimate them the same way
+        steps = max(1, round(args.epochs * (len(data.train) // args.batch_size)))
+    return max(1, -(-steps // 3))
 
 
 def weights_sha256(net: torch.nn.Module) -> str:
@@ -253,19 +272,50 @@ def weights_sha256(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def knn_report(trainer: Trainer, memory: Dataset, queries: Dataset, k: int) -> tuple[float, Embeddings]:
-    """kNN accuracy (temperature 0.1) of the learner's representation, and the query embeddings."""
-    device = trainer.accelerator.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        a = embed_dataset(trainer.learner, memory, batch_size=512, device=device)
-        b = embed_dataset(trainer.learner, queries, batch_size=512, device=device)
-    return knn_accuracy(a.embeddings, a.labels, b.embeddings, b.labels, k=k, temperature=0.1), b
+def score_learner(trainer: Trainer, data: RunData, k: int) -> tuple[dict[str, float], Embeddings]:
+    """kNN (temperature 0.1) and linear-probe accuracy of the learner's representation now, and the query
+    embeddings; reuses the Trainer's evaluation when it ran at this step."""
+    if trainer.last_eval is not None and trainer.last_eval[0] == trainer.step:
+        a, b = trainer.last_eval[1:]
+    else:
+        device = trainer.accelerator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            a = embed_dataset(trainer.learner, data.memory, batch_size=512, device=device)
+            b = embed_dataset(trainer.learner, data.queries, batch_size=512, device=device)
+    return probe_scores(a, b, k=k), b
 
 
-def make_plots(trainer: Trainer, data: RunData, queries: Embeddings | None, out: Path) -> None:
-    """Augmentation grid and embedding map (the Trainer wrote the loss curve); skipped with a notice if unavailable."""
+def score_baselines(trainer: Trainer, args: argparse.Namespace, data: RunData) -> dict[str, dict[str, float]]:
+    """The report's rows before training: the random-init net and, with --baselines, raw pixels."""
+    rows = {}
+    if args.baselines:
+        print("scoring the baselines: raw pixels ...", flush=True)
+        rows.update(baseline_scores(data.memory, data.queries, args.image_size, k=args.knn_k))
+    print("scoring the randomly initialised net ...", flush=True)
+    rows["random_init"], _ = score_learner(trainer, data, args.knn_k)
+    return rows
+
+
+def learning_curve(trainer: Trainer, metrics: dict[str, Any]) -> list[list[float]]:
+    """(minutes of training, kNN accuracy) points: the random init at 0, then every evaluation of the run."""
+    minutes = dict(trainer.history.get("train_minutes", []))
+    points = [[0.0, metrics["scores"]["random_init"]["knn"]]] if "random_init" in metrics.get("scores", {}) else []
+    points += [[minutes[step], knn] for step, knn in trainer.history.get("knn", []) if step in minutes]
+    return points
+
+
+def make_plots(trainer: Trainer, data: RunData, queries: Embeddings | None, metrics: dict[str, Any],
+               out: Path) -> None:
+    """Learning curve, augmentation grid and embedding map (the Trainer wrote the loss curve); skipped with a
+    notice if matplotlib is missing."""
     try:
         from . import plots
+        if len(metrics.get("learning_curve", [])) > 1:
+            scores = metrics["scores"]
+            levels = {ROW_NAMES[r]: scores[r]["knn"] for r in ("raw_pixels", "random_init") if r in scores}
+            plots.learning_curve(metrics["learning_curve"], out / "learning_curve.png", levels,
+                                 title=f"{trainer.config['method']} on {metrics['data']}: kNN (k={metrics['knn_k']}, "
+                                       f"{metrics['knn_memory']} images as memory)")
         images = torch.stack([data.train[i][0] for i in range(8)]).to(trainer.accelerator.device)
         plots.augmentation_grid(trainer.learner, images, out / "augmentations.png")
         if queries is not None:
@@ -275,22 +325,50 @@ def make_plots(trainer: Trainer, data: RunData, queries: Embeddings | None, out:
         print(f"note: plots skipped ({e}); pip install matplotlib scikit-learn")
 
 
+def summary_line(scores: dict[str, dict[str, float]]) -> str:
+    """One line: before -> after for each metric, and raw pixels beside it."""
+    parts = []
+    for metric, name in (("knn", "kNN"), ("linear", "linear probe")):
+        if metric not in scores.get("pretrained", {}):
+            continue
+        text = f"{name} {100 * scores['pretrained'][metric]:.2f}%"
+        if metric in scores.get("random_init", {}):
+            text = f"{name} {100 * scores['random_init'][metric]:.2f}% (random init) -> " \
+                   f"{100 * scores['pretrained'][metric]:.2f}% (pretrained)"
+        if metric in scores.get("raw_pixels", {}):
+            text += f", raw pixels {100 * scores['raw_pixels'][metric]:.2f}%"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def final_report(trainer: Trainer, args: argparse.Namespace, data: RunData, metrics: dict[str, Any],
                  hashes: list[str]) -> Embeddings | None:
     """Compute and print the run's final metrics into ``metrics`` (main process); returns the query embeddings."""
     query_emb = None
     if data.memory is not None:
-        metrics["knn_after"], query_emb = knn_report(trainer, data.memory, data.queries, args.knn_k)
-        before, after = metrics["knn_before"], metrics["knn_after"]
-        print(f"kNN accuracy (k={args.knn_k}, t=0.1, {len(data.memory)} train images as memory, "
-              f"{len(data.queries)} test queries): before {100 * before:.2f}% -> after {100 * after:.2f}% "
-              f"({100 * (after - before):+.2f} points)")
+        scores = metrics.setdefault("scores", {})
+        scores["pretrained"], query_emb = score_learner(trainer, data, args.knn_k)
+        metrics["knn_after"] = scores["pretrained"]["knn"]
+        metrics["learning_curve"] = learning_curve(trainer, metrics)
+        print(f"\nscores on {len(data.queries)} test images ({len(data.memory)} training images as kNN memory, "
+              f"k={args.knn_k}, t=0.1):")
+        print(format_scores(scores, k=args.knn_k, memory=len(data.memory)))
+        print(summary_line(scores))
+        if "raw_pixels" in scores and scores["pretrained"]["knn"] <= scores["raw_pixels"]["knn"]:
+            print("note: the pretrained backbone does not beat raw pixels on kNN: train longer, or try another "
+                  "method or recipe (docs/training.md)")
+    health = trainer.health if trainer.health is not None else trainer.check_health()
+    metrics["health"] = {"rank": health.rank, "embedding_std": health.std, "dim": health.dim,
+                         "collapsed": health.collapsed}
+    print(f"health (no labels needed): effective rank {health.rank:.1f} of at most {health.dim}, spread of "
+          f"normalised embeddings {health.std:.4f} ({'COLLAPSED' if health.collapsed else 'healthy'})")
     if len(set(hashes)) > 1:
         print(f"warning: the {len(hashes)} processes ended with different weights: {hashes}")
     losses = trainer.history.get("loss") or [(0, None)]
     metrics.update(steps=trainer.step, images_seen=trainer.step * trainer.global_batch * trainer.grad_accum,
                    num_processes=trainer.accelerator.num_processes, device=str(trainer.accelerator.device),
-                   weights_sha256=hashes, final_loss=losses[-1][1], classes=data.classes, args=dict(vars(args)))
+                   weights_sha256=hashes, final_loss=losses[-1][1], classes=data.classes, args=dict(vars(args)),
+                   train_minutes=round(trainer.train_minutes, 3))
     return query_emb
 
 
@@ -313,10 +391,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics: dict[str, Any] = {}
     if trainer.step > 0 and metrics_path.is_file():  # resumed: keep the first run's "before"
         metrics = json.loads(metrics_path.read_text())
-    if data.memory is not None and "knn_before" not in metrics and acc.is_main_process:
-        metrics["knn_before"], _ = knn_report(trainer, data.memory, data.queries, args.knn_k)
-        metrics["knn_before_step"] = trainer.step
-        print(f"kNN accuracy before (step {trainer.step}): {100 * metrics['knn_before']:.2f}%")
+    if data.memory is not None and "scores" not in metrics and acc.is_main_process:
+        metrics.update(data=name, knn_k=args.knn_k, knn_memory=len(data.memory), knn_queries=len(data.queries))
+        metrics["scores"] = score_baselines(trainer, args, data)
+        metrics["knn_before"], metrics["knn_before_step"] = metrics["scores"]["random_init"]["knn"], trainer.step
+        print(format_scores(metrics["scores"], k=args.knn_k, memory=len(data.memory)), flush=True)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # so that a resumed run finds it
     acc.wait_for_everyone()
@@ -331,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if acc.is_main_process:
             query_emb = final_report(trainer, args, data, metrics, hashes)
             if args.plots:
-                make_plots(trainer, data, query_emb, out)
+                make_plots(trainer, data, query_emb, metrics, out)
             metrics.update(wall_time_s=round(time.perf_counter() - start, 1))
             atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
             print(f"wrote {out}/backbone.pt, backbone.safetensors, checkpoints, metrics.json"

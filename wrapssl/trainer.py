@@ -8,6 +8,7 @@ Accelerator and the settings read from `accelerate config`).
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +26,7 @@ from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, checkpoint_path
                           remove_stale_temp_files, rng_state, save_backbone, set_rng_state, to_cpu, write_checkpoint)
 from .checks import positive_int
 from .data import as_dataset, collate
+from .health import Health, embedding_health, probe_images
 from .hidden import LayerSpec, input_channels
 from .learner import Learner
 from .methods import Method
@@ -73,7 +75,12 @@ class Trainer:
         resume: "auto" continues from the latest checkpoint in ``checkpoint_folder``
             (a fresh start if there is none); a path continues from that file.
         eval_every, eval_dataset: every ``eval_every`` steps, kNN accuracy (k=``eval_k``,
-            temperature ``eval_temperature``) of ``eval_dataset = (train, test)`` is logged as "knn".
+            temperature ``eval_temperature``) of ``eval_dataset = (train, test)`` is logged as "knn",
+            with the minutes of training so far as "train_minutes" (evaluations not counted).
+        health_every: every this many steps, the label-free health of the representation on a fixed
+            batch of 512 training images is logged: its effective rank ("rank", RankMe) and the spread
+            of its L2-normalised embeddings ("embedding_std"); a collapsed representation raises a
+            RuntimeWarning that says what to try. None switches it off.
         log_with: trackers among "tensorboard" and "csv" (both by default, TensorBoard when installed).
         sync_batchnorm: SyncBatchNorm across GPUs (default: on for multi-GPU runs).
         compile: ``torch.compile`` the online and target encoders (``Learner(compile=...)``: True,
@@ -99,7 +106,8 @@ class Trainer:
                  seed: int | None = 0, resume: str | os.PathLike | bool | None = None, keep_checkpoints: int = 2,
                  log_every: int = 10, log_with: Sequence[str] = ("tensorboard", "csv"),
                  eval_every: int | None = None, eval_dataset: tuple[Any, Any] | None = None, eval_k: int = 200,
-                 eval_temperature: float = 0.1, eval_batch_size: int = 256, channels: int | None = None,
+                 eval_temperature: float = 0.1, eval_batch_size: int = 256, health_every: int | None = 50,
+                 channels: int | None = None,
                  sync_batchnorm: bool | None = None, progress: bool = True, plot: bool = True,
                  compile: bool | dict = False, deterministic: bool = False, **method_kwargs: Any):
         if not isinstance(net, nn.Module):
@@ -109,6 +117,7 @@ class Trainer:
         self.keep_checkpoints = positive_int(keep_checkpoints, "keep_checkpoints")
         self.log_every = positive_int(log_every, "log_every")
         self.eval_every = positive_int(eval_every, "eval_every", allow_none=True)
+        self.health_every = positive_int(health_every, "health_every", allow_none=True)
         self.num_workers = int(num_workers)
         _check_settings(learning_rate, schedule, max_grad_norm, eval_every, eval_dataset)
 
@@ -162,6 +171,11 @@ class Trainer:
             as_dataset(eval_dataset[0], image_size, "eval_dataset[0]"),
             as_dataset(eval_dataset[1], image_size, "eval_dataset[1]"))
         self.eval_k, self.eval_temperature, self.eval_batch_size = eval_k, eval_temperature, eval_batch_size
+        self.last_eval: tuple[int, Any, Any] | None = None  # (step, memory, query Embeddings) of the last knn()
+        self.health: Health | None = None  # the latest health reading
+        self._health_images: torch.Tensor | None = None
+        self._collapse_warned = False
+        self._train_seconds, self._clock = 0.0, None  # training time so far; evaluations are not counted
         self.max_grad_norm = max_grad_norm
         self.progress, self.plot, self.log_with = progress, plot, tuple(log_with)
         self.step = 0
@@ -326,17 +340,47 @@ class Trainer:
         keep_a, keep_b = a.labels >= 0, b.labels >= 0
         if not keep_a.any() or not keep_b.any():
             raise ValueError("the kNN monitor needs labelled images in both eval datasets (labels >= 0)")
+        self.last_eval = (self.step, a, b)
         return knn_accuracy(a.embeddings[keep_a], a.labels[keep_a], b.embeddings[keep_b], b.labels[keep_b],
                             k=self.eval_k, temperature=self.eval_temperature)
 
+    @property
+    def train_minutes(self) -> float:
+        """Minutes spent training so far (this run and the runs it resumed), evaluations not counted."""
+        running = time.perf_counter() - self._clock if self._clock is not None else 0.0
+        return (self._train_seconds + running) / 60
+
+    def _pause_clock(self) -> None:
+        if self._clock is not None:
+            self._train_seconds += time.perf_counter() - self._clock
+            self._clock = None
+
     def _evaluate(self) -> None:
-        """kNN accuracy on the main process, logged as "knn"; the others wait."""
+        """kNN accuracy on the main process, logged as "knn" with "train_minutes"; the others wait."""
         acc = self.accelerator
+        self._pause_clock()
         value = [self.knn()] if acc.is_main_process else [0.0]
         if acc.num_processes > 1:
             value = gather_object(value)[:1]
-        self.run_log.log({"knn": value[0]}, self.step)
+        self.run_log.log({"knn": value[0], "train_minutes": self.train_minutes}, self.step)
         acc.wait_for_everyone()
+        self._clock = time.perf_counter()
+
+    def check_health(self) -> Health:
+        """The label-free health of the representation now (main process); logged, and warned about once."""
+        if self._health_images is None:
+            self._health_images = probe_images(self.dataset).to(self.accelerator.device)
+        self._pause_clock()
+        with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda"
+                                   else []):
+            self.health = embedding_health(self.learner, self._health_images)
+        self.run_log.log({"rank": self.health.rank, "embedding_std": self.health.std}, self.step)
+        message = self.health.warning(self.step)
+        if message and not self._collapse_warned:
+            self._collapse_warned = True
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        self._clock = time.perf_counter()
+        return self.health
 
     # ------------------------------------------------------------------ the loop
 
@@ -352,6 +396,10 @@ class Trainer:
             remove_stale_temp_files(self.folder)
         acc.wait_for_everyone()
         self.run_log.start(self.step, self.config)
+        minutes = self.history.get("train_minutes")  # a resumed run's clock goes on from its predecessor's
+        self._train_seconds = 60 * minutes[-1][1] if minutes and self._clock is None and self.step > 0 else \
+            self._train_seconds
+        self._clock = time.perf_counter()
         monitor, meter = LossMonitor(acc.device), Throughput(self.global_batch * self.grad_accum)
         bar = tqdm(total=self.num_train_steps, initial=self.step, desc="pretraining", dynamic_ncols=True,
                    disable=not (self.progress and acc.is_main_process))
@@ -370,6 +418,7 @@ class Trainer:
                     self.epoch, self.samples_in_epoch = self.epoch + 1, 0
         finally:
             bar.close()
+            self._pause_clock()
         self._sync_buffers()
         self.save_backbone()
         self._plot_history()
@@ -413,12 +462,17 @@ class Trainer:
         last = self.step == self.num_train_steps
         meter.steps += 1
         if self.step % self.log_every == 0 or last:
-            values = {"loss": self._read_loss(monitor), "lr": lr, "momentum": momentum, "images_per_s": meter.rate()}
+            values = {"loss": self._read_loss(monitor), "lr": lr, "momentum": momentum, "images_per_s": meter.rate(),
+                      "train_minutes": self.train_minutes}
             if self.learner.target_encoder is None:  # no EMA target, no momentum to report
                 del values["momentum"]
             monitor.reset()
             self.run_log.log(values, self.step)
-            bar.set_postfix({k[:5]: f"{v:.4g}" for k, v in values.items()})
+            bar.set_postfix({k[:5]: f"{v:.4g}" for k, v in values.items() if k != "train_minutes"})
+            meter.restart()
+        if self.health_every is not None and (self.step % self.health_every == 0 or last) \
+                and self.accelerator.is_main_process:
+            self.check_health()
             meter.restart()
         if self.eval_every is not None and (self.step % self.eval_every == 0 or last):
             self._evaluate()
