@@ -83,7 +83,7 @@ def test_to_float_takes_the_nets_channel_count_and_grey_for_rgb():
     (4, 3, r"images\[:, :3\]"), (1, 4, "pass 4-channel images"), (3, 1, "rgb_to_grayscale"),
     (2, 3, "net built for 2-channel input")])
 def test_to_float_refuses_other_channel_counts_with_advice(c, channels, advice):
-    with pytest.raises(ValueError, match=f"images have {c} channels but the net takes {channels};.*{advice}"):
+    with pytest.raises(ValueError, match=f"images have {c} channels? but the net takes {channels};.*{advice}"):
         A.to_float(torch.rand(2, c, 5, 5), channels)
 
 

@@ -38,7 +38,8 @@ def to_float(images: torch.Tensor, channels: int = 3) -> torch.Tensor:
         raise ValueError(f"images must have shape (B,C,H,W), got {tuple(images.shape)}{hint}")
     c = images.shape[1]
     if c != channels and not (c == 1 and channels == 3):
-        raise ValueError(f"images have {c} channels but the net takes {channels}; {_channel_advice(c, channels)}")
+        raise ValueError(f"images have {c} channel{'s' * (c != 1)} but the net takes {channels}; "
+                         f"{_channel_advice(c, channels)}")
     if images.dtype == torch.uint8:
         x = images.float().div_(255)
     elif images.is_floating_point():
