@@ -266,9 +266,7 @@ def main(argv=None) -> dict:
     floor.to(device=dev, memory_format=args.memory_format)
     wrap = WrapsslStep(copy.deepcopy(net), args, augment=False)
     with args.autocast:  # the floor's views get the memory format the Learner gives its net (channels_last on
-        # the CPU and under autocast): the ratio is the wrapper's cost. The policy lives on the encoder since #13
-        layout = getattr(wrap.learner.encoder, "input_format", None) or wrap.learner._memory_format
-        both = layout(both)
+        both = wrap.learner.encoder.input_format(both)  # the CPU and under autocast): the ratio is the wrapper's cost
     contenders = {"floor (hand-written)": lambda: floor.step(both),
                   "wrapssl, identity views": lambda: wrap.step(images)}
     warm = {}
