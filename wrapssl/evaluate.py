@@ -93,21 +93,17 @@ def _model_device(model: Any) -> torch.device:
 def _plain_embedder(net: nn.Module, hidden_layer: Any, device: torch.device
                     ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """An images → (B, D) function for a plain net; eval mode inside, every module's flag restored after."""
-    from .augment import to_float
-    from .hidden import Encoder, input_channels
-    from .learner import normalization
+    from .augment import normalization, to_float
+    from .hidden import Encoder, eval_mode, input_channels
 
     encoder = Encoder(net, hidden_layer)
     channels = input_channels(net)
     normalize = normalization(channels).to(device)  # what a Learner trains such a net with
-    flags = [(m, m.training) for m in net.modules()]
-    net.eval()
     try:
-        yield lambda images: encoder(normalize(to_float(images, channels)))
+        with eval_mode(net):
+            yield lambda images: encoder(normalize(to_float(images, channels)))
     finally:
         encoder.close()
-        for m, was_training in flags:
-            m.training = was_training
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +129,7 @@ def embed_dataset(model: Any, dataset: Dataset, batch_size: int = 256, device: s
     File names come from ``dataset.files`` when it exists, else they are the
     item indices as strings.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    positive_int(batch_size, "batch_size")
     if not (callable(getattr(model, "embed", None)) or isinstance(model, nn.Module)):
         raise TypeError(f"model must be a wrapssl Learner (with .embed) or an nn.Module, got {type(model).__name__}")
     device = torch.device(device) if device is not None else _model_device(model)
