@@ -12,6 +12,7 @@ from wrapssl.methods import DINO, NNCLR, BarlowTwins, MoCo, SimCLR, SwAV, VICReg
 from wrapssl.methods.swav import sinkhorn
 
 from conftest import small_cnn
+from test_mae import tiny_vit
 
 # small heads for every registered method, so CPU tests stay fast
 SMALL = {
@@ -25,7 +26,22 @@ SMALL = {
     "nnclr": dict(queue_size=32, projection_size=16, projection_hidden_size=32, prediction_hidden_size=32),
     "swav": dict(n_prototypes=10, projection_size=16, projection_hidden_size=32, n_local=2, local_size=8,
                  freeze_prototypes_steps=0),
+    "mae": dict(decoder_dim=16, decoder_depth=1, decoder_heads=2),
+    "distill": dict(hidden_size=16),
 }
+# methods with one view per image (the others compare two or more)
+ONE_VIEW = {"mae", "distill"}
+
+
+def small_learner(method: str, net: torch.nn.Module | None = None) -> Learner:
+    """A Learner of ``method`` with small heads on a net it takes: a tiny ViT for MAE, the small CNN for the
+    others; distillation learns from a second small CNN."""
+    kwargs = dict(SMALL[method])
+    if method == "distill":
+        kwargs["teacher"] = small_cnn(width=8)
+    if method == "mae":
+        return Learner(net if net is not None else tiny_vit(16), image_size=16, method=method, **kwargs)
+    return Learner(net if net is not None else small_cnn(), image_size=16, hidden_layer=-2, method=method, **kwargs)
 
 
 def np64(t: torch.Tensor) -> np.ndarray:
@@ -375,21 +391,22 @@ def test_nnclr_empty_queue_falls_back_to_own_projection():
 def test_every_method_builds_through_the_learner_and_trains_a_step(method):
     assert sorted(SMALL) == available_methods(), "add small head sizes for the new method to SMALL"
     torch.manual_seed(0)
-    net = small_cnn()
-    learner = Learner(net, image_size=16, hidden_layer=-2, method=method, **SMALL[method])
+    net = tiny_vit(16) if method == "mae" else small_cnn()
+    learner = small_learner(method, net)
     assert learner.method.name == method
     x = torch.rand(6, 3, 20, 20)
     loss = learner(x)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
+    stem = next(net.parameters())  # the first convolution (the ViT's patch embedding)
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
     for name, p in learner.method.named_parameters():
         assert p.grad is not None, f"{method}: {name} got no gradient"
     learner.update_moving_average()
     assert torch.isfinite(learner(x))
     # multi-crop methods send every view online and only global views to the target
     n_views = len(learner.views.transforms)
-    assert n_views == (2 + SMALL[method].get("n_local", 0))
+    assert n_views == (1 if method in ONE_VIEW else 2 + SMALL[method].get("n_local", 0))
 
 
 def test_method_knobs_reach_the_heads():

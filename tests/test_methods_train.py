@@ -8,6 +8,7 @@ tenths; "no collapse" checks the spread of the representation and, more
 sensitive, of the projection (a head can collapse above a varied representation).
 """
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,8 +125,14 @@ def test_collapse_check_flags_an_objective_that_collapses(fmnist_train, one_thre
     assert proj < PROJ_SPREAD
 
 
+# methods whose Fashion-MNIST run lives in their own file: they need another kind of net (a ViT, a teacher)
+OWN_RUN = {"mae": "test_mae.py", "distill": "test_distill.py"}
+
+
 def test_every_method_has_a_training_run():
-    assert sorted(RUNS) == available_methods(), "add a training run for the new method"
+    assert sorted([*RUNS, *OWN_RUN]) == available_methods(), "add a training run for the new method"
+    here = Path(__file__).parent
+    assert all("fashion_mnist" in (here / f).read_text() for f in OWN_RUN.values())
 
 
 @pytest.mark.parametrize("method", sorted(RUNS))

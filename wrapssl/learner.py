@@ -1,6 +1,7 @@
 """Learner: wraps a user's net into a self-supervised objective. Knows no method by name."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -12,6 +13,7 @@ from .checks import positive_int
 from .ema import EMA, cosine_momentum, make_target
 from .hidden import Encoder, LayerSpec, eval_mode, input_channels, size_hint, with_context
 from .methods import Method, get_method
+from .methods.base import EncoderSpec
 from .prelogits import find_pre_logits
 
 
@@ -152,7 +154,7 @@ class Learner(nn.Module):
         self.encoder = Encoder(net, self.hidden_layer, pooling, feature_layout, channels_last)
         try:
             self.feature_dim = self.encoder.probe_width(channels, image_size)
-            self.method.build(self.feature_dim)
+            self.method.setup(EncoderSpec(self.feature_dim, image_size, channels, net))
 
             if views is None:
                 views = (Views([augment_fn, augment_fn2 or augment_fn]) if augment_fn is not None
@@ -176,7 +178,8 @@ class Learner(nn.Module):
                     if encoder is not None:
                         encoder.compile(**options)
         except BaseException:
-            self.encoder.close()  # a failed constructor leaves the user's net unhooked
+            self.encoder.close()  # a failed constructor leaves the user's net (and a teacher) unhooked
+            self.method.close()
             raise
 
     @property
@@ -225,12 +228,18 @@ class Learner(nn.Module):
                                   f"(Learner's channels= and image_size=){hint}{size_hint(encoder.net, size)}"
                                ) from e
 
-    def _encode(self, encoder: Encoder, projector: nn.Module,
-                batches: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-        """Projections of each view, one forward pass per batch of same-sized views."""
+    def _encode_online(self, batches: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """The method's online output for each view, one pass per batch of same-sized views."""
         out: list[torch.Tensor] = []
         for batch, n in batches:
-            out.extend(projector(self._run(encoder, batch)).chunk(n))
+            out.extend(self.method.online(partial(self._run, self.encoder), batch).chunk(n))
+        return out
+
+    def _encode_target(self, batches: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """The EMA target's projections of each view, one pass per batch of same-sized views."""
+        out: list[torch.Tensor] = []
+        for batch, n in batches:
+            out.extend(self.target_projector(self._run(self.target_encoder, batch)).chunk(n))
         return out
 
     def forward(self, images: torch.Tensor, return_embedding: bool = False,
@@ -253,14 +262,14 @@ class Learner(nn.Module):
                 views = [v.expand(-1, self.channels, -1, -1) for v in views]
             batches = _same_size_batches([self.normalize(v) for v in views])
         batches = [(self.encoder.input_format(b), n) for b, n in batches]  # outside: it reads the autocast state
-        del x, views  # from here on only the batched views are kept: less memory while the net runs
         self.method.begin_step(self.step)
-        target = None
-        if self.target_encoder is not None:  # first, so its transient activations are freed before the
-            with torch.no_grad():            # online pass builds its graph: a lower memory peak
-                target = self._encode(self.target_encoder, self.target_projector,
-                                      _first_views(batches, self.views.n_global))
-        online = self._encode(self.encoder, self.method.projector, batches)
+        with torch.no_grad():  # a teacher the method owns sees the views before normalisation
+            target = self.method.targets(views[:self.views.n_global])
+        del x, views  # from here on only the batched views are kept: less memory while the net runs
+        if target is None and self.target_encoder is not None:  # first, so its transient activations are freed
+            with torch.no_grad():                                # before the online pass builds its graph
+                target = self._encode_target(_first_views(batches, self.views.n_global))
+        online = self._encode_online(batches)
         return self.method(online, target, step=self.step)
 
     @torch.no_grad()
@@ -286,6 +295,7 @@ class Learner(nn.Module):
         self.encoder.close()
         if self.target_encoder is not None:
             self.target_encoder.close()
+        self.method.close()
 
     def __enter__(self) -> "Learner":
         return self

@@ -1,4 +1,4 @@
-"""Figures of a training run: loss curve, augmentation grid, 2-D embedding map, bar chart.
+"""Figures of a training run: loss curve, augmentation grid, MAE reconstructions, 2-D embedding map, bar chart.
 
 matplotlib is an optional extra (``pip install wrapssl[plots]``) imported only inside these
 functions. Figures are built with the object-oriented ``matplotlib.figure.Figure`` and never
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "loss_curve", "loss_curve_figure", "augmentation_grid", "augmentation_grid_figure",
     "embedding_map", "embedding_map_figure", "project_2d", "bar_chart", "bar_chart_figure",
-    "learning_curve", "learning_curve_figure",
+    "learning_curve", "learning_curve_figure", "reconstruction_grid", "reconstruction_grid_figure",
 ]
 
 History = Mapping[str, Sequence[tuple[int, float]]]
@@ -247,6 +247,54 @@ def augmentation_grid(learner: "Learner", images: torch.Tensor, path: PathLike, 
     so the learner and the training's random numbers are untouched; ``seed=None`` draws fresh views.
     """
     return _save(augmentation_grid_figure(learner, images, n, seed), path)
+
+
+# ----------------------------------------------------------------------------- masked-image reconstructions
+
+@torch.no_grad()
+def reconstruction_grid_figure(learner: "Learner", images: torch.Tensor, n: int = 8, seed: int | None = 0
+                               ) -> "Figure":
+    """The figure of a masked-image-modeling learner (``method="mae"``): one column per image, rows original,
+    masked (hidden patches grey) and reconstruction (predicted patches, visible ones as they were)."""
+    from .augment import resize
+    from .hidden import eval_mode
+    from .learner import standardized_to_unit
+
+    Figure = _figure_class()
+    n = positive_int(n, "n")
+    if not callable(getattr(learner.method, "reconstruct", None)):
+        raise ValueError(f"a reconstruction grid needs a masked-image-modeling learner (method='mae'), "
+                         f"not {type(learner.method).__name__}")
+    x = resize(to_float(images[:n], learner.channels), learner.image_size)
+    norm = learner.normalize
+    with _seeded(x.device, seed), eval_mode(learner):
+        masked, recon = learner.method.reconstruct(norm(x))
+    recon = standardized_to_unit(recon, norm.mean, norm.std)
+    rows = {"original": x, "masked": torch.where(masked, torch.full_like(x, 0.5), x), "reconstruction": recon}
+    cols = x.shape[0]
+    fig = Figure(figsize=(max(4.0, 1.2 * cols + 0.8), 1.3 * len(rows) + 0.8), layout="constrained")
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for r, (name, batch) in enumerate(rows.items()):
+        for c in range(cols):
+            ax = axes[r, c]
+            img = _as_image(batch[c])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(name, fontsize="small")
+    share = masked.float().mean().item()
+    fig.suptitle(f"Masked-image reconstructions\n({share:.0%} of the pixels masked)", fontsize="medium")
+    return fig
+
+
+def reconstruction_grid(learner: "Learner", images: torch.Tensor, path: PathLike, n: int = 8,
+                        seed: int | None = 0) -> Path:
+    """Save n images, their random masks and the learner's reconstructions (``method="mae"``) as a PNG.
+
+    Runs in eval mode without gradients and with a private RNG stream (``seed=None`` draws fresh
+    masks), so the learner and the training's random numbers are untouched.
+    """
+    return _save(reconstruction_grid_figure(learner, images, n, seed), path)
 
 
 # ----------------------------------------------------------------------------- embedding map

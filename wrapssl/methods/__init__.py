@@ -3,6 +3,8 @@ from .barlow_twins import BarlowTwins
 from .base import Method, available_methods, get_method, register_method
 from .byol import BYOL as BYOLMethod
 from .dino import DINO
+from .distill import Distill
+from .mae import MAE
 from .moco import MoCo
 from .nnclr import NNCLR
 from .simclr import SimCLR
@@ -11,4 +13,4 @@ from .swav import SwAV
 from .vicreg import VICReg
 
 __all__ = ["Method", "available_methods", "get_method", "register_method", "BYOLMethod", "SimSiam",
-           "SimCLR", "MoCo", "BarlowTwins", "VICReg", "DINO", "NNCLR", "SwAV"]
+           "SimCLR", "MoCo", "BarlowTwins", "VICReg", "DINO", "NNCLR", "SwAV", "MAE", "Distill"]

@@ -2,15 +2,31 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ..augment import Views
+from ..augment import RandomResizedCrop, Views, sequence
+from ..vit import ViTTokens, vit_tokens
 
 _REGISTRY: dict[str, type["Method"]] = {}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a method may know of the Learner's encoder when it builds its heads."""
+
+    dim: int          # width of the pooled representation
+    image_size: int   # side of the views
+    channels: int     # channels of the views the net gets
+    net: nn.Module = field(repr=False)
+
+    def tokens(self, method: str) -> ViTTokens:
+        """Token-level access to the user's ViT; a TypeError naming ``method`` for any other net."""
+        return vit_tokens(self.net, self.image_size, method)
 
 
 class Method(nn.Module):
@@ -34,6 +50,12 @@ class Method(nn.Module):
     optimiser step the coming forward belongs to (a no-op unless overridden,
     e.g. to freeze part of a head early in training).
 
+    Methods that are not two-branch joint embeddings override up to three more hooks:
+    ``setup(spec)`` (instead of ``build``) sees the view size and may ask for the ViT's
+    tokens (``spec.tokens(name)``, masked image modeling); ``online(encode, views)`` replaces
+    "projector on the pooled representation" for a batch of views; ``targets(views)`` gives
+    targets from a frozen teacher the method owns (distillation), and ``close()`` lets go of it.
+
     Class attributes a subclass sets:
         uses_target: keep an EMA copy of encoder + projector.
         momentum: the EMA decay at step 0 (cosine to 1.0 when total steps are known).
@@ -47,6 +69,23 @@ class Method(nn.Module):
     def build(self, dim: int) -> None:
         """Create the heads for an encoder output of width ``dim``."""
         raise NotImplementedError
+
+    def setup(self, spec: EncoderSpec) -> None:
+        """Called once by the Learner to create the heads; by default ``build(spec.dim)``."""
+        self.build(spec.dim)
+
+    def online(self, encode: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor) -> torch.Tensor:
+        """The online branch for a batch of same-sized normalised views, one row per view image: by default the
+        projector on ``encode(views)``, the pooled representation."""
+        return self.projector(encode(views))
+
+    def targets(self, views: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Targets for the global views (float in [0, 1], not normalised) from a teacher the method owns, called
+        without gradients; None (the default): the Learner's EMA target when ``uses_target``, else none."""
+        return None
+
+    def close(self) -> None:
+        """Let go of what the method holds on nets other than the user's (a teacher's hooks)."""
 
     def default_views(self, image_size: int, channels: int = 3) -> Views:
         """The default augmentation recipe of this method."""
@@ -72,6 +111,20 @@ def mean_over_pairs(views: list[torch.Tensor], loss: Callable[[torch.Tensor, tor
         raise ValueError(f"{method} needs at least two views, got {len(views)}")
     pairs = list(combinations(range(len(views)), 2))
     return sum(loss(views[i], views[j]) for i, j in pairs) / len(pairs)
+
+
+class OneView(Views):
+    """A recipe of one view per image, for methods that compare no two views (masked modeling, distillation)."""
+
+    def __init__(self, transform: nn.Module):
+        nn.Module.__init__(self)  # not Views.__init__: it asks for the two views that joint embeddings need
+        self.transforms = nn.ModuleList([transform])
+        self.n_global = 1
+
+
+def crop_and_flip(image_size: int, scale: tuple[float, float] = (0.2, 1.0)) -> OneView:
+    """One weakly augmented view: a random resized crop of ``scale`` of the area and a horizontal flip."""
+    return OneView(sequence(RandomResizedCrop(image_size, scale=scale, flip_p=0.5)))
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
