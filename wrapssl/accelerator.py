@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DynamoBackend,
-                              GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin)
+                              GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
+                              TorchDynamoPlugin)
 
 from .checks import positive_int
 
@@ -88,8 +90,12 @@ def warn_single_cpu_launch() -> None:
 
 
 def make_accelerator(kwargs: dict, accumulation: int, mixed_precision: str | None, trackers: Sequence[Any],
-                     folder: os.PathLike) -> Accelerator:
-    """The Accelerator with DDP, accumulation and tracking set up for the Learner (``kwargs``: the user's)."""
+                     folder: os.PathLike, timeout: float | None = None) -> Accelerator:
+    """The Accelerator with DDP, accumulation and tracking set up for the Learner (``kwargs``: the user's).
+
+    ``timeout``: seconds a collective operation waits for the other processes before it fails
+    (set when this call starts the process group; None keeps torch's default).
+    """
     if mixed_precision is not None:
         if kwargs.get("mixed_precision", mixed_precision) != mixed_precision:
             raise ValueError("mixed_precision is given twice (argument and accelerator_kwargs) "
@@ -101,7 +107,11 @@ def make_accelerator(kwargs: dict, accumulation: int, mixed_precision: str | Non
     # all-reduce of accumulation steps (no_sync trips an internal assert in DDP), so with our handler
     # every batch is all-reduced; gradients are the same, communication is once per batch.
     static = "kwargs_handlers" not in kwargs
-    kwargs.setdefault("kwargs_handlers", [DistributedDataParallelKwargs(static_graph=True)])
+    handlers = list(kwargs.get("kwargs_handlers") or [DistributedDataParallelKwargs(static_graph=True)])
+    # without a timeout a stopped or hung process blocks every other one at the next collective
+    if timeout is not None and not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=timeout)))
+    kwargs["kwargs_handlers"] = handlers
     # Accumulation counts batches only: an epoch's end must not force an early optimiser step,
     # or the step count (and the schedules indexed by it) would depend on the dataset size.
     kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(

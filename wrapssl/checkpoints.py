@@ -15,7 +15,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .files import atomic_move, atomic_save
+from .files import atomic_move, atomic_save, write_failure
+from .monitor import non_finite
 
 __all__ = ["CHECKPOINT_FORMAT", "list_checkpoints", "latest_checkpoint", "load_checkpoint", "write_checkpoint",
            "save_backbone", "rng_state", "set_rng_state"]
@@ -25,6 +26,10 @@ CHECKPOINT_VERSION = 1
 BACKBONE = "backbone.pt"
 BACKBONE_SAFETENSORS = "backbone.safetensors"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+_REQUIRED = ("step", "learner", "optimizer", "data")
+# temp files of atomic writes into a run folder (files.atomic_open: ".<name>.<random>.tmp")
+_TEMP_RE = re.compile(r"^\.(checkpoint-\d+\.pt|backbone\.pt|backbone\.safetensors|metrics\.csv|metrics\.json|"
+                      r"config\.json)\..+\.tmp$")
 
 
 def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:
@@ -46,18 +51,41 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _others(path: Path) -> str:
+    """Advice naming the folder's other checkpoints, for a checkpoint that cannot be used."""
+    others = [p.name for _, p in list_checkpoints(path.parent) if p != path]
+    return (f"resume from an earlier one ({', '.join(others[-3:])}) or start without resume" if others
+            else "start without resume")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A Trainer checkpoint as plain data, loaded with ``weights_only=True`` onto the CPU."""
+    """A Trainer checkpoint as plain data, loaded with ``weights_only=True`` onto the CPU and validated.
+
+    ValueError (naming the folder's other checkpoints) for a file that is not a complete
+    wrapssl checkpoint, or whose weights hold NaN or inf (saved from a diverged run).
+    """
+    path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:
         raise ValueError(f"{os.fspath(path)} is not a readable checkpoint ({type(e).__name__}: {e}); "
-                         "pick another checkpoint from the folder or start without resume") from e
+                         f"{_others(path)}") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a wrapssl Trainer checkpoint (for the bare net weights "
                          "use net.load_state_dict(torch.load(path)) instead)")
+    if int(state.get("version", 1)) > CHECKPOINT_VERSION:
+        raise ValueError(f"{os.fspath(path)} was written by a newer wrapssl (checkpoint version "
+                         f"{state['version']}, this one reads {CHECKPOINT_VERSION}); upgrade wrapssl")
+    missing = [k for k in _REQUIRED if not isinstance(state.get(k), (dict, int))]
+    if missing:
+        raise ValueError(f"{os.fspath(path)} lacks {', '.join(missing)}: it is damaged; {_others(path)}")
+    bad = non_finite(state["learner"])
+    if bad:
+        raise ValueError(f"{os.fspath(path)} holds NaN or infinite weights ({', '.join(bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''}): the run had diverged; {_others(path)}, "
+                         "with a lower learning rate")
     return state
 
 
@@ -72,11 +100,15 @@ def write_checkpoint(state: dict, folder: str | os.PathLike, step: int, keep: in
     return path
 
 
-def remove_stale_temp_files(folder: str | os.PathLike) -> None:
-    """Delete the temp files and folders a killed save left behind (they are never complete files)."""
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files and folders that killed writes left in a run folder (never complete files);
+    returns what was removed."""
+    removed = []
     for stale in Path(folder).glob(".*.tmp"):
-        if stale.name.startswith((".checkpoint-", f".{BACKBONE}", f".{BACKBONE_SAFETENSORS}")):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if _TEMP_RE.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
 
 
 def save_backbone(accelerator: Accelerator, net: nn.Module, folder: str | os.PathLike) -> Path:
@@ -90,11 +122,16 @@ def save_backbone(accelerator: Accelerator, net: nn.Module, folder: str | os.Pat
         return path
     atomic_save(to_cpu(net.state_dict()), path)
     size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    scratch = Path(tempfile.mkdtemp(dir=folder, prefix=f".{BACKBONE_SAFETENSORS}.", suffix=".tmp"))
+    try:
+        scratch = Path(tempfile.mkdtemp(dir=folder, prefix=f".{BACKBONE_SAFETENSORS}.", suffix=".tmp"))
+    except OSError as e:
+        raise write_failure(folder / BACKBONE_SAFETENSORS, e) from e
     try:
         # one shard whatever the size, so the export is a single file beside backbone.pt
         accelerator.save_model(net, scratch, max_shard_size=2 * size + 1, safe_serialization=True)
         atomic_move(scratch / "model.safetensors", folder / BACKBONE_SAFETENSORS)
+    except (OSError, RuntimeError) as e:
+        raise write_failure(folder / BACKBONE_SAFETENSORS, e) from e
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return path

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import math
+from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["positive_int", "positive_int_arg"]
+__all__ = ["positive_int", "positive_float", "non_negative_float", "positive_int_arg", "non_negative_int_arg",
+           "positive_float_arg", "non_negative_float_arg", "fraction_arg", "arg_type"]
 
 
 def positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
@@ -19,12 +21,51 @@ def positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
     return int(value)
 
 
-def positive_int_arg(text: str) -> int:
-    """An argparse ``type=``: the text as an int >= 1, else argparse's one-line usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
+def _real(value: Any) -> float | None:
+    """``value`` as a finite float, or None if it is not a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def positive_float(value: Any, name: str, allow_none: bool = False) -> float | None:
+    """``value`` as a float if it is finite and > 0 (or None when ``allow_none``), else a ValueError naming it."""
+    if value is None and allow_none:
+        return None
+    real = _real(value)
+    if real is None or real <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return real
+
+
+def non_negative_float(value: Any, name: str, allow_none: bool = False) -> float | None:
+    """``value`` as a float if it is finite and >= 0 (or None when ``allow_none``), else a ValueError naming it."""
+    if value is None and allow_none:
+        return None
+    real = _real(value)
+    if real is None or real < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return real
+
+
+def arg_type(parse: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses the text and accepts it when ``ok``; otherwise a one-line usage error."""
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    convert.__name__ = expected  # argparse names the type in some messages
+    return convert
+
+
+positive_int_arg = arg_type(int, lambda v: v >= 1, "a positive whole number")
+positive_int_arg.__doc__ = "An argparse ``type=``: the text as an int >= 1, else argparse's one-line usage error."
+non_negative_int_arg = arg_type(int, lambda v: v >= 0, "a whole number >= 0")
+positive_float_arg = arg_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+non_negative_float_arg = arg_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+fraction_arg = arg_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")

@@ -21,6 +21,13 @@ unless --out says otherwise."""
 EMBED_CHUNK = 4096  # images per progress-bar tick when embedding
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: ...`` and a pointer to --help, without the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every flag's default, unless its help already says it in words ("default: ...")."""
 
@@ -298,7 +305,7 @@ def _backbone_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``wrapssl`` command."""
-    parser = argparse.ArgumentParser(prog="wrapssl", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser = Parser(prog="wrapssl", description=DESCRIPTION, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("train", help="pretrain a backbone (`wrapssl train --help` lists its flags)", add_help=False)

@@ -14,6 +14,7 @@ this is "shorter side to ``s``, centre crop to a square".
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
@@ -23,7 +24,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +35,8 @@ from torch.utils.data import Dataset
 __all__ = [
     "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "ImageFolder", "FashionMNIST", "Digits", "CIFAR10", "STL10",
     "DATASETS",
-    "TensorImages", "as_uint8_dataset", "as_dataset", "load_dataset", "collate", "read_idx",
+    "TensorImages", "as_uint8_dataset", "as_dataset", "load_dataset", "collate", "read_idx", "unreadable_files",
+    "MAX_PIXELS",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -48,12 +50,25 @@ _FASHION_MNIST_HELP = (
     "Install them with `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu; "
     f"files land in {FASHION_MNIST_DIR}), or download the four *-ubyte.gz files from "
     "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion) into a "
-    "folder and pass root=that_folder."
+    "folder and pass root=that_folder (wrapssl train: --data-root that_folder)."
 )
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _FLOAT_TOLERANCE = 1e-4  # float pipelines produce 1.0000001; that is not a user error
 _CHANNEL_PEEK = 32  # headers read to decide a folder's channel count
+# Images with more pixels are refused (PIL's decompression-bomb limit: twice its warning threshold).
+MAX_PIXELS = 2 * 89_478_485
+
+
+@contextlib.contextmanager
+def _pil_limit_off() -> Iterator[None]:
+    """PIL's own pixel limit switched off inside (ImageFolder applies its ``max_pixels`` instead)."""
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 Size = tuple[int, int]
@@ -176,13 +191,21 @@ class ImageFolder(Dataset):
     ``channels``: None decides once per folder (3 if any of up to 32 sampled
     images is colour, else 1) so that a folder never mixes channel counts; 1 or 3
     forces it. Unreadable files are replaced by the next readable one; they are
-    counted in ``num_bad`` (shared by DataLoader workers) and warned about once.
+    counted in ``num_bad`` (shared by DataLoader workers), listed by ``bad_files`` and
+    ``unreadable()`` (with the reason) and warned about once. Images of more than
+    ``max_pixels`` pixels (default: PIL's decompression-bomb limit, about 179 M) count as
+    unreadable; None lifts the limit.
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int | Sequence[int] | None = None,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, channels: int | None = None) -> None:
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, channels: int | None = None,
+                 max_pixels: int | None = MAX_PIXELS) -> None:
         self.root = Path(root).expanduser()
         self.image_size = _pair(image_size)
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                       or max_pixels < 1):
+            raise ValueError(f"max_pixels must be a positive int or None (no limit), got {max_pixels!r}")
+        self.max_pixels = max_pixels
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
         if not self.root.exists():
@@ -228,7 +251,7 @@ class ImageFolder(Dataset):
         step = max(1, len(self.files) // _CHANNEL_PEEK)
         for rel in self.files[::step][:_CHANNEL_PEEK]:
             try:
-                with Image.open(self.root / rel) as image:
+                with _pil_limit_off(), Image.open(self.root / rel) as image:
                     if _source_channels(image) == 3:
                         return 3
             except Exception:  # unreadable files are dealt with (and reported) when loaded
@@ -249,9 +272,24 @@ class ImageFolder(Dataset):
         return [self.files[i] for i in self._bad.nonzero().flatten().tolist()]
 
     def load(self, index: int) -> torch.Tensor:
-        """Decode one file; raises whatever PIL raises for a bad file."""
-        with Image.open(self.root / self.files[index]) as image:
+        """Decode one file; raises whatever PIL raises for a bad file, ValueError above ``max_pixels``."""
+        with _pil_limit_off(), Image.open(self.root / self.files[index]) as image:
+            pixels = image.width * image.height
+            if self.max_pixels is not None and pixels > self.max_pixels:
+                raise ValueError(f"{image.width}x{image.height} = {pixels:,} pixels, above the limit of "
+                                 f"{self.max_pixels:,}; raise it with max_pixels= (wrapssl train --max-pixels)")
             return _pil_to_tensor(image, self.channels, self.image_size)
+
+    def unreadable(self) -> dict[str, str]:
+        """The unreadable files found so far, each with why it failed (decoded again here to say so)."""
+        reasons = {}
+        for rel in self.bad_files:
+            try:
+                self.load(self.files.index(rel))
+                reasons[rel] = "read now, failed while training (file changed?)"
+            except Exception as exc:
+                reasons[rel] = f"{type(exc).__name__}: {exc}"
+        return reasons
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         n = len(self.files)
@@ -279,7 +317,7 @@ class ImageFolder(Dataset):
         warnings.warn(
             f"{self.num_bad} unreadable image(s) under {str(self.root)!r} so far, e.g. {self.files[index]!r} "
             f"({type(error).__name__}: {error}); each is replaced by the next readable image. "
-            "This warning is shown once; dataset.num_bad and dataset.bad_files list them all.",
+            "This warning is shown once; dataset.num_bad and dataset.unreadable() list them all.",
             RuntimeWarning, stacklevel=3)
 
 
@@ -626,14 +664,14 @@ def dataset_name(spec: str | os.PathLike) -> str | None:
 
 def load_dataset(spec: str, image_size: int | Sequence[int] | None = None, train: bool = True,
                  root: str | os.PathLike | None = None, channels: int | None = None,
-                 split: str | None = None) -> Dataset:
+                 split: str | None = None, max_pixels: int | None = MAX_PIXELS) -> Dataset:
     """A named data set (one of DATASETS) or an image folder path, as a dataset of uint8 images.
 
     ``split`` ("train" or "test"; STL-10 also "unlabeled" and "train+unlabeled") defaults to
     ``train``'s; digits gives all its images unless ``split`` names one; folders have no splits. ``root`` is the folder holding a named set's
     files in torchvision's layout (Fashion-MNIST: the IDX files, default FASHION_MNIST_DIR);
-    nothing is downloaded. ``channels`` applies to folders. Prefix a folder named like a
-    built-in with "./".
+    nothing is downloaded. ``channels`` and ``max_pixels`` apply to folders. Prefix a folder
+    named like a built-in with "./".
     """
     name = dataset_name(spec)
     if name == "digits":  # no official split: all images unless a split is asked for by name
@@ -649,9 +687,21 @@ def load_dataset(spec: str, image_size: int | Sequence[int] | None = None, train
     if name == "stl10":
         return STL10(root, split=split, image_size=image_size)
     if Path(spec).expanduser().exists():
-        return ImageFolder(spec, image_size=image_size, channels=channels)
+        return ImageFolder(spec, image_size=image_size, channels=channels, max_pixels=max_pixels)
     raise ValueError(f"unknown dataset {spec!r}: expected one of {', '.join(DATASETS)} "
                      "or the path of an existing image folder")
+
+
+def unreadable_files(dataset: Any) -> dict[str, str]:
+    """{file: reason} for the unreadable files of the image folder behind ``dataset`` (through Subsets and
+    wrappers); empty for data that has no files to fail."""
+    seen = set()
+    while dataset is not None and id(dataset) not in seen:
+        seen.add(id(dataset))
+        if isinstance(dataset, ImageFolder):
+            return dataset.unreadable()
+        dataset = getattr(dataset, "dataset", None)
+    return {}
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Process-group helpers for losses over the global batch: gather with gradients, reductions, rank."""
+"""Process-group helpers: gather with gradients for losses over the global batch, reductions, rank, and the
+error a run raises when another process stops answering."""
 from __future__ import annotations
 
 import torch
@@ -61,3 +62,29 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     out = x.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """Another process stopped answering a collective operation (it is stopped, hung or dead)."""
+
+
+# what gloo says when a peer stops answering or goes away (NCCL raises torch.distributed.DistError)
+_PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """True for the errors torch.distributed raises when another process stops answering or dies."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_LOST)
+
+
+def collective_failure(error: BaseException, timeout: float | None, checkpoint: object) -> CollectiveTimeoutError:
+    """The error to raise for ``error``: what happened, what is kept and what to change."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    wait = f"{timeout:g} s" if timeout is not None else "torch's default time"
+    kept = f"the latest checkpoint {checkpoint} is intact and" if checkpoint else "no checkpoint was written yet;"
+    return CollectiveTimeoutError(
+        f"another process stopped answering ({last}): a collective operation waited {wait} for it. It may be "
+        f"stopped, hung or dead: check its output. This process stops here; {kept} running the same command "
+        "again continues the run. The wait is collective_timeout= (seconds)")

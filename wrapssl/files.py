@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -51,10 +52,30 @@ def atomic_move(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def write_failure(path: str | os.PathLike, error: BaseException) -> OSError:
+    """An OSError that says which file could not be written, why, and how much room its disk has left."""
+    text = str(error).strip()
+    reason = getattr(error, "strerror", None) or (text.splitlines()[-1] if text else type(error).__name__)
+    try:
+        free = f"; {shutil.disk_usage(Path(path).parent).free / 2**20:,.0f} MB free there"
+    except OSError:
+        free = ""
+    failure = OSError(f"could not write {os.fspath(path)}: {reason}{free}")
+    failure.errno = getattr(error, "errno", None)
+    return failure
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through a temp file in the same folder, fsync and rename."""
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+    """``torch.save`` through a temp file in the same folder, fsync and rename.
+
+    A failed write raises OSError naming the file (torch reports a full disk as a RuntimeError
+    from its zip writer; that becomes an OSError too); the old file stays as it was.
+    """
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:
+        raise write_failure(path, e) from e
     return Path(path)
 
 

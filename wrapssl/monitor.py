@@ -3,24 +3,30 @@
 Each step adds the loss to an on-device running sum and records, still on the
 device, the first step whose loss was not finite. Both are read once per
 ``log_every`` steps (the read that logging needs anyway) and before every
-checkpoint, so a NaN stops the run at the next log or checkpoint point, names
-the step where it began, and never reaches a checkpoint file. Parameters are
-also checked for finiteness before each save.
+checkpoint, evaluation and health check, so a NaN stops the run at the next such
+point, names the step where it began, and never reaches a checkpoint file. At the
+same points the weights are checked: not finite, or a norm grown more than
+MAX_WEIGHT_GROWTH-fold since the run (re)started (a finite blow-up), stops the run too.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-__all__ = ["NonFiniteLossError", "LossMonitor", "Throughput", "all_finite", "failure_message"]
+__all__ = ["NonFiniteLossError", "LossMonitor", "Throughput", "WeightWatch", "all_finite", "non_finite", "weight_norm",
+           "failure_message", "MAX_WEIGHT_GROWTH"]
+
+MAX_WEIGHT_GROWTH = 1000.0  # weight norm growth that marks a diverged run (normal runs stay within a few x)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss (or the weights) stopped being finite; training was stopped before any bad checkpoint."""
+    """The run diverged: the loss or the weights stopped being finite, or the weights' norm blew up (grew more
+    than MAX_WEIGHT_GROWTH-fold). Training was stopped before any checkpoint held those weights."""
 
 
 class LossMonitor:
@@ -70,15 +76,52 @@ class Throughput:
         return self.steps * self.images_per_step / max(time.perf_counter() - self.start, 1e-9)
 
 
+def non_finite(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an inf (one host sync)."""
+    names = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).tolist()
+    return [k for k, ok in zip(names, finite) if not ok]
+
+
 def all_finite(module: nn.Module) -> bool:
     """True if every floating-point parameter and buffer of ``module`` is finite (one host sync)."""
-    tensors = [t for t in module.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return not non_finite(module.state_dict())
 
 
-def failure_message(what: str, step: int, total_steps: int, last_checkpoint: Path | None, lr: float,
+def weight_norm(module: nn.Module) -> float:
+    """The L2 norm over every floating-point parameter of ``module`` (inf when huge but finite weights overflow it)."""
+    params = [p.detach() for p in module.parameters() if p.is_floating_point()]
+    if not params:
+        return 0.0
+    return float(torch.stack([torch.linalg.vector_norm(p.float()) for p in params]).norm())
+
+
+class WeightWatch:
+    """Finite blow-ups: the weight norm against its value when the run (re)started.
+
+    Normal runs change the norm by a small factor; a diverged one (e.g. LARS at a huge
+    learning rate) multiplies it by orders of magnitude while every value stays finite.
+    """
+
+    def __init__(self, module: nn.Module, limit: float = MAX_WEIGHT_GROWTH):
+        self.limit, self.start = limit, weight_norm(module)
+
+    def problem(self, module: nn.Module) -> str | None:
+        """What is wrong with the weights now (not finite, or grown past the limit), or None."""
+        bad = non_finite(dict(module.named_parameters()))
+        if bad:
+            return f"the weights became NaN or infinite ({', '.join(bad[:2])})"
+        now = weight_norm(module)
+        if now > self.limit * max(self.start, 1e-12):
+            return f"the weights' norm grew from {self.start:.4g} to {now:.4g} (more than {self.limit:g}x)"
+        return None
+
+
+def failure_message(problem: str, step: int, total_steps: int, last_checkpoint: Path | None, lr: float,
                     mixed_precision: str, max_grad_norm: float | None) -> str:
-    """What went wrong, what was kept, and what to try, in one message."""
+    """What went wrong (``problem``, e.g. "the loss became NaN or infinite"), what was kept, and what to try."""
     kept = f"the last good checkpoint {last_checkpoint} is kept" if last_checkpoint else \
         "no checkpoint was written before it"
     hints = [f"a lower learning rate (now {lr:g}; try {lr / 10:g})"]
@@ -87,5 +130,5 @@ def failure_message(what: str, step: int, total_steps: int, last_checkpoint: Pat
     if max_grad_norm is None:
         hints.append("gradient clipping (max_grad_norm=1.0)")
     hints.append("a longer warmup (warmup_steps)")
-    return (f"the {what} became NaN or infinite at step {step} (of {total_steps}); training stopped and "
-            f"{kept}. Try {', '.join(hints)}, then resume with resume='auto' or start again.")
+    return (f"{problem} at step {step} (of {total_steps}); training stopped and {kept}. "
+            f"Try {', '.join(hints)}, then resume with resume='auto' or start again.")

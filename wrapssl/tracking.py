@@ -116,7 +116,8 @@ class RunLog:
             return
         if self.csv_tracker is not None:
             self.csv_tracker.resume_step = step if step > 0 else None
-        init = {"tensorboard": {"purge_step": step}} if step > 0 else {}
+        # the checkpoint of ``step`` was written after that step was logged: purge only what came later
+        init = {"tensorboard": {"purge_step": step + 1}} if step > 0 else {}
         self.accelerator.init_trackers("wrapssl", config=config, init_kwargs=init)
         self.started = True
 

@@ -7,8 +7,10 @@
     accelerate launch --multi_gpu --num_processes 2 -m wrapssl.train  # 2 processes without GPUs (gloo)
     torchrun --nproc_per_node 2 -m wrapssl.train ...                  # the same without accelerate's launcher
 
-Writes into --out: checkpoints (resume with --resume), backbone.pt and backbone.safetensors
-(the net's weights), metrics.json, metrics.csv, TensorBoard logs and PNG plots. With labels,
+Writes into --out: checkpoints, backbone.pt and backbone.safetensors (the net's weights),
+metrics.json, metrics.csv, TensorBoard logs and PNG plots. Re-running a command continues its
+run; other settings into a used --out are refused unless --resume says to continue with them;
+Ctrl-C and SIGTERM write a checkpoint and print the command that continues. With labels,
 the report scores the pretrained backbone beside two trivial baselines on one protocol (kNN
 with every training image as memory, and a linear probe): raw pixels (the images flattened)
 and the randomly initialised net; learning_curve.png shows kNN against minutes of training.
@@ -19,6 +21,11 @@ import argparse
 import ast
 import hashlib
 import json
+import re
+import shlex
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +36,19 @@ from accelerate.utils import gather_object
 from torch.utils.data import Dataset, Subset
 
 from .archs import build_arch
-from .checks import positive_int_arg
-from .cli import HelpFormatter
-from .data import DATASETS, FASHION_MNIST_DIR, dataset_name, load_dataset
+from .checks import (arg_type, fraction_arg, non_negative_float_arg, non_negative_int_arg, positive_float_arg,
+                     positive_int_arg)
+from .cli import HelpFormatter, Parser
+from .data import DATASETS, FASHION_MNIST_DIR, MAX_PIXELS, dataset_name, load_dataset, unreadable_files
+from .distributed import CollectiveTimeoutError
 from .evaluate import ROW_NAMES, Embeddings, baseline_scores, embed_dataset, format_scores, probe_scores
 from .files import atomic_write_text
+from .interrupt import TrainingInterrupted, sigterm_interrupts
 from .methods import available_methods
+from .monitor import NonFiniteLossError
 from .optim import OPTIMIZERS
-from .trainer import Trainer
+from .runs import RunConflictError
+from .trainer import DEFAULT_TIMEOUT, Trainer
 
 # The default run is chosen to finish in about 5 minutes on 2 idle CPU cores and to clearly beat the
 # randomly initialised net; what we measured is in docs/training.md.
@@ -48,11 +60,13 @@ METHOD_DEFAULTS = {"simclr": {"temperature": 0.2}}
 MIN_CROP = {"fashion-mnist": 0.25, "digits": 0.25}
 # The split each named data set pretrains on; kNN memory is its "train" split, queries its "test" split.
 PRETRAIN_SPLIT = {"stl10": "unlabeled"}
+# at least 2: BatchNorm and every loss compare the images of a batch
+BATCH_SIZE = arg_type(int, lambda v: v >= 2, "a whole number >= 2 (batch norm and the losses compare images)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, with its default and tuning advice in every help string."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="wrapssl train",
         description="Self-supervised pretraining of a vision backbone with wrapssl; prints kNN accuracy of the "
                     "representation before (random init) and after.",
@@ -61,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default=DEFAULTS["data"],
                    help=f"a named data set ({', '.join(DATASETS)}) or a folder of images (one subfolder per class "
                         "gives kNN labels; a flat folder trains without the kNN report). stl10 pretrains on its "
-                        "100k unlabeled split and reports kNN from train (memory) to test (queries)")
+                        "100k unlabeled split and reports kNN from train (memory) to test (queries). Other "
+                        "channel counts: a folder of .npy (or, with tifffile, .tif) arrays, or a tensor file "
+                        "(.pt/.npy, N x C x H x W); see docs/training.md")
     d.add_argument("--data-root", default=None,
                    help=f"folder holding a named data set's files in torchvision's layout (cifar-10-batches-py, "
                         f"stl10_binary; nothing is downloaded). Default for fashion-mnist: {FASHION_MNIST_DIR} "
@@ -70,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of the square views (default: " + ", ".join(
                        f"{s} for {n}" for n, s in DEFAULT_IMAGE_SIZE.items()) + ", 64 for folders). "
                         "Compute grows with its square: on CPU stay at or below 64")
-    d.add_argument("--num-workers", type=int, default=0,
+    d.add_argument("--max-pixels", type=non_negative_int_arg, default=MAX_PIXELS,
+                   help="images above this many pixels are counted as unreadable (PIL's decompression-bomb "
+                        "guard); raise it for huge scans or maps, 0 for no limit")
+    d.add_argument("--normalize", nargs="+", default=None, metavar="STATS",
+                   help="per-channel statistics applied after augmentation: MEAN,MEAN,... STD,STD,... (values "
+                        "of images in [0, 1], one per channel), or 'auto' to estimate them from up to 1,000 "
+                        "images. Default: ImageNet's for 1- and 3-channel data, 'auto' for other channel counts")
+    d.add_argument("--num-workers", type=non_negative_int_arg, default=0,
                    help="DataLoader processes decoding images; 0 is best for in-memory data (Fashion-MNIST, "
                         "CIFAR-10), use 4-8 per GPU for folders of JPEGs")
     m = p.add_argument_group("model and method")
@@ -88,37 +111,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method hyperparameter, repeatable, e.g. temperature=0.2 (simclr: 0.1-0.5; lower values "
                         "weigh hard negatives more and want larger batches; this app uses 0.2, which beat the "
                         "method's 0.5 at batch 256 in our runs) or projection_hidden_size=1024")
-    m.add_argument("--channels", type=int, choices=[1, 3], default=3,
-                   help="input channels of the net; grey images are repeated to 3. Grey data gets the same "
-                        "augmentation either way (brightness/contrast jitter; saturation, hue and grayscale do "
-                        "nothing on grey); the recorded runs use 3")
-    m.add_argument("--min-crop", type=float, default=None,
+    m.add_argument("--channels", type=positive_int_arg, default=None,
+                   help="input channels of the net (default: 3 for grey and colour images, which repeats grey "
+                        "to 3; else the data's own count). Grey data gets the same augmentation either way "
+                        "(brightness/contrast jitter; saturation, hue and grayscale do nothing on grey); the "
+                        "recorded runs use 3")
+    m.add_argument("--init", default=None, metavar="PATH",
+                   help="weights to start from: a torchvision/timm state dict, a backbone.pt or a checkpoint of "
+                        "the same --arch (the classifier may differ: pretraining never runs it). Default: random")
+    m.add_argument("--min-crop", type=fraction_arg, default=None,
                    help="smallest area fraction of the global random crops (default 0.25 for the 28-px built-in "
                         "data, else the method's 0.08); below 0.2 small images lose their object")
     o = p.add_argument_group("optimisation")
     length = o.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int_arg, default=None,
                         help=f"optimiser steps (default {DEFAULTS['steps']} when --epochs is not given)")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the data, instead of --steps")
-    o.add_argument("--batch-size", type=positive_int_arg, default=DEFAULTS["batch_size"],
+    length.add_argument("--epochs", type=positive_float_arg, default=None,
+                        help="passes over the data, instead of --steps (default: use --steps)")
+    o.add_argument("--batch-size", type=BATCH_SIZE, default=DEFAULTS["batch_size"],
                    help="images per process per batch. Contrastive methods want 256 or more (more negatives); "
                         "below 64 BatchNorm statistics get noisy")
-    o.add_argument("--lr", type=float, default=DEFAULTS["lr"],
+    o.add_argument("--lr", type=positive_float_arg, default=DEFAULTS["lr"],
                    help="learning rate at a global batch of 256; it is scaled by global batch / 256. AdamW "
                         "with the small ResNet, in our runs: 2e-3 to 1e-2 equally good, 3e-2 and above lose most "
                         "of the gain; if the loss turns NaN, halve it or lengthen the warmup. SGD: 0.05 "
                         "(SimSiam); LARS: 0.2-0.3 (BYOL, SimCLR)")
     o.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="adamw is robust at any batch; lars was designed for batches of 1024 and more")
-    o.add_argument("--weight-decay", type=float, default=None,
+    o.add_argument("--weight-decay", type=non_negative_float_arg, default=None,
                    help="default 0.05 (adamw), 1e-4 (sgd), 1.5e-6 (lars); biases and norms never decay")
-    o.add_argument("--warmup-steps", type=int, default=None,
+    o.add_argument("--warmup-steps", type=non_negative_int_arg, default=None,
                    help="linear warmup before the cosine decay (default: 10%% of the steps); lengthen it if the "
                         "loss spikes or turns NaN early")
     o.add_argument("--grad-accum", type=positive_int_arg, default=None,
                    help="batches per optimiser step: a larger effective batch without the memory (default: "
                         "accelerate's setting, ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1)")
-    o.add_argument("--max-grad-norm", type=float, default=None,
+    o.add_argument("--max-grad-norm", type=positive_float_arg, default=None,
                    help="clip gradients to this norm (DINO clips ViTs at 3.0; default: no clipping)")
     o.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
                    help="bf16 on GPUs that support it (A100, H100) saves memory and time; fp16 needs loss "
@@ -132,10 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deterministic GPU kernels (slower): needed on a GPU for a resumed run to end "
                         "bit-identical to an uninterrupted one; CPU runs are reproducible without it")
     r = p.add_argument_group("output")
-    r.add_argument("--out", default=None, help="output folder (default: runs/<method>-<data>)")
+    r.add_argument("--out", default=None,
+                   help="output folder (default: runs/<method>-<data>). Running the same command again continues "
+                        "the run in it; a run with other settings is refused there (see --resume)")
     r.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the latest checkpoint in --out ('auto' when the flag is given alone) or "
-                        "from a checkpoint path (default: start from step 0)")
+                   help="continue the run in --out with the settings given now: more --steps or a new --lr "
+                        "rebuild the schedule at the step reached, as if the run had been planned so. Or a "
+                        "checkpoint path to continue from (default: continue only a run with the same settings; "
+                        "start fresh in an empty --out)")
     r.add_argument("--checkpoint-every", type=positive_int_arg, default=100, help="steps between checkpoints")
     r.add_argument("--log-every", type=positive_int_arg, default=10,
                    help="steps between log lines; the NaN check also runs then (no per-step GPU sync)")
@@ -152,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score raw pixels and the randomly initialised net on the same protocol (kNN and "
                         "linear probe): a pretrained backbone that does not beat them has not learned anything "
                         "useful")
+    r.add_argument("--timeout", type=positive_float_arg, default=DEFAULT_TIMEOUT,
+                   help="seconds a process waits for the others at a collective operation (multi-process runs) "
+                        "before the run ends with an error: a stopped or hung process cannot block the job forever. "
+                        "Keep it above the longest evaluation (the main process scores while others wait)")
     r.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write the learning curve, loss curve, augmentation grid and embedding map PNGs (needs "
                         "matplotlib)")
@@ -159,11 +195,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The parsed command line (--steps defaults to DEFAULTS["steps"] when --epochs is not given)."""
-    args = build_parser().parse_args(argv)
+    """The checked command line (--steps defaults to DEFAULTS["steps"] when --epochs is not given); a bad
+    argument exits with one line that names the fix, before anything is loaded."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.steps is None and args.epochs is None:
         args.steps = DEFAULTS["steps"]
+    if args.warmup_steps is not None and args.steps is not None and args.warmup_steps > args.steps:
+        parser.error(f"--warmup-steps {args.warmup_steps} is longer than the run (--steps {args.steps}); use at "
+                     f"most {args.steps}")
+    for flag, path in (("--init", args.init), ("--resume", None if args.resume == "auto" else args.resume)):
+        if path is not None and not Path(path).expanduser().is_file():
+            parser.error(f"{flag} {path}: no such file")
+    try:
+        args.normalize = parse_normalize(args.normalize)
+        _method_kwargs(args.method_arg)
+    except ValueError as e:
+        parser.error(str(e))
     return args
+
+
+def parse_normalize(values: Sequence[str] | None) -> str | tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """--normalize as None, "auto" or (means, stds); ValueError naming the expected form."""
+    if values is None:
+        return None
+    if list(values) == ["auto"]:
+        return "auto"
+    form = "--normalize expects 'auto' or two comma-separated lists, MEAN,MEAN,... STD,STD,..."
+    if len(values) != 2:
+        raise ValueError(f"{form}; got {' '.join(values)!r}")
+    try:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in values)
+    except ValueError:
+        raise ValueError(f"{form}; got {' '.join(values)!r}") from None
+    if len(mean) != len(std) or not all(0 < v < float("inf") for v in std) or \
+            not all(abs(v) < float("inf") for v in mean):
+        raise ValueError(f"--normalize needs as many means as stds, finite, stds > 0; got {' '.join(values)!r}")
+    return mean, std
 
 
 @dataclass
@@ -174,6 +242,7 @@ class RunData:
     memory: Dataset | None
     queries: Dataset | None
     classes: list[str]
+    channels: int = 3  # of the images, as the data holds them
 
 
 def _method_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
@@ -182,7 +251,7 @@ def _method_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
-            raise SystemExit(f"error: --method-arg expects KEY=VALUE, got {pair!r}")
+            raise ValueError(f"--method-arg expects KEY=VALUE, got {pair!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -210,34 +279,39 @@ def load_data(args: argparse.Namespace) -> RunData:
             labelled = split("train")
             train = split(PRETRAIN_SPLIT[name]) if name in PRETRAIN_SPLIT else labelled
             return RunData(train, _cap(labelled, args.knn_train), _cap(split("test"), args.knn_test),
-                           list(labelled.classes))
-        folder = load_dataset(args.data, args.image_size)
-    except (FileNotFoundError, ValueError) as e:
+                           list(labelled.classes), _channels(train))
+        folder = load_dataset(args.data, args.image_size, max_pixels=args.max_pixels or None)
+    except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     if not folder.classes:
         print(f"note: {args.data} has no class subfolders; training without the kNN report")
-        return RunData(folder, None, None, [])
+        return RunData(folder, None, None, [], _channels(folder))
     # one image in five is a kNN query; pretraining sees every image (labels are never used for it)
     queries = [i for i in range(len(folder)) if i % 5 == 0 and folder.labels[i] >= 0]
     memory = [i for i in range(len(folder)) if i % 5 != 0 and folder.labels[i] >= 0]
     return RunData(folder, Subset(folder, memory[:args.knn_train]), _cap(Subset(folder, queries), args.knn_test),
-                   list(folder.classes))
+                   list(folder.classes), _channels(folder))
+
+
+def _channels(ds: Dataset) -> int:
+    """The channel count of the data set's images (a folder says it; otherwise its first image does)."""
+    return int(getattr(ds, "channels", None) or ds[0][0].shape[0])
 
 
 def make_trainer(args: argparse.Namespace, name: str, data: RunData, out: Path) -> tuple[Trainer, Any]:
-    """The net from --arch and the Trainer from the flags; bad settings exit with the reason."""
+    """The net from --arch and the Trainer from the flags; bad settings exit with one line naming the fix."""
     min_crop = args.min_crop if args.min_crop is not None else MIN_CROP.get(name)
-    if min_crop is not None and not 0 < min_crop <= 1:
-        raise SystemExit(f"error: --min-crop must lie in (0, 1], got {min_crop}")
     crop = {} if min_crop is None else {"crop_scale": (min_crop, 1.0)}  # global views; local crops keep theirs
     knn_sets = (data.memory, data.queries) if data.memory is not None else None
+    channels = args.channels or (3 if data.channels in (1, 3) else data.channels)
     torch.manual_seed(args.seed)  # the same initial net on every process
     try:
-        net, hidden = build_arch(args.arch, channels=args.channels, num_classes=max(len(data.classes), 1),
+        net, hidden = build_arch(args.arch, channels=channels, num_classes=max(len(data.classes), 1),
                                  image_size=args.image_size)
         if args.hidden_layer is not None:
             hidden = int(args.hidden_layer) if args.hidden_layer.lstrip("-").isdigit() else args.hidden_layer
-        method_kwargs = {**crop, **METHOD_DEFAULTS.get(args.method, {}), **_method_kwargs(args.method_arg)}
+        method_kwargs = {**crop, **METHOD_DEFAULTS.get(args.method, {}), **_method_kwargs(args.method_arg),
+                         **normalize_kwargs(args, data, channels)}
         trainer = Trainer(
             net, dataset=data.train, image_size=args.image_size, hidden_layer=hidden, method=args.method,
             learning_rate=args.lr, scale_lr=True, num_train_steps=args.steps, epochs=args.epochs,
@@ -247,10 +321,51 @@ def make_trainer(args: argparse.Namespace, name: str, data: RunData, out: Path) 
             seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, checkpoint_folder=out,
             log_every=args.log_every, eval_every=_eval_every(args, data) if knn_sets is not None else None,
             eval_dataset=knn_sets, eval_k=args.knn_k, plot=args.plots, compile=args.compile,
-            deterministic=args.deterministic, **method_kwargs)
+            deterministic=args.deterministic, init=args.init, collective_timeout=args.timeout, **method_kwargs)
+    except RunConflictError as e:
+        raise SystemExit(f"error: {conflict_message(e)}") from None
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {cli_words(str(e))}") from None
     return trainer, hidden
+
+
+def normalize_kwargs(args: argparse.Namespace, data: RunData, channels: int) -> dict[str, Any]:
+    """The Learner's ``normalize=`` from --normalize: given, estimated ('auto', and the default for data that is
+    not grey or colour), or nothing (the Learner's ImageNet statistics)."""
+    stats = args.normalize
+    if stats is None and data.channels in (1, 3):
+        return {}
+    if stats is None or stats == "auto":
+        from .augment import estimate_normalization
+        mean, std = estimate_normalization(data.train, max_images=1000)
+        if len(mean) == 1 and channels > 1:  # grey images repeated for the net
+            mean, std = mean * channels, std * channels
+        stats = tuple(round(m, 4) for m in mean), tuple(round(max(v, 1e-3), 4) for v in std)
+        print(f"normalisation estimated from {min(len(data.train), 1000)} images: --normalize "
+              f"{','.join(map(str, stats[0]))} {','.join(map(str, stats[1]))}", flush=True)
+    return {"normalize": stats}
+
+
+# Trainer argument names in its messages, as this app's flags say them (longest first).
+CLI_WORDS = {"resume='auto'": "--resume", "checkpoint_folder": "--out", "num_train_steps": "--steps",
+             "learning_rate": "--lr", "max_grad_norm=1.0": "--max-grad-norm 1.0", "max_grad_norm": "--max-grad-norm",
+             "mixed_precision='no'": "--mixed-precision no", "warmup_steps": "--warmup-steps",
+             "weight_decay": "--weight-decay", "batch_size": "--batch-size", "image_size": "--image-size",
+             "collective_timeout=": "--timeout", "max_pixels=": "--max-pixels", "num_workers": "--num-workers",
+             "gradient_accumulation_steps": "--grad-accum", "eval_every": "--eval-every", "seed": "--seed",
+             "optimizer": "--optimizer", "init": "--init", "channels=": "--channels", "normalize=": "--normalize"}
+_CLI_RE = re.compile("|".join(rf"(?<![\w-]){re.escape(k)}(?![\w])" if k[-1].isalnum() else
+                              rf"(?<![\w-]){re.escape(k)}" for k in sorted(CLI_WORDS, key=len, reverse=True)))
+
+
+def cli_words(text: str) -> str:
+    """A Trainer message with its argument names replaced by this app's flags."""
+    return _CLI_RE.sub(lambda m: CLI_WORDS[m.group(0)], text)
+
+
+def conflict_message(e: RunConflictError) -> str:
+    """Why a used --out is refused, and the choices, in this app's words."""
+    return cli_words(str(e)).replace("delete its checkpoints to start over", f"delete {e.folder} to start over")
 
 
 def _eval_every(args: argparse.Namespace, data: RunData) -> int:
@@ -372,20 +487,114 @@ def final_report(trainer: Trainer, args: argparse.Namespace, data: RunData, metr
     return query_emb
 
 
+def check_out(out: Path) -> None:
+    """Exit with one line if --out cannot be created or written, before any data is read."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out) as f:
+            f.write(b"0")
+            f.flush()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write into --out {out} ({e.strerror or e}); pick another folder") from None
+
+
+def _bytes(state: dict[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def check_space(trainer: Trainer, out: Path) -> None:
+    """Exit with one line if the disk under --out cannot hold a checkpoint and the exported backbone."""
+    # a checkpoint holds the learner and the optimiser's moments (about twice the trainable weights)
+    need = 3 * _bytes(trainer.learner.state_dict()) + 2 * _bytes(trainer.net.state_dict())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise SystemExit(f"error: --out {out} has {free / 2**20:,.1f} MB free, and this run writes about "
+                         f"{need / 2**20:,.1f} MB (a checkpoint and the backbone); free space or pick another --out")
+
+
+def _program() -> list[str]:
+    """How this app was started: `wrapssl train`, `python -m wrapssl.train`, `python -m wrapssl train` or
+    `python <script>`."""
+    arg0 = Path(sys.argv[0])
+    if arg0.name == "wrapssl":
+        return ["wrapssl", "train"]
+    if arg0.suffix == ".py" and arg0.exists():
+        if arg0.resolve() == Path(__file__).resolve():
+            return ["python", "-m", "wrapssl.train"]
+        if arg0.name == "__main__.py" and arg0.resolve().parent == Path(__file__).resolve().parent:
+            return ["python", "-m", "wrapssl", "train"]
+        return ["python", sys.argv[0]]
+    return ["wrapssl", "train"]
+
+
+def continue_command(argv: Sequence[str]) -> str:
+    """The command that continues this run: the same arguments, with --resume (an older --resume PATH dropped)."""
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join([*_program(), *kept, "--resume"])
+
+
+def report_unreadable(data: RunData, metrics: dict[str, Any], bad: dict[str, str]) -> None:
+    """List the files that could not be read (replaced by readable ones while training) and keep them in metrics."""
+    metrics["unreadable_files"] = bad
+    if not bad:
+        return
+    total = len(getattr(data.train, "files", ())) or len(data.train)
+    shown = "\n".join(f"  {name}: {why}" for name, why in list(bad.items())[:10])
+    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    print(f"warning: {len(bad)} of {total} files could not be read; each was replaced by a readable one while "
+          f"training (all of them are in metrics.json under unreadable_files):\n{shown}{more}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Pretrain, evaluate before/after, write everything to --out; returns the metrics."""
+    """Pretrain, evaluate before/after, write everything to --out; returns the metrics.
+
+    Ctrl-C or SIGTERM end the app with the shell's code for the signal (130, 143) after a checkpoint, and
+    print the command that continues the run; a run that diverges, a write that fails, a refused --out and
+    a process that stops answering end it with one ``error: ...`` line.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    with sigterm_interrupts():
+        try:
+            return _run(args)
+        except TrainingInterrupted as e:
+            print(f"wrapssl: stopped by {e.signal_name} at step {e.step}; {e.checkpoint} holds it. Continue with:\n"
+                  f"  {continue_command(argv)}", file=sys.stderr, flush=True)
+            raise SystemExit(e.exit_code) from None
+        except KeyboardInterrupt as e:
+            name = getattr(e, "signal_name", "SIGINT")
+            print(f"wrapssl: interrupted by {name}; every checkpoint written so far is kept. The same command "
+                  f"continues:\n  {continue_command(argv)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + (15 if name == "SIGTERM" else 2)) from None
+        except (NonFiniteLossError, CollectiveTimeoutError, OSError) as e:
+            raise SystemExit(f"error: {cli_words(str(e))}") from None
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """The app's work: data, Trainer, baselines, training, report (see ``main``)."""
     start = time.perf_counter()
     name = _data_name(args.data)
     if args.image_size is None:
         args.image_size = DEFAULT_IMAGE_SIZE.get(name, 64)
     out = Path(args.out or f"runs/{args.method}-{name}")
+    check_out(out)
     data = load_data(args)
     trainer, hidden = make_trainer(args, name, data, out)
     acc = trainer.accelerator
+    if acc.is_main_process:
+        check_space(trainer, out)
     acc.print(f"wrapssl: {args.method} on {name} ({len(data.train)} images, {args.image_size} px), {args.arch} "
               f"[{hidden}], {trainer.num_train_steps} steps of {trainer.global_batch * trainer.grad_accum} images, "
               f"lr {trainer.lr:.3g}, {acc.num_processes} process(es) on {acc.device}")
+    if trainer.step >= trainer.num_train_steps:
+        acc.print(f"wrapssl: the run in {out} is complete (step {trainer.step}); reporting it again")
 
     metrics_path = out / "metrics.json"
     metrics: dict[str, Any] = {}
@@ -396,7 +605,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metrics["scores"] = score_baselines(trainer, args, data)
         metrics["knn_before"], metrics["knn_before_step"] = metrics["scores"]["random_init"]["knn"], trainer.step
         print(format_scores(metrics["scores"], k=args.knn_k, memory=len(data.memory)), flush=True)
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # so that a resumed run finds it
     acc.wait_for_everyone()
 
@@ -404,11 +612,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with trainer:  # ends the trackers and the process group when the report is done
         trainer()
         metrics.update(train_time_s=round(time.perf_counter() - train_start, 1))
-        hashes = [weights_sha256(net=trainer.net)]
+        hashes, bad = [weights_sha256(net=trainer.net)], [unreadable_files(data.train)]
         if acc.num_processes > 1:
-            hashes = gather_object(hashes)
+            hashes, bad = gather_object(hashes), gather_object(bad)
         if acc.is_main_process:
             query_emb = final_report(trainer, args, data, metrics, hashes)
+            report_unreadable(data, metrics, {k: v for found in bad for k, v in found.items()})
             if args.plots:
                 make_plots(trainer, data, query_emb, metrics, out)
             metrics.update(wall_time_s=round(time.perf_counter() - start, 1))

@@ -1,9 +1,11 @@
 """Accelerate Trainer: the training loop around a Learner, from one CPU to many GPUs.
 
-Its parts live beside it: checkpoints.py (files and RNG states), tracking.py
-(logged values), monitor.py (NaN/inf checks without per-step host syncs),
-sampler.py (a data order that resumes exactly) and accelerator.py (the
-Accelerator and the settings read from `accelerate config`).
+Its parts live beside it: checkpoints.py (files and RNG states), runs.py (which
+run a folder holds: continue, start or refuse), tracking.py (logged values),
+monitor.py (NaN/inf and blow-up checks without per-step host syncs),
+interrupt.py (Ctrl-C and SIGTERM), sampler.py (a data order that resumes
+exactly) and accelerator.py (the Accelerator and the settings read from
+`accelerate config`).
 """
 from __future__ import annotations
 
@@ -24,19 +26,25 @@ from tqdm.auto import tqdm
 from .accelerator import accumulation_steps, dynamo_compile_options, make_accelerator, use_deterministic_algorithms
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, checkpoint_path, latest_checkpoint, load_checkpoint,
                           remove_stale_temp_files, rng_state, save_backbone, set_rng_state, to_cpu, write_checkpoint)
-from .checks import positive_int
+from .checks import non_negative_float, positive_float, positive_int
 from .data import as_dataset, collate
+from .distributed import CollectiveTimeoutError, collective_failure, is_collective_failure
 from .health import Health, embedding_health, probe_images
 from .hidden import LayerSpec, input_channels
+from .interrupt import StopRequest, TrainingInterrupted
 from .learner import Learner
 from .methods import Method
-from .monitor import LossMonitor, NonFiniteLossError, Throughput, all_finite, failure_message
+from .monitor import LossMonitor, NonFiniteLossError, Throughput, WeightWatch, failure_message, non_finite
 from .optim import WarmupCosine, build_optimizer
+from .runs import SCHEDULE_SETTINGS, RunConflictError, changed_settings, choose_checkpoint, describe_changes
 from .sampler import ResumableSampler
 from .tracking import CSVTracker, RunLog, make_trackers
 
 # CSVTracker, latest_checkpoint and load_checkpoint stay importable from here, where they used to live
-__all__ = ["Trainer", "NonFiniteLossError", "CSVTracker", "latest_checkpoint", "load_checkpoint"]
+__all__ = ["Trainer", "NonFiniteLossError", "RunConflictError", "TrainingInterrupted", "CollectiveTimeoutError",
+           "CSVTracker", "latest_checkpoint", "load_checkpoint"]
+
+DEFAULT_TIMEOUT = 1800.0  # seconds a collective waits for the other processes (torch's own default for gloo)
 
 
 class Trainer:
@@ -72,8 +80,16 @@ class Trainer:
             told (``accelerator_kwargs``, ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``), else 1.
         max_grad_norm, mixed_precision ("no", "fp16", "bf16"): passed to Accelerate
             (mixed precision defaults to `accelerate config`'s).
-        resume: "auto" continues from the latest checkpoint in ``checkpoint_folder``
-            (a fresh start if there is none); a path continues from that file.
+        resume: what to do with a ``checkpoint_folder`` that holds checkpoints. None (default):
+            continue its run if its settings equal these (re-running a script continues it),
+            raise ``RunConflictError`` if they differ; an empty folder starts fresh. "auto": continue
+            its latest checkpoint with these settings: more steps or another learning rate
+            rebuild the schedule at the step reached, as if the run had been planned so from the
+            start (what changed is printed). A path: continue from that file (refused if the folder
+            holds later checkpoints). False: start at step 0, refused if the folder holds any.
+        init: a weights file to start from (a torchvision/timm state dict, a ``backbone.pt``, a
+            checkpoint; see ``archs.load_weights``), loaded into ``net`` before anything else; the
+            net's final classifier, which pretraining never runs, keeps its own values.
         eval_every, eval_dataset: every ``eval_every`` steps, kNN accuracy (k=``eval_k``,
             temperature ``eval_temperature``) of ``eval_dataset = (train, test)`` is logged as "knn",
             with the minutes of training so far as "train_minutes" (evaluations not counted).
@@ -87,11 +103,20 @@ class Trainer:
             or a dict of ``torch.compile`` options). Default: the dynamo backend of `accelerate
             config`, if one was chosen. The first steps compile (tens of seconds to minutes);
             checkpoints and ``backbone.pt`` keep the plain net's keys.
+        collective_timeout: seconds a collective operation (gradient all-reduce, barrier) waits for
+            the other processes (default 1800). A stopped, hung or dead process then ends the run with
+            a ``CollectiveTimeoutError`` instead of blocking the others forever.
         deterministic: deterministic kernels for this process (``torch.use_deterministic_algorithms``,
             cuDNN autotuning off, cuBLAS workspace pinned). On the CPU runs are bit-reproducible
             anyway; on a GPU, cuDNN's fastest convolution backward adds in a varying order, so a
             resumed run ends bit-identical to an uninterrupted one only with this on (slower).
             Ops with no deterministic kernel warn rather than fail.
+
+    Ctrl-C and SIGTERM finish the current step, write a checkpoint and raise
+    ``TrainingInterrupted`` (a ``KeyboardInterrupt``); run again to continue. The loss and the
+    weights are checked at every log, evaluation and checkpoint: a NaN, an inf or a weight norm
+    grown over 1000x stops the run (``NonFiniteLossError``) before any checkpoint holds it.
+    The user's net is trained in train mode: a net handed over in eval mode gets a warning.
     """
 
     def __init__(self, net: nn.Module, *, dataset: Dataset | torch.Tensor | str, image_size: int | None = None,
@@ -107,26 +132,36 @@ class Trainer:
                  log_every: int = 10, log_with: Sequence[str] = ("tensorboard", "csv"),
                  eval_every: int | None = None, eval_dataset: tuple[Any, Any] | None = None, eval_k: int = 200,
                  eval_temperature: float = 0.1, eval_batch_size: int = 256, health_every: int | None = 50,
-                 channels: int | None = None,
+                 channels: int | None = None, init: str | os.PathLike | None = None,
+                 collective_timeout: float | None = DEFAULT_TIMEOUT,
                  sync_batchnorm: bool | None = None, progress: bool = True, plot: bool = True,
                  compile: bool | dict = False, deterministic: bool = False, **method_kwargs: Any):
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         self.batch_size = positive_int(batch_size, "batch_size")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2 (batch norm and the losses compare the images of a "
+                             "batch), got 1")
         self.checkpoint_every = positive_int(checkpoint_every, "checkpoint_every")
         self.keep_checkpoints = positive_int(keep_checkpoints, "keep_checkpoints")
         self.log_every = positive_int(log_every, "log_every")
         self.eval_every = positive_int(eval_every, "eval_every", allow_none=True)
         self.health_every = positive_int(health_every, "health_every", allow_none=True)
-        self.num_workers = int(num_workers)
-        _check_settings(learning_rate, schedule, max_grad_norm, eval_every, eval_dataset)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0 (0 decodes in the main process), got {num_workers!r}")
+        self.num_workers = num_workers
+        self.collective_timeout = positive_float(collective_timeout, "collective_timeout (seconds)", allow_none=True)
+        _check_settings(learning_rate, weight_decay, warmup_steps, schedule, min_lr_ratio, max_grad_norm, epochs,
+                        eval_every, eval_dataset)
+        _warn_if_eval_mode(net)
 
         self.folder = Path(checkpoint_folder)
         kwargs = dict(accelerator_kwargs or {})
         self.grad_accum = accumulation_steps(gradient_accumulation_steps, kwargs)
         compile = compile or dynamo_compile_options(kwargs) or False
         trackers, csv_tracker = make_trackers(log_with, self.folder)
-        self.accelerator = acc = make_accelerator(kwargs, self.grad_accum, mixed_precision, trackers, self.folder)
+        self.accelerator = acc = make_accelerator(kwargs, self.grad_accum, mixed_precision, trackers, self.folder,
+                                                  self.collective_timeout)
         self.run_log = RunLog(acc, csv_tracker)
 
         self.dataset = as_dataset(dataset, image_size, "dataset")
@@ -139,6 +174,9 @@ class Trainer:
                              f"{acc.num_processes} process(es) x {self.grad_accum} accumulation steps); "
                              "lower batch_size or add images")
         self.num_train_steps = _resolve_steps(num_train_steps, epochs, per_epoch)
+        if warmup_steps is not None and warmup_steps > self.num_train_steps:
+            raise ValueError(f"warmup_steps ({warmup_steps}) is longer than the run ({self.num_train_steps} steps); "
+                             f"use at most {self.num_train_steps}, or train longer")
 
         if deterministic:
             use_deterministic_algorithms()
@@ -148,6 +186,9 @@ class Trainer:
         self.seed = 0 if seed is None else int(seed)
         self.net = net
         self.channels = channels or input_channels(net)
+        self.init = init
+        if init is not None:
+            _load_init(net, init, self.channels, image_size or self.image_size)
         learner_kwargs = {**(byol_kwargs or {}), **method_kwargs}
         if "sync_batchnorm" in learner_kwargs:  # byol-pytorch's BYOL argument
             sb = learner_kwargs.pop("sync_batchnorm")
@@ -156,12 +197,13 @@ class Trainer:
         if compile:
             learner_kwargs["compile"] = compile
         learner = self._build_learner(hidden_layer, method, sync_batchnorm, learner_kwargs)
+        _check_views(learner, self.channels, self.image_size)
         self.lr = learning_rate * (self.global_batch * self.grad_accum / 256 if scale_lr else 1.0)
         opt = build_optimizer(optimizer_klass if optimizer_klass is not None else optimizer, learner, self.lr,
                               weight_decay, **(optimizer_kwargs or {}))
         self.warmup_steps = self.num_train_steps // 10 if warmup_steps is None else int(warmup_steps)
-        self.schedule = WarmupCosine(self.num_train_steps, min(self.warmup_steps, self.num_train_steps),
-                                     min_lr_ratio, cosine=schedule == "cosine")
+        self.schedule = WarmupCosine(self.num_train_steps, self.warmup_steps, min_lr_ratio,
+                                     cosine=schedule == "cosine")
         self.sampler = ResumableSampler(len(self.dataset), self.global_batch, self.seed)
         self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(
             learner, opt, self._build_loader(), LambdaLR(opt, self.schedule))
@@ -177,6 +219,7 @@ class Trainer:
         self._collapse_warned = False
         self._train_seconds, self._clock = 0.0, None  # training time so far; evaluations are not counted
         self.max_grad_norm = max_grad_norm
+        self._watch: WeightWatch | None = None  # the weight-norm reference of the current fit()
         self.progress, self.plot, self.log_with = progress, plot, tuple(log_with)
         self.step = 0
         self.epoch, self.samples_in_epoch = 0, 0
@@ -229,6 +272,9 @@ class Trainer:
             "scale_lr": scale_lr, "warmup_steps": self.warmup_steps, "schedule": schedule,
             "min_lr_ratio": min_lr_ratio, "mixed_precision": str(self.accelerator.mixed_precision),
             "max_grad_norm": plain(self.max_grad_norm), "seed": self.seed,
+            # with the class name, the parameter count tells resnet18 from resnet50
+            "net_params": sum(p.numel() for p in self.net.parameters()),
+            "init": None if self.init is None else os.fspath(self.init),
         }
         cfg.update({f"method.{k}": plain(v) for k, v in learner_kwargs.items()})
         return cfg
@@ -256,12 +302,16 @@ class Trainer:
         except RuntimeError as e:
             raise ValueError(f"the checkpoint does not fit this net/method ({e}); resume with the same "
                              "architecture, hidden_layer and method, or start a new checkpoint_folder") from e
+        # the optimiser's moments come from the checkpoint, its hyperparameters from this run's settings
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.learner.step = self.step
+        self._schedule_at(self.step)
         data = state["data"]
         self.epoch, self.samples_in_epoch = int(data["epoch"]), int(data["samples_in_epoch"])
         self.run_log.load_state_dict(state.get("history", {}))
@@ -273,36 +323,51 @@ class Trainer:
             else:  # a different process count: fresh but reproducible streams
                 set_seed(self.seed + 1_000 * self.step, device_specific=True)
 
+    def _schedule_at(self, step: int) -> None:
+        """Put the lr schedule (this run's: its steps, warmup and learning rate) at ``step``."""
+        scheduler = self.scheduler.scheduler  # the LambdaLR inside Accelerate's wrapper
+        scheduler.last_epoch, scheduler._step_count = step, step + 1
+        lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+
     def _resume(self, resume: str | os.PathLike | bool | None) -> None:
-        """Load the checkpoint that ``resume`` points to, if any."""
-        if resume is None or resume is False:
-            return
-        if resume is True or resume == "auto":
-            path = latest_checkpoint(self.folder)
-            if path is None:
+        """Continue the run ``resume`` and the folder point to, if any (see ``runs.choose_checkpoint``)."""
+        found = choose_checkpoint(self.folder, resume, self.config)
+        if found is None:
+            if resume is True or resume == "auto":
                 self.accelerator.print(f"wrapssl: no checkpoint in {self.folder}; starting from step 0")
-                return
-        else:
-            path = Path(resume)
-            if not path.is_file():
-                raise FileNotFoundError(f"resume checkpoint {str(path)!r} does not exist; pass resume='auto' to "
-                                        f"continue from the latest one in {str(self.folder)!r}")
-        state = load_checkpoint(path)
-        old = state.get("config", {})
-        # a longer run (more steps, hence a longer warmup and EMA schedule) is a normal way to resume
-        derived = ("num_train_steps", "warmup_steps", "method.total_steps")
-        changed = {k: (old[k], v) for k, v in self.config.items() if k in old and old[k] != v and k not in derived}
-        if changed:
-            warnings.warn(f"resuming {path} with changed settings {changed}; the run will not match an "
-                          "uninterrupted one", stacklevel=3)
+            return
+        path, state = found
+        step = int(state["step"])
+        if step > self.num_train_steps:
+            raise ValueError(f"{path} is at step {step}, past this run's num_train_steps={self.num_train_steps}; "
+                             f"ask for more than {step} steps to continue it")
+        changed = changed_settings(state.get("config", {}), self.config)
+        rebuilt = {k: v for k, v in changed.items() if k in SCHEDULE_SETTINGS and not k.startswith("method.")}
+        others = {k: v for k, v in changed.items() if k not in SCHEDULE_SETTINGS}
+        if others:
+            warnings.warn(f"resuming {path} with changed settings ({describe_changes(others)}); the run will not "
+                          "match an uninterrupted one", stacklevel=3)
         self.load_state_dict(state)
         self.last_checkpoint = self.resumed_from = path
-        self.accelerator.print(f"wrapssl: resumed from {path} at step {self.step}")
+        how = "re-run with the same settings: " if resume is None else ""
+        self.accelerator.print(f"wrapssl: {how}resumed from {path} at step {step} of {self.num_train_steps}")
+        if rebuilt and step < self.num_train_steps:
+            self.accelerator.print(
+                f"wrapssl: schedule rebuilt for the new settings ({describe_changes(rebuilt)}): step {step + 1} "
+                f"trains at lr {self.optimizer.param_groups[0]['lr']:.4g}, as a run planned with these settings "
+                "from the start would")
 
     def save_checkpoint(self) -> Path:
-        """Write the full state to ``checkpoint-<step>.pt`` atomically; prune old ones. Collective."""
-        if not all_finite(self.learner):
-            self._fail(self.step, "weights")
+        """Write the full state to ``checkpoint-<step>.pt`` atomically; prune old ones. Collective.
+
+        Raises NonFiniteLossError instead if the weights are not finite or have blown up.
+        """
+        problem = self._weights_problem()
+        if problem:
+            self._fail(problem, self.step)
         state = self.state_dict()
         # each process's RNG, so every process resumes its own augmentation stream
         state["rng"] = gather_object([rng_state()]) if self.accelerator.num_processes > 1 else [rng_state()]
@@ -316,9 +381,16 @@ class Trainer:
         """The user's net's weights as ``backbone.pt`` and ``backbone.safetensors`` in the folder; main process only."""
         return save_backbone(self.accelerator, self.net, self.folder)
 
-    def _fail(self, step: int, what: str) -> None:
+    def _weights_problem(self) -> str | None:
+        """What is wrong with the learner's weights (not finite; blown up since fit() began), or None."""
+        if self._watch is not None:
+            return self._watch.problem(self.learner)
+        bad = non_finite(self.learner.state_dict())
+        return f"the weights became NaN or infinite ({', '.join(bad[:2])})" if bad else None
+
+    def _fail(self, problem: str, step: int) -> None:
         """Stop the run: end the trackers and raise with the step and what to try."""
-        message = failure_message(what, step, self.num_train_steps, self.last_checkpoint, self.lr,
+        message = failure_message(problem, step, self.num_train_steps, self.last_checkpoint, self.lr,
                                   str(self.accelerator.mixed_precision), self.max_grad_norm)
         self.end()
         raise NonFiniteLossError(message)
@@ -401,21 +473,27 @@ class Trainer:
             self._train_seconds
         self._clock = time.perf_counter()
         monitor, meter = LossMonitor(acc.device), Throughput(self.global_batch * self.grad_accum)
+        self._watch = WeightWatch(self.learner)
         bar = tqdm(total=self.num_train_steps, initial=self.step, desc="pretraining", dynamic_ncols=True,
                    disable=not (self.progress and acc.is_main_process))
         self.model.train()
         try:
-            while self.step < self.num_train_steps:
-                self.sampler.position(self.epoch, self.samples_in_epoch)
-                for images, _ in self.loader:
-                    used = self._batch(images, monitor)
-                    if used is not None:
-                        bar.update(1)
-                        self._after_step(*used, monitor, meter, bar)
-                        if self.step >= self.num_train_steps:
-                            break
-                else:
-                    self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+            with StopRequest() as stop:
+                while self.step < self.num_train_steps:
+                    self.sampler.position(self.epoch, self.samples_in_epoch)
+                    for images, _ in self.loader:
+                        used = self._batch(images, monitor)
+                        if used is not None:
+                            bar.update(1)
+                            self._after_step(*used, monitor, meter, bar, stop)
+                            if self.step >= self.num_train_steps:
+                                break
+                    else:
+                        self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+        except RuntimeError as e:
+            if acc.num_processes > 1 and is_collective_failure(e):
+                raise collective_failure(e, self.collective_timeout, self.last_checkpoint) from e
+            raise
         finally:
             bar.close()
             self._pause_clock()
@@ -457,36 +535,60 @@ class Trainer:
         self.step += 1
         return used
 
-    def _after_step(self, lr: float, momentum: float, monitor: LossMonitor, meter: Throughput, bar: tqdm) -> None:
-        """Log, evaluate and checkpoint when they are due."""
-        last = self.step == self.num_train_steps
+    def _after_step(self, lr: float, momentum: float, monitor: LossMonitor, meter: Throughput, bar: tqdm,
+                    stop: StopRequest) -> None:
+        """Check, log, evaluate and checkpoint when they are due; stop after a checkpoint on a signal."""
+        step, last = self.step, self.step == self.num_train_steps
+        log = step % self.log_every == 0 or last
+        health = self.health_every is not None and (step % self.health_every == 0 or last)
+        evaluate = self.eval_every is not None and (step % self.eval_every == 0 or last)
+        checkpoint = step % self.checkpoint_every == 0 or last
+        stopping = self._stop_agreed(stop, log)
         meter.steps += 1
-        if self.step % self.log_every == 0 or last:
-            values = {"loss": self._read_loss(monitor), "lr": lr, "momentum": momentum, "images_per_s": meter.rate(),
+        if not (log or health or evaluate or checkpoint or stopping):
+            return
+        loss = self._guard(monitor)  # nothing below may see a NaN or blown-up weights
+        if log:
+            values = {"loss": loss, "lr": lr, "momentum": momentum, "images_per_s": meter.rate(),
                       "train_minutes": self.train_minutes}
             if self.learner.target_encoder is None:  # no EMA target, no momentum to report
                 del values["momentum"]
             monitor.reset()
-            self.run_log.log(values, self.step)
+            self.run_log.log(values, step)
             bar.set_postfix({k[:5]: f"{v:.4g}" for k, v in values.items() if k != "train_minutes"})
-            meter.restart()
-        if self.health_every is not None and (self.step % self.health_every == 0 or last) \
-                and self.accelerator.is_main_process:
+        if health and self.accelerator.is_main_process:
             self.check_health()
-            meter.restart()
-        if self.eval_every is not None and (self.step % self.eval_every == 0 or last):
+        if evaluate:
             self._evaluate()
-            meter.restart()  # images/s counts training only
-        if self.step % self.checkpoint_every == 0 or last:
-            self._read_loss(monitor)  # a NaN since the last log must not reach the checkpoint
+        if checkpoint or stopping:
             self.save_checkpoint()
-            meter.restart()
+        meter.restart()  # images/s counts training only, not the checks, evaluations and checkpoints
+        if stopping:
+            name = stop.requested or "SIGTERM"  # another process received it
+            raise TrainingInterrupted(f"training stopped by {name} at step {step} of {self.num_train_steps}; "
+                                      f"{self.last_checkpoint} holds it. Run again (same settings, or "
+                                      "resume='auto') to continue", name, step, self.last_checkpoint)
 
-    def _read_loss(self, monitor: LossMonitor) -> float:
-        """Mean loss of the window over all processes; stops the run if a loss was not finite."""
+    def _stop_agreed(self, stop: StopRequest, log_point: bool) -> bool:
+        """True when the run should stop now: at once on one process, at the next log point on many
+        (all processes must checkpoint the same step; the flag rides on a reduction there)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return stop.requested is not None
+        if not log_point:
+            return False
+        flag = torch.tensor([float(stop.requested is not None)], device=acc.device)
+        return bool(acc.reduce(flag, "sum").item() > 0)
+
+    def _guard(self, monitor: LossMonitor) -> float:
+        """Mean loss of the window over all processes; stops the run if a loss was not finite or the weights
+        are not sound."""
         loss, bad_step = monitor.read(self.accelerator)
         if bad_step is not None:
-            self._fail(bad_step, "loss")
+            self._fail("the loss became NaN or infinite", bad_step)
+        problem = self._weights_problem()
+        if problem:
+            self._fail(problem, self.step)
         return loss
 
     def _sync_buffers(self) -> None:
@@ -506,20 +608,67 @@ class Trainer:
             print(f"wrapssl: no loss-curve plot ({e}); pip install matplotlib")
 
 
-def _check_settings(learning_rate: float, schedule: str, max_grad_norm: float | None, eval_every: int | None,
+def _check_settings(learning_rate: float, weight_decay: float | None, warmup_steps: int | None, schedule: str,
+                    min_lr_ratio: float, max_grad_norm: float | None, epochs: float | None, eval_every: int | None,
                     eval_dataset: Any) -> None:
     """ValueError naming the fix for a setting no run could use."""
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    positive_float(learning_rate, "learning_rate")
+    non_negative_float(weight_decay, "weight_decay", allow_none=True)
+    if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int)
+                                     or warmup_steps < 0):
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
+    if not 0 <= non_negative_float(min_lr_ratio, "min_lr_ratio") <= 1:
+        raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
+    positive_float(max_grad_norm, "max_grad_norm (or None for no clipping)", allow_none=True)
+    positive_float(epochs, "epochs", allow_none=True)
     if eval_every is not None and eval_dataset is None:
         raise ValueError("eval_every needs eval_dataset=(train_dataset, test_dataset) with labels "
                          "for the kNN monitor")
     if eval_dataset is not None and (not isinstance(eval_dataset, (tuple, list)) or len(eval_dataset) != 2):
         raise ValueError("eval_dataset must be a pair (train_dataset, test_dataset) of labelled datasets")
+
+
+def _warn_if_eval_mode(net: nn.Module) -> None:
+    """Warn that a net handed over in eval mode is trained in train mode (BatchNorm statistics move)."""
+    frozen = [name or type(net).__name__ for name, m in net.named_modules() if not m.training]
+    if frozen:
+        warnings.warn(f"{type(net).__name__} is in eval mode ({len(frozen)} module(s), e.g. {frozen[0]!r}); the "
+                      "Trainer trains it in train mode, so BatchNorm statistics update and dropout is active. To "
+                      "keep BatchNorm frozen, replace it with torchvision.ops.FrozenBatchNorm2d, which ignores "
+                      "train()", RuntimeWarning, stacklevel=3)
+
+
+def _load_init(net: nn.Module, path: str | os.PathLike, channels: int, image_size: int) -> None:
+    """Load the weights at ``path`` into ``net``; its final classifier (never run by pretraining) may differ."""
+    from .archs import load_weights
+    from .hidden import ClassifierInput
+    from .prelogits import TimmPreLogits, find_pre_logits
+
+    layer = find_pre_logits(net, channels, image_size)
+    head = None
+    if isinstance(layer, ClassifierInput):
+        head = layer.classifier
+    elif isinstance(layer, TimmPreLogits):
+        module = net.get_classifier()
+        head = next((n for n, m in net.named_modules() if m is module and n), None)
+    load_weights(net, path, ignore=[f"{head}."] if head else ())
+    bad = non_finite(net.state_dict())
+    if bad:
+        raise ValueError(f"the weights in {os.fspath(path)} hold NaN or inf ({', '.join(bad[:3])}); start from "
+                         "another file")
+
+
+def _check_views(learner: Learner, channels: int, image_size: int) -> None:
+    """Run the views once on two blank images (own RNG stream), so a recipe that cannot work at this size fails
+    now, before any data is read or any step is taken."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        try:
+            learner.views(torch.zeros(2, channels, image_size, image_size))
+        except Exception as e:
+            raise ValueError(f"the views cannot run on {image_size}x{image_size} images ({e}); use a larger "
+                             "image_size") from e
 
 
 def _square_side(dataset: Dataset) -> int:
@@ -536,6 +685,4 @@ def _resolve_steps(num_train_steps: int | None, epochs: float | None, per_epoch:
         raise ValueError("give exactly one of num_train_steps and epochs")
     if num_train_steps is not None:
         return positive_int(num_train_steps, "num_train_steps")
-    if not epochs > 0:
-        raise ValueError(f"epochs must be > 0, got {epochs}")
     return max(1, round(epochs * per_epoch))

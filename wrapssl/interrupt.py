@@ -1,0 +1,88 @@
+"""Ctrl-C and SIGTERM while a run trains: finish the current step, write a checkpoint, then stop.
+
+The first SIGINT (Ctrl-C) or SIGTERM (what clusters send before preempting a job) only
+asks the loop to stop; the loop checks between optimiser steps, so the checkpoint holds a
+complete step. A second Ctrl-C stops at once, without a checkpoint. Handlers are installed
+only from the main thread and restored when the run ends.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any, Iterator
+
+__all__ = ["Interrupted", "TrainingInterrupted", "StopRequest", "sigterm_interrupts", "SIGNALS"]
+
+SIGNALS = ("SIGINT", "SIGTERM")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal (``signal_name``: "SIGINT" or "SIGTERM")."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by this signal (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + int(getattr(signal, self.signal_name))
+
+
+class TrainingInterrupted(Interrupted):
+    """The run stopped on a signal after writing ``checkpoint`` at ``step``."""
+
+    def __init__(self, message: str, signal_name: str, step: int, checkpoint: Path | None):
+        super().__init__(message, signal_name)
+        self.step, self.checkpoint = step, checkpoint
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises ``Interrupted`` inside (as Ctrl-C raises KeyboardInterrupt), so a program can end it
+    cleanly; a training loop inside installs its own, gentler handling (``StopRequest``)."""
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted("terminated by SIGTERM", "SIGTERM")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, handle) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class StopRequest:
+    """A context that turns SIGINT/SIGTERM into a request the training loop reads (``requested``)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None  # the name of the first signal received
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: the user does not want to wait
+                raise KeyboardInterrupt
+            return
+        self.requested = name
+        print(f"\nwrapssl: {name} received: stopping after this step and writing a checkpoint "
+              f"({'Ctrl-C again to stop at once, without one' if signum == signal.SIGINT else 'please wait'})",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for name in SIGNALS:
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

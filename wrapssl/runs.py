@@ -1,0 +1,93 @@
+"""Which run a checkpoint folder holds, and whether a new Trainer continues it, starts fresh or is refused.
+
+A folder holds one run. With ``resume=None`` (the default) the folder decides: empty, a
+fresh start; holding a run with the same settings, that run continues (re-running a
+command never starts over); holding a run with other settings, a ``RunConflictError``
+lists the differences and the choices. ``resume="auto"`` continues the folder's run with
+the new settings (more steps, a new learning rate: the schedule is rebuilt from them).
+Continuing from a checkpoint that is not the folder's latest is refused, so later
+checkpoints of another branch can never be mistaken for this run's.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
+
+__all__ = ["SCHEDULE_SETTINGS", "RunConflictError", "changed_settings", "describe_changes", "choose_checkpoint"]
+
+# Settings a resumed run may change: the learning-rate schedule, the optimiser's hyperparameters and the
+# EMA momentum are rebuilt from the new values at the step reached.
+SCHEDULE_SETTINGS = ("num_train_steps", "learning_rate", "warmup_steps", "weight_decay", "schedule", "min_lr_ratio",
+                     "max_grad_norm", "method.total_steps")
+
+
+class RunConflictError(ValueError):
+    """The checkpoint folder holds a run this Trainer must not write into (see the module docstring)."""
+
+    def __init__(self, message: str, folder: Path, checkpoint: Path, step: int, changed: dict[str, tuple[Any, Any]]):
+        super().__init__(message)
+        self.folder, self.checkpoint, self.step, self.changed = folder, checkpoint, step, changed
+
+
+def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{setting: (old value, new value)} for the settings both configs record and that differ."""
+    return {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
+
+
+def describe_changes(changed: Mapping[str, tuple[Any, Any]]) -> str:
+    """'a 1 -> 2, b x -> y' for a ``changed_settings`` result."""
+    def show(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return ", ".join(f"{k} {show(a)} -> {show(b)}" for k, (a, b) in changed.items())
+
+
+def _conflict(folder: Path, path: Path, state: dict, changed: dict, why: str, choices: str) -> RunConflictError:
+    step, total = int(state["step"]), state.get("config", {}).get("num_train_steps", "?")
+    return RunConflictError(f"{os.fspath(folder)} holds a run at step {step} of {total} ({path.name}){why}. {choices}",
+                            folder, path, step, changed)
+
+
+CHOICES = ("Continue it with these settings (resume='auto': a longer run or a new learning rate rebuilds the "
+           "schedule), pick another checkpoint_folder, or delete its checkpoints to start over")
+
+
+def choose_checkpoint(folder: Path, resume: str | os.PathLike | bool | None, config: Mapping[str, Any]
+                      ) -> tuple[Path, dict] | None:
+    """The checkpoint a Trainer with ``config`` continues from (path, validated state), or None for a fresh start.
+
+    Raises RunConflictError when the folder holds a run that must not be mixed with this one,
+    FileNotFoundError for a ``resume`` path that does not exist, ValueError for a bad checkpoint.
+    """
+    if resume is None or resume is False:
+        path = latest_checkpoint(folder)
+        if path is None:
+            return None
+        state = load_checkpoint(path)
+        changed = changed_settings(state.get("config", {}), config)
+        if resume is False:
+            raise _conflict(folder, path, state, changed, "; resume=False would start this one at step 0 among its "
+                                                          "checkpoints", CHOICES)
+        if changed:
+            raise _conflict(folder, path, state, changed, f" with other settings: {describe_changes(changed)}",
+                            CHOICES)
+        return path, state
+    if resume is True or resume == "auto":
+        path = latest_checkpoint(folder)
+        return None if path is None else (path, load_checkpoint(path))
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint {os.fspath(path)!r} does not exist; pass resume='auto' to "
+                                f"continue from the latest one in {os.fspath(folder)!r}")
+    state = load_checkpoint(path)
+    found = list_checkpoints(folder)
+    inside = path.resolve().parent == Path(folder).resolve()
+    if found and (not inside or found[-1][0] > int(state["step"])):
+        latest = found[-1][1]
+        where = f"after step {state['step']} of {path.name}, which you resume from" if inside else \
+            f"while you resume from {os.fspath(path)}"
+        raise _conflict(folder, latest, load_checkpoint(latest), {}, f", {where}; the two would mix",
+                        "Move its checkpoints away, or resume into an empty checkpoint_folder")
+    return path, state
