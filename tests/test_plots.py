@@ -329,3 +329,31 @@ def test_learning_curve_bad_input():
         plots.learning_curve_figure([])
     with pytest.raises(ValueError, match="minutes, accuracy"):
         plots.learning_curve_figure([(0, "high")])
+
+
+def test_reconstruction_grid_shows_the_image_its_mask_and_the_reconstruction(tmp_path):
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+    learner = wrapssl.Learner(vit, image_size=16, method="mae", decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    images = sample_images(3, 3, size=16)
+    state = {k: v.clone() for k, v in learner.state_dict().items() if isinstance(v, torch.Tensor)}
+    rng = torch.get_rng_state()
+    fig = plots.reconstruction_grid_figure(learner, images, n=8, seed=0)
+    assert torch.equal(torch.get_rng_state(), rng) and learner.training  # the learner and the RNG untouched
+    assert all(torch.equal(v, learner.state_dict()[k]) for k, v in state.items())
+    axes = np.array(fig.axes).reshape(3, 3)  # rows original, masked, reconstruction; one column per image
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["original", "masked", "reconstruction"]
+    for c in range(3):
+        original, masked, recon = (np.asarray(ax.get_images()[0].get_array()) for ax in axes[:, c])
+        assert np.allclose(original, images[c].permute(1, 2, 0).numpy() / 255, atol=1e-6)
+        hidden = np.all(masked == 0.5, axis=-1) & ~np.all(original == 0.5, axis=-1)
+        # 12 of the 16 4x4 patches are masked; the reconstruction keeps the visible pixels as they were
+        assert hidden.sum() == 12 * 16
+        assert np.allclose(recon[~hidden], original[~hidden], atol=1e-5)
+        assert not np.allclose(recon[hidden], original[hidden], atol=1e-2)
+    assert "75%" in fig.get_suptitle()
+    assert_png(plots.reconstruction_grid(learner, images, tmp_path / "mae.png"))
+    with pytest.raises(ValueError, match="method='mae'"):
+        plots.reconstruction_grid_figure(make_learner(), images)
