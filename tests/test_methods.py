@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wrapssl import Learner, available_methods
+from wrapssl import Learner, Views, available_methods
 from wrapssl.methods import DINO, NNCLR, BarlowTwins, MoCo, SimCLR, SwAV, VICReg
+from wrapssl.methods.dino import koleo_loss
 from wrapssl.methods.swav import sinkhorn
 
 from conftest import small_cnn
@@ -213,6 +214,56 @@ def test_dino_loss_matches_naive_and_updates_center(n, k, n_local, step):
     m.loss(student, teacher, step=step)
     np.testing.assert_allclose(np64(m.center)[0], 0.8 * np64(old_center)[0] + 0.2 * mean, rtol=1e-5, atol=1e-6)
 
+
+
+def naive_koleo(x: torch.Tensor) -> float:
+    """Row by row: −log of the distance from each unit vector to its nearest other one, averaged."""
+    z = unit(np64(x))
+    total = 0.0
+    for i in range(len(z)):
+        total -= math.log(min(np.linalg.norm(z[i] - z[j]) for j in range(len(z)) if j != i) + 1e-8)
+    return total / len(z)
+
+
+@pytest.mark.parametrize("n, d", [(2, 3), (7, 5), (32, 16)])
+def test_koleo_matches_naive_and_spreads_the_batch(n, d):
+    torch.manual_seed(n)
+    x = torch.randn(n, d) + 2.0  # bunched on one side of the sphere
+    assert koleo_loss(x).item() == pytest.approx(naive_koleo(x), rel=1e-5)
+    x.requires_grad_(True)
+    koleo_loss(x).backward()
+    with torch.no_grad():
+        assert koleo_loss(x - 0.1 * x.grad) < koleo_loss(x)  # a step down the gradient spreads the rows
+
+
+def test_dino_with_koleo_adds_the_weighted_koleo_of_the_global_representations():
+    torch.manual_seed(0)
+    n, k, d = 6, 16, 8
+    m = DINO(out_dim=k, koleo_weight=0.1, n_local=2)
+    m.build(d)
+    reps = [torch.randn(n, d) for _ in range(4)]
+    projections = [m.projector(r) for r in reps]
+    teacher = [torch.randn(n, k) for _ in range(2)]
+    center = m.center.clone()
+    got = m.loss(list(zip(projections, reps)), teacher, step=0)
+    expected = naive_dino(projections, teacher, center, 0.1, 0.04) + 0.1 * (naive_koleo(reps[0]) +
+                                                                            naive_koleo(reps[1]))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # through the Learner: the online branch hands the method each view's representation too. With four
+    # un-augmented views, every view's representation is the encoder's output for the images themselves
+    views = lambda: Views([lambda v: v] * 4, n_global=2)  # noqa: E731
+    small = {**SMALL["dino"], "n_local": 2}
+    learner = Learner(small_cnn(), image_size=16, hidden_layer=-2, method="dino", views=views(), koleo_weight=0.1,
+                      **small)
+    plain = Learner(small_cnn(), image_size=16, hidden_layer=-2, method="dino", views=views(), **small)
+    plain.load_state_dict(learner.state_dict())
+    x = torch.rand(8, 3, 16, 16)
+    with torch.no_grad():
+        difference = learner(x) - plain(x)
+        rep = learner.encoder(learner.normalize(x))
+    assert difference.item() == pytest.approx(0.1 * 2 * naive_koleo(rep), rel=1e-4)
+    with pytest.raises(ValueError, match="koleo_weight"):
+        DINO(koleo_weight=-1)
 
 def test_dino_teacher_temperature_schedule_and_head():
     m = DINO(out_dim=32, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_steps=100)

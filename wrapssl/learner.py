@@ -228,11 +228,13 @@ class Learner(nn.Module):
                                   f"(Learner's channels= and image_size=){hint}{size_hint(encoder.net, size)}"
                                ) from e
 
-    def _encode_online(self, batches: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-        """The method's online output for each view, one pass per batch of same-sized views."""
-        out: list[torch.Tensor] = []
+    def _encode_online(self, batches: list[tuple[torch.Tensor, int]]) -> list:
+        """The method's online output for each view (a tensor, or a tuple of them), one pass per batch of
+        same-sized views."""
+        out: list = []
         for batch, n in batches:
-            out.extend(self.method.online(partial(self._run, self.encoder), batch).chunk(n))
+            result = self.method.online(partial(self._run, self.encoder), batch)
+            out.extend(zip(*(r.chunk(n) for r in result)) if isinstance(result, tuple) else result.chunk(n))
         return out
 
     def _encode_target(self, batches: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:

@@ -74,9 +74,11 @@ class Method(nn.Module):
         """Called once by the Learner to create the heads; by default ``build(spec.dim)``."""
         self.build(spec.dim)
 
-    def online(self, encode: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor) -> torch.Tensor:
-        """The online branch for a batch of same-sized normalised views, one row per view image: by default the
-        projector on ``encode(views)``, the pooled representation."""
+    def online(self, encode: Callable[[torch.Tensor], torch.Tensor],
+               views: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The online branch for a batch of same-sized normalised views: one row per view image (a tuple of such
+        tensors reaches ``loss`` as one tuple per view). By default the projector on ``encode(views)``, the
+        pooled representation."""
         return self.projector(encode(views))
 
     def targets(self, views: list[torch.Tensor]) -> list[torch.Tensor] | None:

@@ -49,6 +49,17 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: 
     return -(q * others).sum(-1).mean(-1).sum() / n_pairs
 
 
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo entropy estimate (Sablayrolles et al., 2019; DINOv2): −mean log of each L2-normalised row's distance
+    to its nearest other row. Minimising it spreads the batch's features evenly over the sphere."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():  # the neighbour is chosen without gradient; the distance to it carries one
+        cos = x @ x.T
+        cos.fill_diagonal_(-2.0)
+        nearest = cos.argmax(dim=1)
+    return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()
+
+
 @register_method("dino")
 class DINO(Method):
     """Self-distillation: a student matches an EMA teacher's centred, sharpened softmax across crops.
@@ -78,6 +89,11 @@ class DINO(Method):
     steps; the paper freezes it for the first epoch (set it to your steps per
     epoch), which helps the start of training. Paper: AdamW lr 5e-4·B/256 with
     warm-up, wd 0.04 → 0.4, gradient clipping 3.0, batch 1024.
+
+    ``koleo_weight`` (0: off, as in DINO; DINOv2 uses 0.1) adds DINOv2's KoLeo regulariser:
+    that weight times the sum over the global views of ``koleo_loss`` of the student's
+    representation (the pooled encoder output, before the head), which spreads the features
+    of a batch evenly. It is computed per process, on the local batch, as in DINOv2.
     """
 
     uses_target = True
@@ -86,19 +102,21 @@ class DINO(Method):
     def __init__(self, out_dim: int = 65536, hidden_size: int = 2048, bottleneck_size: int = 256,
                  student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
                  warmup_teacher_temp_steps: int = 37530, center_momentum: float = 0.9, n_local: int = 6,
-                 local_size: int | None = None, freeze_last_layer_steps: int = 0):
+                 local_size: int | None = None, freeze_last_layer_steps: int = 0, koleo_weight: float = 0.0):
         super().__init__()
         if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0:
             raise ValueError("DINO's temperatures must be positive (student 0.1, teacher 0.04-0.07)")
         if not 0 <= center_momentum <= 1:
             raise ValueError(f"center_momentum must lie in [0, 1], got {center_momentum}")
-        if min(warmup_teacher_temp_steps, n_local, freeze_last_layer_steps) < 0:
-            raise ValueError("warmup_teacher_temp_steps, n_local and freeze_last_layer_steps must be non-negative")
+        if min(warmup_teacher_temp_steps, n_local, freeze_last_layer_steps, koleo_weight) < 0:
+            raise ValueError("warmup_teacher_temp_steps, n_local, freeze_last_layer_steps and koleo_weight must be "
+                             "non-negative")
         self.out_dim, self.hidden_size, self.bottleneck_size = out_dim, hidden_size, bottleneck_size
         self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
         self.warmup_teacher_temp, self.warmup_teacher_temp_steps = float(warmup_teacher_temp), warmup_teacher_temp_steps
         self.center_momentum, self.n_local, self.local_size = float(center_momentum), n_local, local_size
         self.freeze_last_layer_steps = int(freeze_last_layer_steps)
+        self.koleo_weight = float(koleo_weight)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def build(self, dim: int) -> None:
@@ -124,14 +142,25 @@ class DINO(Method):
         batch_mean = distributed.all_reduce_sum(t.sum(0, keepdim=True)) / (t.shape[0] * distributed.world_size())
         self.center.lerp_(batch_mean.to(self.center.dtype), 1 - self.center_momentum)
 
+    def online(self, encode, views):
+        if not self.koleo_weight:
+            return super().online(encode, views)
+        representation = encode(views)
+        return self.projector(representation), representation
+
     def loss(self, online, target, step=0):
         if target is None:
             raise ValueError("DINO needs the teacher's outputs; keep uses_target=True")
         if len(online) < 2 or len(online) < len(target):
             raise ValueError(f"DINO needs at least two views and a student output for every teacher view, "
                              f"got {len(online)} student and {len(target)} teacher views")
+        representations = None
+        if isinstance(online[0], tuple):  # (projection, representation) per view: online() with KoLeo on
+            online, representations = [o for o, _ in online], [r for _, r in online]
         teacher = [t.detach() for t in target]
         loss = dino_loss(online, teacher, self.center, self.student_temp, self.teacher_temperature(step))
+        if representations is not None and self.koleo_weight:
+            loss = loss + self.koleo_weight * sum(koleo_loss(r) for r in representations[:len(teacher)])
         if self.training:
             self.update_center(teacher)
         return loss
