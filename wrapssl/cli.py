@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .checks import positive_int_arg
+from .checks import arg_type, fraction_arg, positive_float_arg, positive_int_arg
 from .hidden import LayerSpec
 
 DESCRIPTION = """Pretrain with `wrapssl train`, then use what the run learned. SOURCE is a run folder
@@ -19,6 +19,7 @@ DESCRIPTION = """Pretrain with `wrapssl train`, then use what the run learned. S
 or a Trainer checkpoint-N.pt. Outputs go into the run folder (or beside the input file)
 unless --out says otherwise."""
 EMBED_CHUNK = 4096  # images per progress-bar tick when embedding
+COSINE = arg_type(float, lambda v: -1 <= v <= 1, "a cosine in [-1, 1]")
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,7 +78,7 @@ def _channels_and_classes(state: dict[str, torch.Tensor]) -> tuple[int, int]:
 def load_backbone(source: str | os.PathLike, arch: str | None = None, hidden_layer: LayerSpec | None = None
                   ) -> tuple[nn.Module, LayerSpec, dict[str, Any], Path]:
     """(net with the saved weights, its hidden layer, the run's recorded arguments, the run folder)."""
-    from .archs import build_arch
+    from .archs import build_arch, load_weights
 
     state, folder = _net_state(Path(source))
     recorded = _run_record(folder).get("args", {})
@@ -89,12 +90,9 @@ def load_backbone(source: str | os.PathLike, arch: str | None = None, hidden_lay
     try:
         net, default_layer = build_arch(arch, channels=channels, num_classes=classes,
                                         image_size=recorded.get("image_size"))
+        load_weights(net, state)  # names the keys that do not fit
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise SystemExit(f"error: the weights in {source} do not fit arch {arch!r}: {e}") from None
+        raise SystemExit(f"error: {e} (--arch {arch})") from None
     for layer in (hidden_layer, _layer(recorded.get("hidden_layer")), default_layer):
         if layer is not None:
             return net, layer, recorded, folder
@@ -122,7 +120,7 @@ def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: La
 
     from .evaluate import Embeddings, embed_dataset
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
     net = net.to(device)
     parts = []
     with tqdm(total=len(ds), desc=f"embedding {what}", unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -133,6 +131,37 @@ def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: La
             bar.update(len(chunk))
     files = list(getattr(ds, "files", None) or [str(i) for i in range(len(ds))])[:len(ds)]
     return Embeddings(torch.cat([p.embeddings for p in parts]), torch.cat([p.labels for p in parts]), files)
+
+
+def _device(text: str | None) -> torch.device:
+    """--device as a device this machine has (default: cuda when available); one error line otherwise."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {text!r} is not a device ({e}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {text}: torch sees no CUDA device here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {text}: there are {torch.cuda.device_count()} CUDA devices "
+                         "(cuda:0 ...); pick one of them")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {text}: MPS is not available here; use --device cpu")
+    return device
+
+
+def _embeddings(path: str | os.PathLike):
+    """Embeddings from a .npz that `wrapssl embed` wrote; one error line for a missing or foreign file."""
+    from .evaluate import Embeddings
+
+    if not Path(path).is_file():
+        raise SystemExit(f"error: {path}: no such file; write it with `wrapssl embed`")
+    try:
+        return Embeddings.load_npz(path)
+    except Exception as e:  # a zip, pickle or shape error: the file is not ours
+        raise SystemExit(f"error: {path} is not an embeddings file written by `wrapssl embed` "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def _split(args: argparse.Namespace, recorded: dict[str, Any], split: str):
@@ -150,6 +179,7 @@ def _split(args: argparse.Namespace, recorded: dict[str, Any], split: str):
 
 def _embed(args: argparse.Namespace, split: str):
     """(embeddings of one split of the data with the loaded backbone, the run folder)."""
+    args.device = _device(args.device)
     net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
     ds = _split(args, recorded, split)
     return _embed_with_progress(net, ds, args, layer, f"{split} split"), folder
@@ -204,12 +234,13 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """kNN, linear probe, clustering and retrieval scores (train split as memory, test split as queries)."""
-    from .evaluate import Embeddings, evaluate, format_scores
+    from .evaluate import evaluate, format_scores
 
     if args.train_embeddings and args.test_embeddings:
-        train, test = Embeddings.load_npz(args.train_embeddings), Embeddings.load_npz(args.test_embeddings)
+        train, test = _embeddings(args.train_embeddings), _embeddings(args.test_embeddings)
         folder = Path(args.test_embeddings).parent
     elif args.source:
+        args.device = _device(args.device)
         net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
         train_ds, test_ds = _split(args, recorded, "train"), _split(args, recorded, "test")
         train = _embed_with_progress(net, train_ds, args, layer, "train split")
@@ -239,10 +270,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     """A 2-D map of saved embeddings, coloured by label (or by cluster when unlabelled)."""
     from . import plots
-    from .evaluate import Embeddings
 
     source = Path(args.embeddings)
-    emb = Embeddings.load_npz(source)
+    emb = _embeddings(source)
     labels = emb.labels if bool((emb.labels >= 0).any()) else None
     points = min(len(emb), args.max_points)
     print(f"projecting {points} of {len(emb)} points with {args.method}"
@@ -256,12 +286,11 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def cmd_select(args: argparse.Namespace) -> None:
     """A diverse subset to label (k-center greedy) and, optionally, near-duplicate pairs."""
-    from .evaluate import Embeddings
     from .files import atomic_write_text
     from .select import near_duplicates, relative_threshold, select
 
     source = Path(args.embeddings)
-    emb = Embeddings.load_npz(source)
+    emb = _embeddings(source)
     out = Path(args.out or source.with_name(source.stem + "-selection.csv"))
     try:
         chosen = select(emb.embeddings, args.n, method=args.method, weights=args.weights, seed=args.seed,
@@ -332,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-embeddings", help="saved test embeddings (.npz), instead of SOURCE (default: none)")
     p.add_argument("-k", type=positive_int_arg, default=200,
                    help="kNN neighbours (200 as in InstDisc/DINO; 20 for tiny sets)")
-    p.add_argument("--temperature", type=float, default=0.1, help="kNN vote temperature; lower = sharper votes")
+    p.add_argument("--temperature", type=positive_float_arg, default=0.1,
+                   help="kNN vote temperature; lower = sharper votes")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also score raw pixels and the randomly initialised net (the run's seed) on the same "
                         "protocol, under \"baselines\" (needs SOURCE)")
@@ -357,11 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["density", "uncertainty"],
                    help="density avoids outliers; uncertainty favours items between clusters (default: none)")
     dup = p.add_mutually_exclusive_group()
-    dup.add_argument("--duplicates", type=float, metavar="FRACTION",
+    dup.add_argument("--duplicates", type=fraction_arg, metavar="FRACTION",
                      help="also list near-duplicate pairs: pairs closer than FRACTION x the median distance from "
                           "an item to its nearest neighbour (0.1-0.3 finds near-copies; the cosine it amounts "
                           "to is printed; default: no duplicate search)")
-    dup.add_argument("--duplicate-cosine", type=float, metavar="COSINE",
+    dup.add_argument("--duplicate-cosine", type=COSINE, metavar="COSINE",
                      help="the same with an absolute cosine threshold instead (its meaning depends on the model; "
                           "default: none)")
     p.add_argument("--out", help="output CSV: rank,index,file (default: <embeddings>-selection.csv beside the "

@@ -36,6 +36,7 @@ __all__ = [
     "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "ImageFolder", "FashionMNIST", "Digits", "CIFAR10", "STL10",
     "DATASETS",
     "TensorImages", "as_uint8_dataset", "as_dataset", "load_dataset", "collate", "read_idx", "unreadable_files",
+    "UnreadableDataError",
     "MAX_PIXELS",
 ]
 
@@ -183,6 +184,10 @@ def _identifiers(prefix: str, n: int) -> list[str]:
     return [f"{prefix}/{i:0{width}d}" for i in range(n)]
 
 
+class UnreadableDataError(RuntimeError):
+    """Not one file of a folder could be read."""
+
+
 class ImageFolder(Dataset):
     """Images under a folder: flat (unlabeled) or one subfolder per class.
 
@@ -307,7 +312,8 @@ class ImageFolder(Dataset):
                 error = exc
                 self._bad[i] = True
                 self._warn(i, exc)
-        raise RuntimeError(f"none of the {n} images under {str(self.root)!r} could be read; last error: {error!r}")
+        raise UnreadableDataError(f"none of the {n} images under {str(self.root)!r} could be read; last error: "
+                                  f"{type(error).__name__}: {error}")
 
     def _warn(self, index: int, error: Exception) -> None:
         """Warn about the first unreadable file of this dataset, in whichever process finds it."""

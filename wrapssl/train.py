@@ -39,7 +39,8 @@ from .archs import build_arch
 from .checks import (arg_type, fraction_arg, non_negative_float_arg, non_negative_int_arg, positive_float_arg,
                      positive_int_arg)
 from .cli import HelpFormatter, Parser
-from .data import DATASETS, FASHION_MNIST_DIR, MAX_PIXELS, dataset_name, load_dataset, unreadable_files
+from .data import (DATASETS, FASHION_MNIST_DIR, MAX_PIXELS, UnreadableDataError, dataset_name, load_dataset,
+                   unreadable_files)
 from .distributed import CollectiveTimeoutError
 from .evaluate import ROW_NAMES, Embeddings, baseline_scores, embed_dataset, format_scores, probe_scores
 from .files import atomic_write_text
@@ -573,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"wrapssl: interrupted by {name}; every checkpoint written so far is kept. The same command "
                   f"continues:\n  {continue_command(argv)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + (15 if name == "SIGTERM" else 2)) from None
-        except (NonFiniteLossError, CollectiveTimeoutError, OSError) as e:
+        except (NonFiniteLossError, CollectiveTimeoutError, UnreadableDataError, OSError) as e:
             raise SystemExit(f"error: {cli_words(str(e))}") from None
 
 
