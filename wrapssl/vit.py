@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import nn
 from torchvision.models import VisionTransformer
 
-SUPPORTED = ("torchvision's VisionTransformer (models.vit_b_16(image_size=...), ...) and timm's VisionTransformer "
+SUPPORTED = ("torchvision's VisionTransformer (vit_b_16, vit_l_16, ...) and timm's VisionTransformer "
              "and DeiT (timm.create_model('vit_small_patch16_224'), 'deit_tiny_patch16_224', ...)")
 
 

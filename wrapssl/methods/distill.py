@@ -21,11 +21,6 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return regression_loss(student.float(), teacher.float()).mean()
 
 
-def _device(net: nn.Module) -> torch.device | None:
-    """The device of the net's first parameter or buffer; None when it has neither."""
-    return next((t.device for t in (*net.parameters(), *net.buffers())), None)
-
-
 def _classifier_keys(net: nn.Module, layer: LayerSpec) -> list[str]:
     """State-dict prefixes of the classifier that a pre-logits teacher never runs (its file may have any
     number of classes)."""
@@ -94,10 +89,8 @@ class Distill(Method):
         """The teacher net and its representation layer: the module given, or one built from its weights file."""
         if isinstance(self.teacher_source, nn.Module):
             net = self.teacher_source
-            layer = self.teacher_layer
-            if layer is None:
-                layer = find_pre_logits(net, input_channels(net), size)
-            return net, layer
+            return net, find_pre_logits(net, input_channels(net), size) if self.teacher_layer is None \
+                else self.teacher_layer
         # built once to learn the classifier's name, then again with the weights, the classifier's left out
         net, layer = build_arch(self.teacher_arch, channels=spec.channels, image_size=size)
         ignore = _classifier_keys(net, layer) if self.teacher_layer is None else []
@@ -116,7 +109,7 @@ class Distill(Method):
             raise ValueError(f"the teacher takes {channels}-channel images and the student {spec.channels}; "
                              "only grey and multi-channel views are converted (repeat or average)")
         self.__dict__["teacher_encoder"] = Encoder(net, layer, self.teacher_pooling)
-        self.teacher_size, self.teacher_channels = size, channels
+        self.teacher_size, self.teacher_channels, self.teacher_device = size, channels, None
         width = self.teacher_encoder.probe_width(channels, size)
         self.teacher_norm = normalization(channels, self.teacher_normalize)
         self.projector = mlp([spec.dim, *[self.hidden_size] * (self.head_layers - 1), width])
@@ -134,9 +127,9 @@ class Distill(Method):
 
     def targets(self, views):
         encoder = self.teacher_encoder
-        device = views[0].device
-        if _device(encoder.net) not in (None, device):
-            encoder.net.to(device)
+        if self.teacher_device != views[0].device:  # moved once, to where the images are
+            encoder.net.to(views[0].device)
+            self.teacher_device = views[0].device
         with eval_mode(encoder.net):
             return [encoder(encoder.input_format(self.teacher_input(v))).float() for v in views]
 
