@@ -145,9 +145,12 @@ def test_bare_backbone_without_metrics_needs_arch(run_folder, tmp_path):
     cli.main(["embed", str(tmp_path / "backbone.pt"), "--arch", "small_resnet", "--data", "digits",
               "--image-size", "16", "--limit", "8", "--out", str(tmp_path / "x.npz")])
     assert Embeddings.load_npz(tmp_path / "x.npz").embeddings.shape == (8, net.fc.in_features)
-    with pytest.raises(SystemExit, match="do not fit arch"):
+    with pytest.raises(SystemExit) as refused:
         cli.main(["embed", str(tmp_path / "backbone.pt"), "--arch", "resnet18", "--data", "digits",
                   "--out", str(tmp_path / "y.npz")])
+    message = str(refused.value.code)
+    assert message.startswith(f"error: the weights in {tmp_path / 'backbone.pt'} do not fit ResNet: shapes differ "
+                              "for conv1.weight") and message.endswith("(--arch resnet18)")
 
 
 @pytest.mark.parametrize("command", ["embed", "evaluate", "plot", "select"])

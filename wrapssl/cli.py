@@ -90,7 +90,7 @@ def load_backbone(source: str | os.PathLike, arch: str | None = None, hidden_lay
     try:
         net, default_layer = build_arch(arch, channels=channels, num_classes=classes,
                                         image_size=recorded.get("image_size"))
-        load_weights(net, state)  # names the keys that do not fit
+        load_weights(net, Path(source))  # names the file and the keys that do not fit
     except ValueError as e:
         raise SystemExit(f"error: {e} (--arch {arch})") from None
     for layer in (hidden_layer, _layer(recorded.get("hidden_layer")), default_layer):

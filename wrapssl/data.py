@@ -2,7 +2,9 @@
 
 Every item is ``(image, label)``: ``image`` a ``torch.uint8`` tensor of shape
 (C, H, W) with C = 1 (grayscale source) or 3 (colour source), ``label`` an
-``int`` (-1 when unknown). Every dataset has ``.files`` (one identifier per
+``int`` (-1 when unknown). Other channel counts (multispectral stacks: ``.npy``
+or ``.tif`` arrays, tensors) keep their precision: uint8 data stays uint8, other
+data becomes float32 in [0, 1] (integers divided by their type's maximum). Every dataset has ``.files`` (one identifier per
 item) and ``.classes`` (class names, empty when unlabeled). Workers only decode
 and resize; random augmentation happens later, on the device.
 
@@ -35,7 +37,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "ImageFolder", "FashionMNIST", "Digits", "CIFAR10", "STL10",
     "DATASETS",
-    "TensorImages", "as_uint8_dataset", "as_dataset", "load_dataset", "collate", "read_idx", "unreadable_files",
+    "ArrayFolder", "load_array_file", "TensorImages", "as_uint8_dataset", "as_dataset", "load_dataset", "collate", "read_idx", "unreadable_files",
     "UnreadableDataError",
     "MAX_PIXELS",
 ]
@@ -102,7 +104,8 @@ def _resize_tensor(image: torch.Tensor, size: Size | None) -> torch.Tensor:
     if (new_h, new_w) != (height, width):
         resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
                                 antialias=True, align_corners=False)[0]
-        image = resized.round_().clamp_(0, 255).to(torch.uint8)
+        image = resized.round_().clamp_(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else \
+            resized.clamp_(0.0, 1.0)
     top, left = (new_h - size[0]) // 2, (new_w - size[1]) // 2
     return image[:, top:top + size[0], left:left + size[1]].contiguous()
 
@@ -169,13 +172,68 @@ def _tensor_to_uint8(image: torch.Tensor, where: str) -> torch.Tensor:
     raise TypeError(f"{where} has dtype {image.dtype}; expected uint8 or float in [0, 1]")
 
 
+def _looks_channels_last(shape: Sequence[int]) -> bool:
+    """True for an image shape (..., C, H, W) whose last axis looks like the channels: 1-4 wide after more."""
+    return shape[-1] in (1, 3, 4) and shape[-3] > 4
+
+
 def _check_chw(image: torch.Tensor, where: str) -> torch.Tensor:
-    """Return image as (C, H, W) with C in {1, 3}; (H, W) becomes (1, H, W)."""
+    """Return image as (C, H, W), any C; (H, W) becomes (1, H, W). Channels-last shapes are refused."""
     image = image[None] if image.dim() == 2 else image
-    if image.dim() != 3 or image.shape[0] not in (1, 3):
-        hint = " (looks like HWC: use .permute(2, 0, 1))" if image.dim() == 3 and image.shape[-1] in (1, 3) else ""
-        raise ValueError(f"{where} has shape {tuple(image.shape)}; expected (C, H, W) with C = 1 or 3{hint}")
+    if image.dim() != 3 or _looks_channels_last(image.shape):
+        hint = " (looks like HWC: use .permute(2, 0, 1))" if image.dim() == 3 else ""
+        raise ValueError(f"{where} has shape {tuple(image.shape)}; expected (C, H, W){hint}")
     return image
+
+
+def _tensor_values(image: torch.Tensor, where: str) -> torch.Tensor:
+    """Grey and colour images as uint8 (``_tensor_to_uint8``); other channel counts keep float precision:
+    uint8 stays, floats in [0, 1] become float32."""
+    if image.shape[-3] in (1, 3) or image.dtype == torch.uint8:
+        return _tensor_to_uint8(image, where)
+    if not image.is_floating_point():
+        return _tensor_to_uint8(image, where)
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{where} contains NaN or inf; expected floats in [0, 1]")
+    low, high = image.min().item(), image.max().item()
+    if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+        raise ValueError(f"{where} has float values in [{low:g}, {high:g}]; expected [0, 1]: scale them (e.g. "
+                         "reflectances / 10000) or store integers (uint8, uint16)")
+    return image.float().clamp(0.0, 1.0)
+
+
+def _array_image(array: np.ndarray, where: str) -> torch.Tensor:
+    """An image array as (C, H, W): (H, W) is one channel; a 3-D array whose last axis is shorter than its
+    first is (H, W, C). uint8 stays; other integers are divided by their type's maximum; floats must lie in
+    [0, 1] (float32 either way)."""
+    if array.ndim == 2:
+        array = array[None]
+    elif array.ndim == 3 and array.shape[-1] < array.shape[0]:
+        array = array.transpose(2, 0, 1)
+    elif array.ndim != 3:
+        raise ValueError(f"{where} has shape {array.shape}; expected (C, H, W), (H, W, C) or (H, W)")
+    if array.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        top = 1 if array.dtype == np.bool_ else np.iinfo(array.dtype).max
+        if array.dtype != np.bool_ and np.iinfo(array.dtype).min < 0 and array.min() < 0:
+            raise ValueError(f"{where} has negative values ({array.min()}); store values >= 0 or floats in [0, 1]")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32) / np.float32(top))
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{where} has dtype {array.dtype}; expected integers or floats in [0, 1]")
+    return _tensor_values(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), where) \
+        if array.shape[0] not in (1, 3) else _tensor_to_uint8(torch.from_numpy(np.ascontiguousarray(array)), where)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """One .npy array (never unpickled) or .tif/.tiff image (with tifffile)."""
+    if path.suffix.lower() == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        import tifffile
+    except ImportError as exc:
+        raise ImportError("reading .tif arrays needs tifffile: pip install tifffile (or save them as .npy)") from exc
+    return tifffile.imread(path)
 
 
 def _identifiers(prefix: str, n: int) -> list[str]:
@@ -327,8 +385,75 @@ class ImageFolder(Dataset):
             RuntimeWarning, stacklevel=3)
 
 
+class ArrayFolder(ImageFolder):
+    """Image arrays of any channel count under a folder (flat or one subfolder per class), e.g. multispectral
+    stacks: ``.npy`` files, and ``.tif``/``.tiff`` with tifffile installed (``pip install tifffile``).
+
+    Each file holds one image, (C, H, W), (H, W, C) or (H, W) (see ``_array_image`` for the axis rule and
+    the value scaling). The first file sets the channel count; files with another count, or that cannot
+    be read, are unreadable (counted and listed like ImageFolder's).
+    """
+
+    EXTENSIONS = (".npy", ".tif", ".tiff")
+
+    def __init__(self, root: str | os.PathLike, image_size: int | Sequence[int] | None = None) -> None:
+        super().__init__(root, image_size, extensions=self.EXTENSIONS, channels=None, max_pixels=None)
+
+    def _peek_channels(self) -> int:
+        """The first file's channel count; its errors (a wrong dtype, floats outside [0, 1]) are raised now."""
+        return int(self._read(0).shape[0])
+
+    def _read(self, index: int) -> torch.Tensor:
+        path = self.root / self.files[index]
+        return _array_image(np.asarray(_read_array(path)), self.files[index])
+
+    def load(self, index: int) -> torch.Tensor:
+        """Read one array as (C, H, W), resized to ``image_size``."""
+        image = self._read(index)
+        if image.shape[0] != self.channels:
+            raise ValueError(f"{self.files[index]} has {image.shape[0]} channels, {self.files[0]} has "
+                             f"{self.channels}; a folder holds one channel count")
+        return _resize_tensor(image, self.image_size)
+
+
+ARRAY_FILES = (".pt", ".pth", ".npy")
+
+
+def load_array_file(path: str | os.PathLike, image_size: int | Sequence[int] | None = None) -> "TensorImages":
+    """Images (N, C, H, W) from one file: ``.npy``, or ``.pt``/``.pth`` holding a tensor or a dict with
+    "images" (and optional "labels", "classes"); loaded without unpickling code."""
+    path = Path(path).expanduser()
+    labels, classes = None, ()
+    if path.suffix.lower() == ".npy":
+        images = np.load(path, allow_pickle=False)
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable tensor file ({type(exc).__name__}: {exc}); save images "
+                             "with torch.save(tensor, path) or torch.save({'images': ..., 'labels': ...}, path)"
+                             ) from exc
+        if isinstance(loaded, dict):
+            images, labels, classes = loaded.get("images"), loaded.get("labels"), loaded.get("classes", ())
+        else:
+            images = loaded
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"{path} holds no image tensor: save a tensor (N, C, H, W) or a dict with 'images'")
+        images = images.numpy()
+    if images.ndim not in (3, 4):
+        raise ValueError(f"{path} holds an array of shape {images.shape}; expected (N, C, H, W) or (N, H, W)")
+    stack = torch.stack([_array_image(np.asarray(a), f"{path.name}[{i}]") for i, a in enumerate(images)]) \
+        if images.ndim == 4 and (_looks_channels_last(images.shape) or images.dtype != np.uint8) else \
+        torch.from_numpy(np.ascontiguousarray(images))
+    if labels is not None and not classes:  # labels without names: the label numbers name the classes
+        labels = torch.as_tensor(labels)
+        classes = [str(c) for c in range(int(labels.max()) + 1)] if labels.numel() else []
+    return TensorImages(stack, labels, image_size, [str(c) for c in classes], name=path.stem)
+
+
 class TensorImages(Dataset):
-    """Images held in one tensor (N, C, H, W) or (N, H, W), uint8 or float in [0, 1]."""
+    """Images held in one tensor (N, C, H, W) or (N, H, W), uint8 or float in [0, 1]; any channel count
+    (grey and colour are kept as uint8, others keep float precision)."""
 
     def __init__(self, images: torch.Tensor, labels: Sequence[int] | torch.Tensor | None = None,
                  image_size: int | Sequence[int] | None = None, classes: Sequence[str] = (),
@@ -336,10 +461,10 @@ class TensorImages(Dataset):
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}")
         images = images[:, None] if images.dim() == 3 else images
-        if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images has shape {tuple(images.shape)}; expected (N, C, H, W) with C = 1 or 3, "
-                             "or (N, H, W) for grayscale")
-        self.images = _tensor_to_uint8(images.detach().cpu(), "images").contiguous()
+        if images.dim() != 4 or _looks_channels_last(images.shape):
+            raise ValueError(f"images has shape {tuple(images.shape)}; expected (N, C, H, W), or (N, H, W) for "
+                             "grayscale (channels last? use .permute(0, 3, 1, 2))")
+        self.images = _tensor_values(images.detach().cpu(), "images").contiguous()
         n = len(self.images)
         if labels is None:
             self.labels = [-1] * n
@@ -622,7 +747,7 @@ class _Uint8View(Dataset):
         if isinstance(image, Image.Image):
             return _pil_to_tensor(image, size=self.image_size), label
         if isinstance(image, torch.Tensor):
-            image = _tensor_to_uint8(_check_chw(image.detach().cpu(), where), where)
+            image = _tensor_values(_check_chw(image.detach().cpu(), where), where)
             return _resize_tensor(image, self.image_size), label
         raise TypeError(f"{where} is a {type(image).__name__}; expected a (C, H, W) tensor or a PIL image, "
                         "alone or first in a tuple")
@@ -671,7 +796,8 @@ def dataset_name(spec: str | os.PathLike) -> str | None:
 def load_dataset(spec: str, image_size: int | Sequence[int] | None = None, train: bool = True,
                  root: str | os.PathLike | None = None, channels: int | None = None,
                  split: str | None = None, max_pixels: int | None = MAX_PIXELS) -> Dataset:
-    """A named data set (one of DATASETS) or an image folder path, as a dataset of uint8 images.
+    """A named data set (one of DATASETS), an image folder, a folder of arrays (``ArrayFolder``) or an array
+    file (``load_array_file``: .npy, .pt, .pth), as a dataset of images.
 
     ``split`` ("train" or "test"; STL-10 also "unlabeled" and "train+unlabeled") defaults to
     ``train``'s; digits gives all its images unless ``split`` names one; folders have no splits. ``root`` is the folder holding a named set's
@@ -692,10 +818,28 @@ def load_dataset(spec: str, image_size: int | Sequence[int] | None = None, train
         return CIFAR10(root, train=split == "train", image_size=image_size)
     if name == "stl10":
         return STL10(root, split=split, image_size=image_size)
-    if Path(spec).expanduser().exists():
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() in ARRAY_FILES:
+        return load_array_file(path, image_size)
+    if path.is_dir() and _holds_arrays(path):
+        return ArrayFolder(path, image_size)
+    if path.exists():
         return ImageFolder(spec, image_size=image_size, channels=channels, max_pixels=max_pixels)
     raise ValueError(f"unknown dataset {spec!r}: expected one of {', '.join(DATASETS)} "
                      "or the path of an existing image folder")
+
+
+def _holds_arrays(folder: Path) -> bool:
+    """True if the first data file found under ``folder`` (sorted walk) is an array, not an image."""
+    for parent, subfolders, names in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(names):
+            ext = os.path.splitext(name)[1].lower()
+            if ext in ArrayFolder.EXTENSIONS and not name.startswith("."):
+                return True
+            if ext in IMAGE_EXTENSIONS and not name.startswith("."):
+                return False
+    return False
 
 
 def unreadable_files(dataset: Any) -> dict[str, str]:

@@ -285,7 +285,7 @@ def load_data(args: argparse.Namespace) -> RunData:
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
     if not folder.classes:
-        print(f"note: {args.data} has no class subfolders; training without the kNN report")
+        print(f"note: {args.data} has no labels (no class subfolders); training without the kNN report")
         return RunData(folder, None, None, [], _channels(folder))
     # one image in five is a kNN query; pretraining sees every image (labels are never used for it)
     queries = [i for i in range(len(folder)) if i % 5 == 0 and folder.labels[i] >= 0]
@@ -336,6 +336,9 @@ def normalize_kwargs(args: argparse.Namespace, data: RunData, channels: int) -> 
     stats = args.normalize
     if stats is None and data.channels in (1, 3):
         return {}
+    if isinstance(stats, tuple) and len(stats[0]) != channels:
+        raise ValueError(f"--normalize gives {len(stats[0])} means and stds, and the net takes {channels} channels; "
+                         f"give {channels} of each, or --normalize auto to estimate them")
     if stats is None or stats == "auto":
         from .augment import estimate_normalization
         mean, std = estimate_normalization(data.train, max_images=1000)
@@ -354,7 +357,7 @@ CLI_WORDS = {"resume='auto'": "--resume", "checkpoint_folder": "--out", "num_tra
              "weight_decay": "--weight-decay", "batch_size": "--batch-size", "image_size": "--image-size",
              "collective_timeout=": "--timeout", "max_pixels=": "--max-pixels", "num_workers": "--num-workers",
              "gradient_accumulation_steps": "--grad-accum", "eval_every": "--eval-every", "seed": "--seed",
-             "optimizer": "--optimizer", "init": "--init", "channels=": "--channels", "normalize=": "--normalize"}
+             "optimizer": "--optimizer", "init": "--init"}
 _CLI_RE = re.compile("|".join(rf"(?<![\w-]){re.escape(k)}(?![\w])" if k[-1].isalnum() else
                               rf"(?<![\w-]){re.escape(k)}" for k in sorted(CLI_WORDS, key=len, reverse=True)))
 
