@@ -158,3 +158,19 @@ def test_init_starts_from_a_weights_file_with_another_classifier(tmp_path):
     with pytest.raises(ValueError, match="do not fit ResNet: 80 key\(s\) of the net are not in the file.*check the model name"):
         Trainer(models.resnet34(num_classes=10), dataset=data, image_size=32, num_train_steps=1, batch_size=8,
                 checkpoint_folder=tmp_path / "other", init=tmp_path / "resnet18.pth", **QUIET, **HEADS)
+
+
+def test_a_learner_training_a_net_left_in_eval_mode_warns_once():
+    from wrapssl import Learner
+
+    net = tiny_net().eval()
+    learner = Learner(net, 12, hidden_layer=-2, **HEADS)
+    assert learner.training and not net.training  # the Learner never changes the net's modes by itself
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm/dropout layer\(s\) of the net are in eval mode"):
+        learner(images(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        learner(images(8))  # said once
+        learner.train()
+        fresh = Learner(tiny_net(), 12, hidden_layer=-2, **HEADS)
+        fresh(images(8))  # a net in train mode: no warning

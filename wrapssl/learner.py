@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -142,6 +143,7 @@ class Learner(nn.Module):
         self.float_input = float_input
         self.normalize = normalization(channels, normalize)
         self.step = 0  # optimiser steps taken, advanced by update_moving_average()
+        self._mode_checked = False  # the first training forward warns about a net left in eval mode
 
         self.method = get_method(method, **method_kwargs)
         self.momentum = self.method.momentum if moving_average_decay is None else float(moving_average_decay)
@@ -250,6 +252,8 @@ class Learner(nn.Module):
         if return_embedding:
             emb = self._run(self.encoder, self._prepare(images))
             return (self.method.projector(emb), emb) if return_projection else emb
+        if self.training and not self._mode_checked:
+            self._warn_if_frozen()
         images = self._unstandardize(images)
         # grey images for a 3-channel net go through the views at one channel when the recipe allows it
         grey = (self.channels != 1 and isinstance(images, torch.Tensor) and images.ndim == 4
@@ -273,6 +277,17 @@ class Learner(nn.Module):
                 target = self._encode_target(_first_views(batches, self.views.n_global))
         online = self._encode_online(batches)
         return self.method(online, target, step=self.step)
+
+    def _warn_if_frozen(self) -> None:
+        """Warn once if the Learner trains while BatchNorm or dropout layers of the net are in eval mode."""
+        self._mode_checked = True
+        kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+        frozen = [n for n, m in self.net.named_modules() if isinstance(m, kinds) and not m.training]
+        if frozen:
+            warnings.warn(f"the Learner is training, but {len(frozen)} BatchNorm/dropout layer(s) of the net are in "
+                          f"eval mode (e.g. {frozen[0]!r}): their statistics stay frozen. Call learner.train() (or "
+                          "net.train()) before training; to freeze BatchNorm on purpose, use "
+                          "torchvision.ops.FrozenBatchNorm2d", RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
