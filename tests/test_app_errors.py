@@ -66,6 +66,7 @@ APP_CASES = [
     ArgCase(["--num-workers", "-1"], "--num-workers: expected a whole number >= 0"),
     ArgCase(["--timeout", "0"], "--timeout: expected a finite number > 0"),
     ArgCase(["--channels", "0"], "--channels: expected a positive whole number"),
+    ArgCase(["--channels", "2"], "--channels 2 does not fit the data's 1-channel images; use --channels 1"),
     ArgCase(["--max-pixels", "-5"], "--max-pixels: expected a whole number >= 0"),
     ArgCase(["--init", "/no/such.pth"], "--init /no/such.pth: no such file"),
     ArgCase(["--resume", "/no/such.pt"], "--resume /no/such.pt: no such file"),
@@ -81,13 +82,20 @@ APP_CASES = [
 def test_bad_app_arguments_give_one_line(train_script, tmp_path, capsys, case):
     text = one_line_error(lambda: train_script.main([*TINY, *case.args, "--out", str(tmp_path / "run")]), capsys)
     assert case.expected in text
-    assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_missing_data_names_the_flag_of_the_app(train_script, tmp_path, capsys):
+    text = one_line_error(lambda: train_script.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "r")]),
+                          capsys)
+    assert "--data-root that_folder" in text and "root=" not in text.replace("--data-root", "")
 
 
 def test_an_out_that_cannot_be_written_is_found_first(train_script, tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     text = one_line_error(lambda: train_script.main([*TINY, "--out", str(tmp_path / "file" / "run")]), capsys)
-    assert f"cannot write into --out {tmp_path / 'file' / 'run'}" in text and "pick another folder" in text
+    assert f"cannot write into --out {tmp_path / 'file' / 'run'} ({tmp_path / 'file'} is a file)" in text
+    assert "pick another folder" in text
 
 
 def test_a_disk_too_full_for_a_checkpoint_is_found_first(train_script, tmp_path, capsys, monkeypatch):

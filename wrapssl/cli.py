@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +38,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
+
+
+# Library argument names in messages, as the command line says them (longest first).
+CLI_WORDS = {"resume='auto'": "--resume", "checkpoint_folder": "--out", "num_train_steps": "--steps",
+             "learning_rate": "--lr", "max_grad_norm=1.0": "--max-grad-norm 1.0", "max_grad_norm": "--max-grad-norm",
+             "mixed_precision='no'": "--mixed-precision no", "warmup_steps": "--warmup-steps",
+             "weight_decay": "--weight-decay", "batch_size": "--batch-size", "image_size": "--image-size",
+             "collective_timeout=": "--timeout", "max_pixels=": "--max-pixels", "num_workers": "--num-workers",
+             "gradient_accumulation_steps": "--grad-accum", "eval_every": "--eval-every", "seed": "--seed",
+             "optimizer": "--optimizer", "init": "--init", "root=DIR (--data-root DIR)": "--data-root DIR",
+             "root=that_folder (--data-root that_folder)": "--data-root that_folder"}
+_CLI_RE = re.compile("|".join(rf"(?<![\w-]){re.escape(k)}(?![\w])" if k[-1].isalnum() else
+                              rf"(?<![\w-]){re.escape(k)}" for k in sorted(CLI_WORDS, key=len, reverse=True)))
+
+
+def cli_words(text: str) -> str:
+    """A library message with its argument names replaced by the command line's flags."""
+    return _CLI_RE.sub(lambda m: CLI_WORDS[m.group(0)], text)
 
 
 def _layer(text: str | None) -> LayerSpec | None:
@@ -110,7 +129,7 @@ def _dataset(spec: str | None, recorded: dict[str, Any], split: str, image_size:
         return load_dataset(spec, image_size or recorded.get("image_size"), split=split,
                             root=root or recorded.get("data_root"))
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {cli_words(str(e))}") from None
 
 
 def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: LayerSpec, what: str):

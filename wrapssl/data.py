@@ -53,7 +53,7 @@ _FASHION_MNIST_HELP = (
     "Install them with `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu; "
     f"files land in {FASHION_MNIST_DIR}), or download the four *-ubyte.gz files from "
     "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion) into a "
-    "folder and pass root=that_folder (wrapssl train: --data-root that_folder)."
+    "folder and pass root=that_folder (--data-root that_folder)."
 )
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}

@@ -21,7 +21,7 @@ import argparse
 import ast
 import hashlib
 import json
-import re
+import os
 import shlex
 import shutil
 import sys
@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, Subset
 from .archs import build_arch
 from .checks import (arg_type, fraction_arg, non_negative_float_arg, non_negative_int_arg, positive_float_arg,
                      positive_int_arg)
-from .cli import HelpFormatter, Parser
+from .cli import HelpFormatter, Parser, cli_words
 from .data import (DATASETS, FASHION_MNIST_DIR, MAX_PIXELS, UnreadableDataError, dataset_name, load_dataset,
                    unreadable_files)
 from .distributed import CollectiveTimeoutError
@@ -283,7 +283,7 @@ def load_data(args: argparse.Namespace) -> RunData:
                            list(labelled.classes), _channels(train))
         folder = load_dataset(args.data, args.image_size, max_pixels=args.max_pixels or None)
     except (FileNotFoundError, ValueError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {cli_words(str(e))}") from None
     if not folder.classes:
         print(f"note: {args.data} has no labels (no class subfolders); training without the kNN report")
         return RunData(folder, None, None, [], _channels(folder))
@@ -305,6 +305,9 @@ def make_trainer(args: argparse.Namespace, name: str, data: RunData, out: Path) 
     crop = {} if min_crop is None else {"crop_scale": (min_crop, 1.0)}  # global views; local crops keep theirs
     knn_sets = (data.memory, data.queries) if data.memory is not None else None
     channels = args.channels or (3 if data.channels in (1, 3) else data.channels)
+    if channels != data.channels and not (data.channels == 1 and channels == 3):  # grey repeats to RGB only
+        raise SystemExit(f"error: --channels {channels} does not fit the data's {data.channels}-channel images; "
+                         f"use --channels {data.channels}")
     torch.manual_seed(args.seed)  # the same initial net on every process
     try:
         net, hidden = build_arch(args.arch, channels=channels, num_classes=max(len(data.classes), 1),
@@ -348,23 +351,6 @@ def normalize_kwargs(args: argparse.Namespace, data: RunData, channels: int) -> 
         print(f"normalisation estimated from {min(len(data.train), 1000)} images: --normalize "
               f"{','.join(map(str, stats[0]))} {','.join(map(str, stats[1]))}", flush=True)
     return {"normalize": stats}
-
-
-# Trainer argument names in its messages, as this app's flags say them (longest first).
-CLI_WORDS = {"resume='auto'": "--resume", "checkpoint_folder": "--out", "num_train_steps": "--steps",
-             "learning_rate": "--lr", "max_grad_norm=1.0": "--max-grad-norm 1.0", "max_grad_norm": "--max-grad-norm",
-             "mixed_precision='no'": "--mixed-precision no", "warmup_steps": "--warmup-steps",
-             "weight_decay": "--weight-decay", "batch_size": "--batch-size", "image_size": "--image-size",
-             "collective_timeout=": "--timeout", "max_pixels=": "--max-pixels", "num_workers": "--num-workers",
-             "gradient_accumulation_steps": "--grad-accum", "eval_every": "--eval-every", "seed": "--seed",
-             "optimizer": "--optimizer", "init": "--init"}
-_CLI_RE = re.compile("|".join(rf"(?<![\w-]){re.escape(k)}(?![\w])" if k[-1].isalnum() else
-                              rf"(?<![\w-]){re.escape(k)}" for k in sorted(CLI_WORDS, key=len, reverse=True)))
-
-
-def cli_words(text: str) -> str:
-    """A Trainer message with its argument names replaced by this app's flags."""
-    return _CLI_RE.sub(lambda m: CLI_WORDS[m.group(0)], text)
 
 
 def conflict_message(e: RunConflictError) -> str:
@@ -492,10 +478,15 @@ def final_report(trainer: Trainer, args: argparse.Namespace, data: RunData, metr
 
 
 def check_out(out: Path) -> None:
-    """Exit with one line if --out cannot be created or written, before any data is read."""
+    """Exit with one line if --out cannot be written, before any data is read (nothing is created here: the
+    probe goes into --out or, when it does not exist yet, the folder it would be made in)."""
+    where = out.expanduser().absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out) as f:
+        if not where.is_dir():
+            raise NotADirectoryError(f"{where} is a file")
+        with tempfile.TemporaryFile(dir=where) as f:
             f.write(b"0")
             f.flush()
     except OSError as e:
@@ -556,6 +547,11 @@ def report_unreadable(data: RunData, metrics: dict[str, Any], bad: dict[str, str
           f"training (all of them are in metrics.json under unreadable_files):\n{shown}{more}")
 
 
+def _is_main() -> bool:
+    """True on the process that speaks for a run (rank 0, as torchrun and accelerate launch number them)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Pretrain, evaluate before/after, write everything to --out; returns the metrics.
 
@@ -569,13 +565,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         try:
             return _run(args)
         except TrainingInterrupted as e:
-            print(f"wrapssl: stopped by {e.signal_name} at step {e.step}; {e.checkpoint} holds it. Continue with:\n"
-                  f"  {continue_command(argv)}", file=sys.stderr, flush=True)
+            if _is_main():
+                print(f"wrapssl: stopped by {e.signal_name} at step {e.step}; {e.checkpoint} holds it. Continue "
+                      f"with:\n  {continue_command(argv)}", file=sys.stderr, flush=True)
             raise SystemExit(e.exit_code) from None
         except KeyboardInterrupt as e:
             name = getattr(e, "signal_name", "SIGINT")
-            print(f"wrapssl: interrupted by {name}; every checkpoint written so far is kept. The same command "
-                  f"continues:\n  {continue_command(argv)}", file=sys.stderr, flush=True)
+            if _is_main():
+                print(f"wrapssl: interrupted by {name}; every checkpoint written so far is kept. The same command "
+                      f"continues:\n  {continue_command(argv)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + (15 if name == "SIGTERM" else 2)) from None
         except (NonFiniteLossError, CollectiveTimeoutError, UnreadableDataError, OSError) as e:
             raise SystemExit(f"error: {cli_words(str(e))}") from None
@@ -593,6 +591,7 @@ def _run(args: argparse.Namespace) -> dict:
     trainer, hidden = make_trainer(args, name, data, out)
     acc = trainer.accelerator
     if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)  # the run goes ahead: its folder is made now
         check_space(trainer, out)
     acc.print(f"wrapssl: {args.method} on {name} ({len(data.train)} images, {args.image_size} px), {args.arch} "
               f"[{hidden}], {trainer.num_train_steps} steps of {trainer.global_batch * trainer.grad_accum} images, "
