@@ -67,3 +67,40 @@ def test_a_stopped_rank_ends_the_others_at_the_timeout(tmp_path):
     assert last.startswith("error: another process stopped answering") and "waited 5 s" in last
     assert "--timeout" in last and "running the same command again continues the run" in last
     assert waited < 200
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_run_checkpoints_one_step_on_both(tmp_path):
+    """SIGTERM reaches one rank (a cluster's reaches them at different moments): both agree on one step at the
+    next log point, write its checkpoint once, exit with 143, and rank 0 alone prints the command that continues."""
+    from wrapssl.checkpoints import latest_checkpoint, load_checkpoint
+
+    port, out = free_port(), tmp_path / "run"
+    args = ["--data", "digits", "--image-size", "8", "--batch-size", "8", "--steps", "100000", "--log-every", "2",
+            "--checkpoint-every", "3", "--knn-train", "50", "--knn-test", "20", "--knn-k", "5", "--eval-every",
+            "100000", "--no-plots", "--no-baselines", "--out", str(out)]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "wrapssl.train", *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.time() + 180
+        while latest_checkpoint(out) is None:
+            assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+            assert time.time() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)  # one rank hears it: the other must stop at the same step
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [p.returncode for p in procs] == [143, 143], errs[0][-2000:] + errs[1][-2000:]
+    assert "Continue with:" in errs[0] and "Continue with:" not in errs[1]
+    step = int(errs[0].split("at step ", 1)[1].split(";")[0])
+    assert step % 2 == 0 and load_checkpoint(latest_checkpoint(out))["step"] == step  # a log point, saved
+    assert "Traceback" not in errs[0] + errs[1]
