@@ -10,6 +10,7 @@ MAX_WEIGHT_GROWTH-fold since the run (re)started (a finite blow-up), stops the r
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -91,11 +92,12 @@ def all_finite(module: nn.Module) -> bool:
 
 
 def weight_norm(module: nn.Module) -> float:
-    """The L2 norm over every floating-point parameter of ``module`` (inf when huge but finite weights overflow it)."""
+    """The L2 norm over every floating-point parameter of ``module`` (inf when huge but finite weights overflow it;
+    NaN or inf when a weight is)."""
     params = [p.detach() for p in module.parameters() if p.is_floating_point()]
     if not params:
         return 0.0
-    return float(torch.stack([torch.linalg.vector_norm(p.float()) for p in params]).norm())
+    return float(torch.stack([n.float() for n in torch._foreach_norm(params)]).norm())
 
 
 class WeightWatch:
@@ -103,6 +105,7 @@ class WeightWatch:
 
     Normal runs change the norm by a small factor; a diverged one (e.g. LARS at a huge
     learning rate) multiplies it by orders of magnitude while every value stays finite.
+    One pass over the weights: a finite norm also proves every weight finite.
     """
 
     def __init__(self, module: nn.Module, limit: float = MAX_WEIGHT_GROWTH):
@@ -110,11 +113,12 @@ class WeightWatch:
 
     def problem(self, module: nn.Module) -> str | None:
         """What is wrong with the weights now (not finite, or grown past the limit), or None."""
-        bad = non_finite(dict(module.named_parameters()))
-        if bad:
-            return f"the weights became NaN or infinite ({', '.join(bad[:2])})"
         now = weight_norm(module)
-        if now > self.limit * max(self.start, 1e-12):
+        if not math.isfinite(now):
+            bad = non_finite(dict(module.named_parameters()))
+            if bad:
+                return f"the weights became NaN or infinite ({', '.join(bad[:2])})"
+        if not now <= self.limit * max(self.start, 1e-12):  # an overflowed (inf) norm of finite weights too
             return f"the weights' norm grew from {self.start:.4g} to {now:.4g} (more than {self.limit:g}x)"
         return None
 
