@@ -119,3 +119,28 @@ def test_the_app_trains_on_a_tensor_file(tmp_path):
                         "2", "--knn-k", "3", "--no-plots", "--out", str(tmp_path / "run")])
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["steps"] == 2 and metrics["knn_memory"] > 0
+
+
+def test_wrapssl_embed_uses_the_runs_statistics(tmp_path):
+    """`wrapssl embed` on a 13-band run: the embeddings are the net's pooled features of images normalised with
+    the statistics the run estimated (recorded in metrics.json), computed here by hand."""
+    from wrapssl import cli
+    from wrapssl.archs import SmallResNet
+    from wrapssl.evaluate import Embeddings
+
+    stacks(tmp_path / "data", per_class=6)
+    app.main(["--data", str(tmp_path / "data"), "--image-size", "16", "--batch-size", "8", "--steps", "1",
+              "--knn-k", "3", "--no-plots", "--out", str(tmp_path / "run")])
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in
+                 json.loads((tmp_path / "run" / "metrics.json").read_text())["args"]["normalize"])
+    cli.main(["embed", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--device", "cpu",
+              "--out", str(tmp_path / "e.npz")])
+    got = Embeddings.load_npz(tmp_path / "e.npz")
+    net = SmallResNet(channels=13, num_classes=2)
+    net.load_state_dict(torch.load(tmp_path / "run" / "backbone.pt", weights_only=True))
+    ds = load_dataset(str(tmp_path / "data"))
+    x = (torch.stack([ds[i][0] for i in range(len(ds))]) - mean) / std
+    with torch.no_grad():
+        net.eval()
+        features = torch.flatten(net.avgpool(net.layers(net.relu(net.bn1(net.conv1(x))))), 1)
+    torch.testing.assert_close(got.embeddings, features, rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -132,8 +133,21 @@ def _dataset(spec: str | None, recorded: dict[str, Any], split: str, image_size:
         raise SystemExit(f"error: {cli_words(str(e))}") from None
 
 
-def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: LayerSpec, what: str):
-    """``embed_dataset`` in chunks of EMBED_CHUNK images, with a progress bar on stderr."""
+def _embedder(net: nn.Module, layer: LayerSpec, stats: Any, image_size: int) -> contextlib.AbstractContextManager:
+    """What embeds for ``embed_dataset``: the net itself (ImageNet statistics, as a Learner's default), or for
+    a run trained with its own normalisation statistics (``stats``: the run's --normalize), a Learner
+    that applies them."""
+    if not (isinstance(stats, (list, tuple)) and len(stats) == 2):
+        return contextlib.nullcontext(net)
+    from .learner import Learner
+    return Learner(net, image_size, hidden_layer=layer, method="simsiam",
+                   normalize=(tuple(stats[0]), tuple(stats[1])))
+
+
+def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: LayerSpec, what: str,
+                         stats: Any = None):
+    """``embed_dataset`` in chunks of EMBED_CHUNK images, with a progress bar on stderr; ``stats``: the run's
+    normalisation statistics (see ``_embedder``)."""
     from torch.utils.data import Subset
     from tqdm.auto import tqdm
 
@@ -142,10 +156,12 @@ def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: La
     device = args.device
     net = net.to(device)
     parts = []
-    with tqdm(total=len(ds), desc=f"embedding {what}", unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=len(ds), desc=f"embedding {what}", unit="img", file=sys.stderr, dynamic_ncols=True) as bar, \
+            _embedder(net, layer, stats, int(ds[0][0].shape[-1])) as model:
+        model.to(device)
         for start in range(0, len(ds), EMBED_CHUNK):
             chunk = Subset(ds, range(start, min(start + EMBED_CHUNK, len(ds))))
-            part = embed_dataset(net, chunk, batch_size=args.batch_size, device=device, hidden_layer=layer)
+            part = embed_dataset(model, chunk, batch_size=args.batch_size, device=device, hidden_layer=layer)
             parts.append(part)
             bar.update(len(chunk))
     files = list(getattr(ds, "files", None) or [str(i) for i in range(len(ds))])[:len(ds)]
@@ -201,7 +217,7 @@ def _embed(args: argparse.Namespace, split: str):
     args.device = _device(args.device)
     net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
     ds = _split(args, recorded, split)
-    return _embed_with_progress(net, ds, args, layer, f"{split} split"), folder
+    return _embed_with_progress(net, ds, args, layer, f"{split} split", recorded.get("normalize")), folder
 
 
 def _baselines(args: argparse.Namespace, net: nn.Module, layer: LayerSpec, recorded: dict[str, Any],
@@ -219,8 +235,9 @@ def _baselines(args: argparse.Namespace, net: nn.Module, layer: LayerSpec, recor
     fresh, _ = build_arch(args.arch or recorded["arch"], channels=channels,
                           num_classes=next((p.shape[0] for p in reversed(list(net.parameters())) if p.ndim == 2), 10),
                           image_size=recorded.get("image_size"))
-    a = _embed_with_progress(fresh, train_ds, args, layer, "train split (random init)")
-    b = _embed_with_progress(fresh, test_ds, args, layer, "test split (random init)")
+    stats = recorded.get("normalize")
+    a = _embed_with_progress(fresh, train_ds, args, layer, "train split (random init)", stats)
+    b = _embed_with_progress(fresh, test_ds, args, layer, "test split (random init)", stats)
     rows["random_init"] = probe_scores(a, b, args.k, args.temperature)
     return rows
 
@@ -262,8 +279,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.device = _device(args.device)
         net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
         train_ds, test_ds = _split(args, recorded, "train"), _split(args, recorded, "test")
-        train = _embed_with_progress(net, train_ds, args, layer, "train split")
-        test = _embed_with_progress(net, test_ds, args, layer, "test split")
+        train = _embed_with_progress(net, train_ds, args, layer, "train split", recorded.get("normalize"))
+        test = _embed_with_progress(net, test_ds, args, layer, "test split", recorded.get("normalize"))
     else:
         raise SystemExit("error: pass SOURCE (a run folder or backbone) or both --train-embeddings and "
                          "--test-embeddings")

@@ -350,6 +350,7 @@ def normalize_kwargs(args: argparse.Namespace, data: RunData, channels: int) -> 
         stats = tuple(round(m, 4) for m in mean), tuple(round(max(v, 1e-3), 4) for v in std)
         print(f"normalisation estimated from {min(len(data.train), 1000)} images: --normalize "
               f"{','.join(map(str, stats[0]))} {','.join(map(str, stats[1]))}", flush=True)
+    args.normalize = stats  # recorded in metrics.json, where `wrapssl embed` and `evaluate` find it
     return {"normalize": stats}
 
 
