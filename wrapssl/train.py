@@ -397,7 +397,8 @@ def score_baselines(trainer: Trainer, args: argparse.Namespace, data: RunData) -
     if args.baselines:
         print("scoring the baselines: raw pixels ...", flush=True)
         rows.update(baseline_scores(data.memory, data.queries, args.image_size, k=args.knn_k))
-    print("scoring the randomly initialised net ...", flush=True)
+    print("scoring the randomly initialised net ..." if args.init is None else
+          f"scoring the net as it starts, from --init {args.init} (the 'random init' row below) ...", flush=True)
     rows["random_init"], _ = score_learner(trainer, data, args.knn_k)
     return rows
 
