@@ -70,31 +70,33 @@ def test_ctrl_c_before_training_keeps_what_was_there(tmp_path, monkeypatch, caps
     assert "interrupted by SIGINT" in err and "--resume" in err and "Traceback" not in err
 
 
-def test_sigterm_to_python_train_py(tmp_path):
-    """The real script in its own process: SIGTERM mid-run (as a cluster preempts) ends it with code 143, the
-    latest checkpoint holds the step it names, and stderr has the command to continue, no traceback."""
+@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, "0"), (signal.SIGINT, "2")])
+def test_a_signal_to_python_train_py(tmp_path, signum, workers):
+    """The real script in its own process group, signalled as a cluster (SIGTERM) or a terminal's Ctrl-C (SIGINT
+    to the whole group, DataLoader workers included): it ends with 143 / 130, the latest checkpoint holds the
+    step it names, and stderr has the command to continue, no traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = tmp_path / "run"
     args = [*RUN, "--steps", "100000", "--checkpoint-every", "5", "--knn-train", "50", "--eval-every", "100000",
-            "--out", str(out)]
+            "--num-workers", workers, "--out", str(out)]
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 180
         while latest_checkpoint(out) is None:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.time() < deadline, "no checkpoint within 180 s"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signum)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 143, err[-3000:]
+    assert proc.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err
-    step = int(err.split("stopped by SIGTERM at step ", 1)[1].split(";")[0])
+    step = int(err.split(f"stopped by {signal.Signals(signum).name} at step ", 1)[1].split(";")[0])
     assert load_checkpoint(latest_checkpoint(out))["step"] == step
     command = err.split("Continue with:\n", 1)[1].strip().splitlines()[0]
     assert shlex.split(command) == ["python", str(REPO / "train.py"), *args, "--resume"]

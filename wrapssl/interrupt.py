@@ -15,7 +15,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Iterator
 
-__all__ = ["Interrupted", "TrainingInterrupted", "StopRequest", "sigterm_interrupts", "SIGNALS"]
+__all__ = ["Interrupted", "TrainingInterrupted", "StopRequest", "sigterm_interrupts", "ignore_stop_signals",
+           "SIGNALS"]
 
 SIGNALS = ("SIGINT", "SIGTERM")
 
@@ -39,6 +40,14 @@ class TrainingInterrupted(Interrupted):
     def __init__(self, message: str, signal_name: str, step: int, checkpoint: Path | None):
         super().__init__(message, signal_name)
         self.step, self.checkpoint = step, checkpoint
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: Ctrl-C reaches the terminal's whole process group and clusters signal
+    every process, but only the main process may decide when to stop; a worker killed by the signal would end
+    the run before its checkpoint. Workers still exit with the main process."""
+    for name in SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 @contextlib.contextmanager

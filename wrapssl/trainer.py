@@ -31,7 +31,7 @@ from .data import as_dataset, collate
 from .distributed import CollectiveTimeoutError, collective_failure, is_collective_failure
 from .health import Health, embedding_health, probe_images
 from .hidden import LayerSpec, input_channels
-from .interrupt import StopRequest, TrainingInterrupted
+from .interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
 from .learner import Learner
 from .methods import Method
 from .monitor import LossMonitor, NonFiniteLossError, Throughput, WeightWatch, failure_message, non_finite
@@ -254,6 +254,7 @@ class Trainer:
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                           num_workers=self.num_workers, collate_fn=collate,
                           pin_memory=self.accelerator.device.type == "cuda", persistent_workers=self.num_workers > 0,
+                          worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
                           # a private generator: creating an iterator must not draw from the global RNG
                           generator=torch.Generator().manual_seed(self.seed))
 
