@@ -173,6 +173,7 @@ def test_the_trainer_optimises_and_saves_the_student_only(tmp_path):
 
 # ----------------------------------------------------------------------------- a short real run
 
+@pytest.mark.slow
 def test_on_fashion_mnist_the_student_learns_what_the_teacher_knows(fmnist_train):
     """A teacher trained with labels (the test's setup) teaches a student that never sees a label: its kNN
     accuracy rises well above its random init's, a good part of the way to the teacher's."""

@@ -220,6 +220,7 @@ def test_image_size_must_be_tiled_by_the_patches():
 
 # ----------------------------------------------------------------------------- a short real run
 
+@pytest.mark.slow
 def test_fashion_mnist_run_lowers_the_loss_and_reconstructs_better_than_the_trivial_guess(fmnist_train, tmp_path):
     """600 AdamW steps of a 2-block ViT (7-px patches, 16 tokens) at batch 64: about 20 s on one core."""
     from wrapssl.plots import reconstruction_grid
