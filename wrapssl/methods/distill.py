@@ -38,9 +38,9 @@ class Distill(Method):
     Recipe (SimReg): an MLP head on the student's representation regresses the teacher's
     L2-normalised features, loss = squared distance of the unit vectors (2 − 2·cos); both
     see the same weakly augmented view (a random resized crop of 20-100% of the area and a
-    flip), which the paper found better than strong augmentation or different views. The
-    head is dropped afterwards: ``learner.embed`` and the user's net give the student's own
-    representation. SimReg found deeper heads better (``head_layers``).
+    flip), which the paper found to aid distillation. The head is dropped afterwards:
+    ``learner.embed`` and the user's net give the student's own representation. SimReg
+    found deeper heads better (``head_layers``).
 
     ``teacher``: a trained ``nn.Module``, or a path to its weights (a state dict file, a
     wrapssl ``backbone.pt`` or run folder, a Trainer checkpoint) with ``teacher_arch`` naming
