@@ -32,7 +32,8 @@ setup(
         "eval": ["scikit-learn>=1.2"],
         "logging": ["tensorboard"],
         "timm": ["timm"],
-        "test": ["pytest", "matplotlib>=3.5", "scikit-learn>=1.2", "tensorboard", "timm"],
+        "arrays": ["tifffile"],  # multispectral .tif stacks in image folders
+        "test": ["pytest", "matplotlib>=3.5", "scikit-learn>=1.2", "tensorboard", "timm", "tifffile"],
         "bench": ["byol-pytorch==0.9.1", "lightly==1.6.0", "psutil"],
     },
     entry_points={"console_scripts": ["wrapssl=wrapssl.cli:main"]},

@@ -137,7 +137,9 @@ def test_trackers_end_through_accelerate(tmp_path):
               accelerator_kwargs={"log_with": [recorder]}) as trainer:
         trainer()
         trainer()  # already at its last step: nothing more is logged, trackers stay open
-        assert recorder.events == ["start", "config", ("log", 2, ["images_per_s", "loss", "lr", "momentum"])]
+        assert recorder.events == ["start", "config",
+                                   ("log", 2, ["images_per_s", "loss", "lr", "momentum", "train_minutes"]),
+                                   ("log", 2, ["embedding_std", "rank"])]  # the health check at the last step
     assert recorder.events[-1] == "finish" and recorder.events.count("finish") == 1
 
 
