@@ -105,6 +105,21 @@ def test_tiny_run_writes_everything_and_resumes(train_script, tmp_path):
     assert (out / "checkpoint-00000005.pt").is_file()
 
 
+def test_distill_from_an_earlier_runs_backbone(train_script, tmp_path):
+    teacher = tmp_path / "teacher"
+    train_script.main([*TINY, "--steps", "3", "--out", str(teacher)])
+    reset_accelerate()
+    student = tmp_path / "student"
+    got = train_script.main([*TINY, "--steps", "3", "--method", "distill", "--teacher", str(teacher / "backbone.pt"),
+                             "--out", str(student)])
+    config = torch.load(student / "checkpoint-00000003.pt", weights_only=True)["config"]
+    assert config["method"] == "distill" and config["method.teacher"] == str(teacher / "backbone.pt")
+    assert config["method.teacher_arch"] == "small_resnet"  # --teacher-arch defaults to --arch
+    assert got["steps"] == 3 and 0.0 <= got["knn_after"] <= 1.0
+    assert torch.load(student / "backbone.pt", weights_only=True).keys() == \
+        torch.load(teacher / "backbone.pt", weights_only=True).keys()
+
+
 def test_the_run_folder_gets_its_plots(tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("sklearn")

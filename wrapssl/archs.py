@@ -26,21 +26,24 @@ _STATE_KEYS = ("state_dict", "model", "module", "net", "model_state_dict")
 
 
 class SmallResNet(nn.Module):
-    """A narrow ResNet for 28-64 px images on CPU: 3x3 stem, no max-pool, BasicBlocks, global pool.
+    """A narrow ResNet for 28-64 px images on CPU: a strided 3x3 stem, no max-pool, BasicBlocks, global pool, BN-neck.
 
-    ``widths`` are the channels of the stages (the first keeps resolution, each
-    later one halves it); ``blocks`` the BasicBlocks per stage. The default
-    (16, 32, 64, 128) x 1 has 0.3 M parameters and a 128-d ``avgpool`` output;
-    a pretraining step on 256 Fashion-MNIST images takes about half a second on
-    two CPU cores.
+    ``widths`` are the channels of the stages (each after the first halves the
+    resolution); ``blocks`` the BasicBlocks per stage. ``stem_stride`` 2 (the
+    default) halves the image in the first convolution: on 28 px Fashion-MNIST a
+    step costs about a fifth of stride 1, and the net trained with labels scores
+    the same (90.7% test accuracy). ``neck`` adds a BatchNorm1d on the pooled
+    features, the classifier's input and so the pre-logits the Learner trains:
+    it raised kNN by about 2 points in our SimCLR runs (docs/training.md). The
+    default (16, 32, 64, 128) x 1 has 0.3 M parameters and a 128-d representation.
     """
 
     def __init__(self, channels: int = 3, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64, 128),
-                 blocks: Sequence[int] = (1, 1, 1, 1)):
+                 blocks: Sequence[int] = (1, 1, 1, 1), stem_stride: int = 2, neck: bool = True):
         super().__init__()
         if len(widths) != len(blocks) or not widths:
             raise ValueError(f"widths {tuple(widths)} and blocks {tuple(blocks)} must be non-empty and of equal length")
-        self.conv1 = nn.Conv2d(channels, widths[0], 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(channels, widths[0], 3, stride=stem_stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         stages, width = [], widths[0]
@@ -49,6 +52,7 @@ class SmallResNet(nn.Module):
             width = out
         self.layers = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.neck = nn.BatchNorm1d(width) if neck else nn.Identity()
         self.fc = nn.Linear(width, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -64,7 +68,7 @@ class SmallResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.relu(self.bn1(self.conv1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(self.neck(torch.flatten(self.avgpool(x), 1)))
 
 
 def available_archs() -> list[str]:

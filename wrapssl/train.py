@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "convnext_tiny, ...) or 'timm:<name>'. Weights are never downloaded")
     m.add_argument("--hidden-layer", default=None,
                    help="layer whose output is the representation: a name from net.named_modules() or an int "
-                        "index into its children (default: the architecture's global pool)")
+                        "index into its children (default: the net's pre-logits, the input of its classifier)")
     m.add_argument("--method", default=DEFAULTS["method"], choices=available_methods(),
                    help="self-supervised method. simclr learns fastest in short CPU runs; byol/dino need longer "
                         "runs (their EMA target moves slowly: lower the momentum with "
@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method hyperparameter, repeatable, e.g. temperature=0.2 (simclr: 0.1-0.5; lower values "
                         "weigh hard negatives more and want larger batches; this app uses 0.2, which beat the "
                         "method's 0.5 at batch 256 in our runs) or projection_hidden_size=1024")
+    m.add_argument("--teacher", default=None, metavar="PATH",
+                   help="--method distill: the teacher's weights (a backbone.pt from an earlier run, or a "
+                        "torchvision/timm state dict); the student (--arch) learns to predict its features")
+    m.add_argument("--teacher-arch", default=None, metavar="NAME",
+                   help="the teacher's architecture, as --arch names it (default: --arch)")
     m.add_argument("--channels", type=positive_int_arg, default=None,
                    help="input channels of the net (default: 3 for grey and colour images, which repeats grey "
                         "to 3; else the data's own count). Grey data gets the same augmentation either way "
@@ -205,7 +210,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.warmup_steps is not None and args.steps is not None and args.warmup_steps > args.steps:
         parser.error(f"--warmup-steps {args.warmup_steps} is longer than the run (--steps {args.steps}); use at "
                      f"most {args.steps}")
-    for flag, path in (("--init", args.init), ("--resume", None if args.resume == "auto" else args.resume)):
+    if args.teacher is not None and args.method != "distill":
+        parser.error(f"--teacher is for --method distill (this run uses {args.method}); add --method distill or "
+                     "drop --teacher")
+    if args.method == "distill" and args.teacher is None and \
+            not any(a.partition("=")[0] == "teacher" for a in args.method_arg):
+        parser.error("--method distill needs a trained teacher: --teacher PATH (e.g. the backbone.pt of an "
+                     "earlier run), with --teacher-arch NAME when it is not the --arch net")
+    for flag, path in (("--init", args.init), ("--teacher", args.teacher),
+                       ("--resume", None if args.resume == "auto" else args.resume)):
         if path is not None and not Path(path).expanduser().is_file():
             parser.error(f"{flag} {path}: no such file")
     try:
@@ -316,6 +329,8 @@ def make_trainer(args: argparse.Namespace, name: str, data: RunData, out: Path) 
             hidden = int(args.hidden_layer) if args.hidden_layer.lstrip("-").isdigit() else args.hidden_layer
         method_kwargs = {**crop, **METHOD_DEFAULTS.get(args.method, {}), **_method_kwargs(args.method_arg),
                          **normalize_kwargs(args, data, channels)}
+        if args.teacher is not None:
+            method_kwargs.update(teacher=args.teacher, teacher_arch=args.teacher_arch or args.arch)
         trainer = Trainer(
             net, dataset=data.train, image_size=args.image_size, hidden_layer=hidden, method=args.method,
             learning_rate=args.lr, scale_lr=True, num_train_steps=args.steps, epochs=args.epochs,
