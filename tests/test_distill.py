@@ -224,3 +224,21 @@ def test_on_fashion_mnist_the_student_learns_what_the_teacher_knows(fmnist_train
     assert all(math.isfinite(v) for v in losses) and last < 0.5 * first
     # seeds 0-2 gained 55-63% of the gap in 200 steps
     assert after > random_init + 0.4 * (teacher_knn - random_init)
+
+
+def test_the_trainer_records_a_teacher_by_class_or_path_not_by_repr(tmp_path):
+    from pathlib import Path
+
+    from wrapssl import Trainer
+    from wrapssl.archs import build_arch
+
+    torch.manual_seed(0)
+    torch.save(build_arch("small_resnet")[0].state_dict(), tmp_path / "teacher.pt")
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    weights = Path(tmp_path / "teacher.pt")
+    for teacher, expected in ((teacher_net(), "Sequential"), (weights, str(weights))):
+        trainer = Trainer(small_cnn(), dataset=images, image_size=16, hidden_layer=-2, method="distill",
+                          teacher=teacher, teacher_arch="small_resnet", num_train_steps=1, batch_size=8,
+                          checkpoint_folder=tmp_path / "run", plot=False)
+        assert trainer.config["method.teacher"] == expected
+        trainer.end()

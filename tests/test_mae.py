@@ -262,3 +262,19 @@ def test_fashion_mnist_run_lowers_the_loss_and_reconstructs_better_than_the_triv
     assert after < 0.9 * trivial < before  # it uses the visible patches, not only the patch mean
     path = reconstruction_grid(learner, held[:8], tmp_path / "reconstructions.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_trainer_writes_reconstructions_for_mae_and_not_for_other_methods(tmp_path):
+    pytest.importorskip("matplotlib")
+    from wrapssl import Trainer
+
+    images = torch.randint(0, 256, (32, 3, 28, 28), dtype=torch.uint8)
+    for method, net, kw in (("mae", tiny_vit(), DECODER), ("simclr", small_cnn(), {})):
+        out = tmp_path / method
+        with Trainer(net, dataset=images, image_size=28, method=method, num_train_steps=2, batch_size=8,
+                     checkpoint_folder=out, log_every=1, **kw) as trainer:
+            trainer()
+        assert (out / "loss_curve.png").is_file()
+        assert (out / "reconstructions.png").is_file() == (method == "mae")
+        if method == "mae":
+            assert (out / "reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

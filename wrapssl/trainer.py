@@ -262,7 +262,13 @@ class Trainer:
                 schedule: str, min_lr_ratio: float, learner_kwargs: dict) -> dict:
         """The run's settings as JSON-able primitives (stored in checkpoints and trackers)."""
         def plain(v: Any) -> Any:
-            return v if isinstance(v, (bool, int, float, str)) or v is None else getattr(v, "__name__", repr(v))
+            if isinstance(v, (bool, int, float, str)) or v is None:
+                return v
+            if isinstance(v, os.PathLike):
+                return os.fspath(v)
+            if isinstance(v, nn.Module):  # a teacher net: its class, not its whole repr
+                return type(v).__name__
+            return getattr(v, "__name__", repr(v))
         cfg = {
             "net": type(self.net).__name__, "method": plain(getattr(method, "name", method)),
             "hidden_layer": plain(hidden_layer), "image_size": self.image_size, "channels": self.channels,
@@ -599,12 +605,17 @@ class Trainer:
                 torch.distributed.broadcast(buffer, src=0)
 
     def _plot_history(self) -> None:
-        """Save the loss curve PNG, or say in one line why not."""
+        """Save the loss curve PNG (and, for masked image modeling, reconstructions.png), or say in one line
+        why not."""
         if not (self.plot and self.accelerator.is_main_process and self.history):
             return
         try:
-            from .plots import loss_curve
+            from .plots import loss_curve, reconstruction_grid
             loss_curve(self.history, self.folder / "loss_curve.png")
+            if callable(getattr(self.learner.method, "reconstruct", None)):
+                from .health import probe_images
+                images = probe_images(self.dataset, n=8).to(self.accelerator.device)
+                reconstruction_grid(self.learner, images, self.folder / "reconstructions.png")
         except ImportError as e:  # plotting is an extra: training results stand without it
             print(f"wrapssl: no loss-curve plot ({e}); pip install matplotlib")
 
