@@ -174,3 +174,11 @@ def test_estimate_normalization_refuses_bad_input_clearly():
         A.estimate_normalization([np.zeros((3, 5, 5))])
     with pytest.raises(ValueError, match="max_images must be a positive int"):
         A.estimate_normalization(torch.rand(4, 2, 5, 5), max_images=0)
+
+
+def test_grey_images_for_a_multispectral_net_are_refused_not_repeated():
+    from wrapssl import Learner
+
+    learner = Learner(small_cnn(channels=4), 16, hidden_layer=-2, method="simclr", normalize=((0.5,) * 4, (0.25,) * 4))
+    with pytest.raises(ValueError, match="images have 1 channel but the net takes 4"):
+        learner(torch.rand(4, 1, 16, 16))

@@ -256,7 +256,7 @@ class Learner(nn.Module):
             self._warn_if_frozen()
         images = self._unstandardize(images)
         # grey images for a 3-channel net go through the views at one channel when the recipe allows it
-        grey = (self.channels != 1 and isinstance(images, torch.Tensor) and images.ndim == 4
+        grey = (self.channels == 3 and isinstance(images, torch.Tensor) and images.ndim == 4
                 and images.shape[1] == 1 and runs_on_grey(self.views))
         x = self._to_float(images, 1 if grey else self.channels)
         if self.training and x.shape[0] < 2:
