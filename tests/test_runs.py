@@ -67,7 +67,7 @@ def test_more_steps_with_resume_rebuild_the_schedule(tmp_path, capsys):
     extended = run(tmp_path, "--steps", "8", "--resume")  # ... and continued with them when asked
     assert "schedule rebuilt for the new settings (num_train_steps 4 -> 8" in capsys.readouterr().out.replace(
         "--steps", "num_train_steps")
-    base = 2e-3 * 16 / 256
+    base = app.DEFAULTS["lr"] * 16 / 256
     lrs = logged(tmp_path, "lr")
     for step in range(1, 5):  # the first run's own 4-step schedule
         assert lrs[step] == pytest.approx(cosine_lr(base, step, 4), rel=1e-9)

@@ -17,6 +17,8 @@ from conftest import help_blocks, reset_accelerate
 from test_torchvision_formats import write_cifar, write_stl
 from wrapssl import cli
 from wrapssl import train as app
+from wrapssl.archs import build_arch
+from wrapssl.methods import available_methods
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data", "digits", "--image-size", "8", "--batch-size", "16", "--knn-train", "300", "--knn-test", "100",
@@ -253,3 +255,28 @@ def test_report_scores_the_baselines_on_the_same_protocol(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{100 * scores['raw_pixels']['knn']:.2f}%" in out and "health (no labels needed)" in out
     assert metrics["health"]["dim"] == 128 and not metrics["health"]["collapsed"]
+
+
+@pytest.mark.parametrize("method", [m for m in available_methods() if m not in ("mae", "distill")])
+def test_every_methods_app_settings_build_and_train(method):
+    """The app's per-method settings (wrapssl.train.method_defaults) are keywords the method takes, and a step
+    with them gives a finite loss and gradients on the backbone."""
+    from wrapssl import Learner
+    from wrapssl.train import method_defaults
+
+    lr, kwargs = method_defaults(method, steps=100)
+    assert 0 < lr <= 1e-2
+    torch.manual_seed(0)
+    net, hidden = build_arch("small_resnet", channels=3, num_classes=10)
+    learner = Learner(net, 16, hidden, method=method, **kwargs)
+    loss = learner(torch.rand(8, 3, 16, 16))
+    loss.backward()
+    assert torch.isfinite(loss) and net.conv1.weight.grad.abs().sum() > 0
+    if "moving_average_decay" in kwargs:
+        assert learner.momentum == kwargs["moving_average_decay"]
+
+
+def test_the_learning_rate_defaults_to_the_methods_and_the_flag_overrides_it():
+    assert app.parse_args([]).lr == app.DEFAULTS["lr"] == app.method_defaults("simclr")[0]
+    assert app.parse_args(["--method", "byol"]).lr == app.method_defaults("byol")[0] != app.DEFAULTS["lr"]
+    assert app.parse_args(["--method", "byol", "--lr", "0.1"]).lr == 0.1
