@@ -39,12 +39,31 @@ def _embed(net: nn.Module, layer, x: torch.Tensor) -> torch.Tensor:
 def test_small_resnet_default(channels):
     net, layer = build_arch(channels=channels)
     assert isinstance(net, SmallResNet) and layer == ClassifierInput("fc")
-    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (2, 2)
     assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
     x = torch.rand(2, channels, 28, 28)
     assert net(x).shape == (2, 10)
     assert _embed(net, layer, x).shape == (2, 128)
     assert sum(p.numel() for p in net.parameters()) < 400_000
+
+
+def test_small_resnet_representation_is_the_bn_neck_on_the_pooled_features():
+    torch.manual_seed(0)
+    net, layer = build_arch("small_resnet", channels=3)
+    net.neck.running_mean.uniform_(-1, 1)
+    net.neck.running_var.uniform_(0.5, 2)
+    net.eval()
+    x = torch.rand(4, 3, 28, 28)
+    with torch.no_grad():  # by hand: stem at half resolution, stages, mean over the map, the neck's affine norm
+        h = net.layers(net.relu(net.bn1(net.conv1(x))))
+        assert h.shape[-2:] == (2, 2)  # 28 -> 14 (stem) -> 14, 7, 4, 2
+        pooled = h.mean(dim=(2, 3))
+        n = net.neck
+        expected = (pooled - n.running_mean) / torch.sqrt(n.running_var + n.eps) * n.weight + n.bias
+        assert torch.allclose(_embed(net, layer, x), expected, atol=1e-5)
+    plain = SmallResNet(3, stem_stride=1, neck=False)  # the earlier net: full-resolution stem, no neck
+    assert plain.conv1.stride == (1, 1) and isinstance(plain.neck, nn.Identity)
+    assert plain.layers(plain.relu(plain.bn1(plain.conv1(x)))).shape[-2:] == (4, 4)
 
 
 def test_small_resnet_trains_by_gradient():
