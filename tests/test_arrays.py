@@ -122,8 +122,9 @@ def test_the_app_trains_on_a_tensor_file(tmp_path):
 
 
 def test_wrapssl_embed_uses_the_runs_statistics(tmp_path):
-    """`wrapssl embed` on a 13-band run: the embeddings are the net's pooled features of images normalised with
-    the statistics the run estimated (recorded in metrics.json), computed here by hand."""
+    """`wrapssl embed` on a 13-band run: the embeddings are the net's pre-logits (pooled features through its
+    BN-neck) of images normalised with the statistics the run estimated (recorded in metrics.json), computed
+    here by hand."""
     from wrapssl import cli
     from wrapssl.archs import SmallResNet
     from wrapssl.evaluate import Embeddings
@@ -142,5 +143,5 @@ def test_wrapssl_embed_uses_the_runs_statistics(tmp_path):
     x = (torch.stack([ds[i][0] for i in range(len(ds))]) - mean) / std
     with torch.no_grad():
         net.eval()
-        features = torch.flatten(net.avgpool(net.layers(net.relu(net.bn1(net.conv1(x))))), 1)
+        features = net.neck(torch.flatten(net.avgpool(net.layers(net.relu(net.bn1(net.conv1(x))))), 1))
     torch.testing.assert_close(got.embeddings, features, rtol=1e-4, atol=1e-5)
