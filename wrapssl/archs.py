@@ -34,7 +34,7 @@ class SmallResNet(nn.Module):
     step costs about a fifth of stride 1, and the net trained with labels scores
     the same (90.7% test accuracy). ``neck`` adds a BatchNorm1d on the pooled
     features, the classifier's input and so the pre-logits the Learner trains:
-    it raised kNN by about 2 points in our SimCLR runs (docs/training.md). The
+    it raised kNN by about 2 points in our SimCLR runs (benchmarks/RESULTS.md, section 6). The
     default (16, 32, 64, 128) x 1 has 0.3 M parameters and a 128-d representation.
     """
 
