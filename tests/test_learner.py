@@ -279,33 +279,6 @@ def test_user_method_instance():
     assert learner.method.projector.weight.grad is not None
 
 
-@pytest.mark.parametrize("method, kwargs", [
-    ("byol", dict(projection_hidden_size=512, projection_size=64)),
-    ("simsiam", dict(projection_size=256, prediction_hidden_size=64)),
-])
-def test_short_fashion_mnist_run_lowers_loss_without_collapse(fmnist_train, method, kwargs):
-    torch.manual_seed(0)
-    x, _ = fmnist_train
-    net = small_cnn(channels=1)
-    learner = Learner(net, image_size=28, hidden_layer=-2, channels=1, method=method,
-                      normalize=((0.286,), (0.353,)), total_steps=120, **kwargs)
-    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
-    losses = []
-    g = torch.Generator().manual_seed(0)
-    for step in range(120):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = learner(x[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        learner.update_moving_average()
-        losses.append(loss.item())
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < first - 0.05 * abs(first), (first, last)
-    emb = F.normalize(learner.embed(x[:512]), dim=1)
-    assert emb.std(dim=0).mean() > 0.02, "embeddings collapsed to a point"
-
-
 def test_one_channel_net_gets_grey_normalisation():
     learner = Learner(small_cnn(channels=1), image_size=16, hidden_layer=-2, channels=1, **SMALL)
     x = torch.rand(4, 1, 16, 16)
