@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with SimCLR and the small ResNet, in our runs: 8e-3 and 1.6e-2 equally good, 2e-3 about "
                         "1.4 kNN points worse; BYOL, SimSiam, Barlow Twins, VICReg, DINO and SwAV were run at "
                         "2e-3. If the loss turns NaN, halve it or lengthen the warmup. SGD: 0.05 (SimSiam); "
-                        "LARS: 0.2-0.3 (BYOL, SimCLR). Default: the method's (8e-3 for simclr, moco and nnclr, "
+                        "LARS: 0.2-0.3 (BYOL, SimCLR) (default: the method's, 8e-3 for simclr, moco and nnclr, "
                         "1e-3 for mae, 2e-3 for the others)")
     o.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="adamw is robust at any batch; lars was designed for batches of 1024 and more")
