@@ -53,7 +53,7 @@ from .trainer import DEFAULT_TIMEOUT, Trainer
 
 # The default run is chosen to finish in about 5 minutes on 2 idle CPU cores and to clearly beat the
 # randomly initialised net; what we measured is in docs/training.md.
-DEFAULTS = dict(data="fashion-mnist", arch="small_resnet", method="simclr", batch_size=256, steps=1200, lr=8e-3)
+DEFAULTS = dict(data="fashion-mnist", arch="small_resnet", method="simclr", batch_size=256, steps=1000, lr=8e-3)
 DEFAULT_IMAGE_SIZE = {"fashion-mnist": 28, "digits": 16, "cifar10": 32, "stl10": 96}
 
 
