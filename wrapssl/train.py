@@ -51,8 +51,8 @@ from .optim import OPTIMIZERS
 from .runs import RunConflictError
 from .trainer import DEFAULT_TIMEOUT, Trainer
 
-# The default run is chosen to finish in about 5 minutes on 2 idle CPU cores and to clearly beat the
-# randomly initialised net; what we measured is in docs/training.md.
+# The default run is chosen to finish, evaluations included, within 10 minutes on 2 idle CPU cores (7:48 measured)
+# and to beat raw pixels and the randomly initialised net; what we measured is in benchmarks/RESULTS.md, section 6.
 DEFAULTS = dict(data="fashion-mnist", arch="small_resnet", method="simclr", batch_size=256, steps=1000, lr=8e-3)
 DEFAULT_IMAGE_SIZE = {"fashion-mnist": 28, "digits": 16, "cifar10": 32, "stl10": 96}
 
@@ -130,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer whose output is the representation: a name from net.named_modules() or an int "
                         "index into its children (default: the net's pre-logits, the input of its classifier)")
     m.add_argument("--method", default=DEFAULTS["method"], choices=available_methods(),
-                   help="self-supervised method. simclr learns fastest in short CPU runs; byol/dino need longer "
-                        "runs (their EMA target moves slowly: lower the momentum with "
-                        "--method-arg moving_average_decay=0.99 for short runs)")
+                   help="self-supervised method. simclr learns fastest in short CPU runs; byol, dino and swav need "
+                        "long runs (benchmarks/RESULTS.md, the method table). Each gets the app's short-run "
+                        "settings (docs/training.md)")
     m.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyperparameter, repeatable, e.g. temperature=0.2 (simclr: 0.1-0.5; lower values "
                         "weigh hard negatives more and want larger batches; this app uses 0.2, which beat the "

@@ -613,7 +613,6 @@ class Trainer:
             from .plots import loss_curve, reconstruction_grid
             loss_curve(self.history, self.folder / "loss_curve.png")
             if callable(getattr(self.learner.method, "reconstruct", None)):
-                from .health import probe_images
                 images = probe_images(self.dataset, n=8).to(self.accelerator.device)
                 reconstruction_grid(self.learner, images, self.folder / "reconstructions.png")
         except ImportError as e:  # plotting is an extra: training results stand without it
