@@ -463,3 +463,27 @@ def test_dataloader_with_two_workers_shares_bad_file_count(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.equal(images, torch.stack([fresh[i][0] for i in range(12)]))
+
+
+ODD_SIZES = [(98, 284), (284, 98), (1, 500), (500, 1), (37, 1001), (1001, 37), (55, 57), (94, 99), (97, 283),
+             (49, 50), (3, 7), (301, 77)]  # (width, height); each of 28, 64, 96, 224 once left a box at -1e-15
+
+
+def test_folder_reads_every_odd_sized_photo(tmp_path):
+    """No valid JPEG or PNG of an odd size or mode is reported unreadable, at any image size."""
+    rng = np.random.default_rng(0)
+    kinds = [("L", "jpg"), ("RGB", "jpg"), ("RGB", "png"), ("RGBA", "png"), ("P", "png"), ("I;16", "png")]
+    for i, (w, h) in enumerate(ODD_SIZES):
+        for mode, ext in kinds:
+            if mode == "I;16":
+                image = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+            else:
+                image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+            image.save(tmp_path / f"{i}_{w}x{h}_{mode.replace(';', '')}.{ext}")
+    for size in (28, 64, 96, 224):
+        dataset = ImageFolder(tmp_path, image_size=size, channels=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shapes = {tuple(dataset[i][0].shape) for i in range(len(dataset))}
+        assert dataset.unreadable() == {}, size
+        assert shapes == {(3, size, size)}

@@ -144,9 +144,11 @@ def _pil_to_tensor(image: Image.Image, channels: int | None = None, size: Size |
     if size is not None and image.size != (size[1], size[0]):
         scale = _cover_scale(image.height, image.width, size)
         crop_w, crop_h = size[1] / scale, size[0] / scale
-        left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR,
-                             box=(left, top, left + crop_w, top + crop_h))
+        # float rounding can put the centred box a hair outside the image (left = -7e-15 for 98x284 at
+        # 64 px), which Pillow refuses: clamp it to the image
+        left, top = max(0.0, (image.width - crop_w) / 2), max(0.0, (image.height - crop_h) / 2)
+        box = (left, top, min(float(image.width), left + crop_w), min(float(image.height), top + crop_h))
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR, box=box)
     array = np.asarray(image, dtype=np.uint8)
     array = array[:, :, None] if array.ndim == 2 else array
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
