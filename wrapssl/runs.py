@@ -7,16 +7,26 @@ lists the differences and the choices. ``resume="auto"`` continues the folder's 
 the new settings (more steps, a new learning rate: the schedule is rebuilt from them).
 Continuing from a checkpoint that is not the folder's latest is refused, so later
 checkpoints of another branch can never be mistaken for this run's.
+
+A folder is trained by one process at a time: ``RunLock`` holds a kernel lock on
+``<folder>/.lock`` from the Trainer's construction to its ``end()`` (rank 0 of a multi-process
+run holds it), so a second run started into the folder is refused with ``RunLockedError``,
+which names the holder. The kernel drops the lock when the holder dies, so a run killed even
+with SIGKILL never leaves the folder stuck: the same command then continues it.
 """
 from __future__ import annotations
 
+import datetime
 import os
+import socket
+import time
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
 from .checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 
-__all__ = ["SCHEDULE_SETTINGS", "RunConflictError", "changed_settings", "describe_changes", "choose_checkpoint"]
+__all__ = ["SCHEDULE_SETTINGS", "RunConflictError", "RunLockedError", "RunLock", "changed_settings", "describe_changes", "choose_checkpoint"]
 
 # Settings a resumed run may change: the learning-rate schedule, the optimiser's hyperparameters and the
 # EMA momentum are rebuilt from the new values at the step reached.
@@ -91,3 +101,98 @@ def choose_checkpoint(folder: Path, resume: str | os.PathLike | bool | None, con
         raise _conflict(folder, latest, load_checkpoint(latest), {}, f", {where}; the two would mix",
                         "Move its checkpoints away, or resume into an empty checkpoint_folder")
     return path, state
+
+
+LOCK_NAME = ".lock"
+
+
+class RunLockedError(OSError):
+    """Another live process is training into this checkpoint folder."""
+
+
+class RunLock:
+    """An exclusive lock on ``<folder>/.lock`` held until ``release()`` or this process ends.
+
+    A POSIX record lock (``fcntl.lockf``) rather than ``flock``: the kernel drops it when the
+    holder dies, and, unlike a flock, DataLoader workers forked from the holder do not inherit
+    it, so a killed run's folder is free at once, not when its orphaned workers notice. Trainers
+    of one process share the lock of a folder (a script that builds a second Trainer to resume
+    the first one's run is one run); another process is refused with ``RunLockedError``. The file
+    records the holder (pid, host, start time) for that message and is emptied on release.
+    """
+
+    _held: "weakref.WeakValueDictionary[str, RunLock]" = weakref.WeakValueDictionary()
+
+    def __init__(self, folder: Path, file: Any):
+        self.folder, self._file, self.holders = folder, file, 1
+
+    @classmethod
+    def acquire(cls, folder: str | os.PathLike) -> "RunLock | None":
+        """The folder's lock for this process (made with the folder if need be); None where fcntl is missing."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no POSIX locks; runs are not guarded there
+            return None
+        folder = Path(folder)
+        key = os.path.realpath(folder)
+        held = cls._held.get(key)
+        if held is not None and held._file is not None:
+            held.holders += 1
+            return held
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            file = open(folder / LOCK_NAME, "a+", encoding="utf-8")
+        except OSError as e:
+            raise OSError(f"cannot write into checkpoint_folder {os.fspath(folder)} ({e.strerror or e}); pick "
+                          "another folder") from None
+        deadline = time.monotonic() + 2.0  # a new holder writes its name just after it locks
+        while True:
+            try:
+                fcntl.lockf(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:  # EAGAIN or EACCES, as the platform says "held by another process"
+                holder = _read_holder(file)
+                if holder or time.monotonic() > deadline:
+                    file.close()
+                    raise RunLockedError(_locked_message(folder, holder)) from None
+                time.sleep(0.1)
+        file.seek(0)
+        file.truncate()
+        stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        file.write(f"pid {os.getpid()}\nhost {socket.gethostname()}\nsince {stamp}\n")
+        file.flush()
+        lock = cls(folder, file)
+        cls._held[key] = lock
+        return lock
+
+    def release(self) -> None:
+        """Drop this holder; the last one empties the lock file and unlocks it."""
+        self.holders -= 1
+        if self.holders <= 0 and self._file is not None:
+            try:
+                self._file.seek(0)
+                self._file.truncate()
+            except OSError:  # the folder went away: unlocking is all that matters
+                pass
+            self._file.close()  # closing the descriptor drops the lock
+            self._file = None
+
+    def __del__(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _read_holder(file: Any) -> dict[str, str]:
+    """The holder the lock file records ({'pid', 'host', 'since'}); empty if it says nothing."""
+    try:
+        file.seek(0)
+        lines = file.read().splitlines()
+    except OSError:
+        return {}
+    return dict(line.split(" ", 1) for line in lines if " " in line)
+
+
+def _locked_message(folder: Path, holder: Mapping[str, str]) -> str:
+    """The one line that refuses a second run into ``folder``."""
+    who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+    return f"{os.fspath(folder)} is being trained by {who}; wait for it, stop it, or pick another checkpoint_folder"

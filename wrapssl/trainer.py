@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from .accelerator import accumulation_steps, dynamo_compile_options, make_accelerator, use_deterministic_algorithms
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, checkpoint_path, latest_checkpoint, load_checkpoint,
-                          remove_stale_temp_files, rng_state, save_backbone, set_rng_state, to_cpu, write_checkpoint)
+                          remove_stale_temp_files, rng_state, set_rng_state, to_cpu, write_checkpoint)
+from .backbone import BACKBONE_SAFETENSORS, BackboneInfo, layer_to_json, save_backbone
 from .checks import non_negative_float, positive_float, positive_int
 from .data import as_dataset, collate
 from .distributed import CollectiveTimeoutError, collective_failure, is_collective_failure
@@ -36,7 +37,8 @@ from .learner import Learner
 from .methods import Method
 from .monitor import LossMonitor, NonFiniteLossError, Throughput, WeightWatch, failure_message, non_finite
 from .optim import WarmupCosine, build_optimizer
-from .runs import SCHEDULE_SETTINGS, RunConflictError, changed_settings, choose_checkpoint, describe_changes
+from .runs import (SCHEDULE_SETTINGS, RunConflictError, RunLock, RunLockedError, changed_settings, choose_checkpoint,
+                   describe_changes)
 from .sampler import ResumableSampler
 from .tracking import CSVTracker, RunLog, make_trackers
 
@@ -87,6 +89,9 @@ class Trainer:
             rebuild the schedule at the step reached, as if the run had been planned so from the
             start (what changed is printed). A path: continue from that file (refused if the folder
             holds later checkpoints). False: start at step 0, refused if the folder holds any.
+            A folder is trained by one process at a time: while a Trainer (rank 0 of its run) holds
+            ``checkpoint_folder`` (from construction to ``end()`` or its process's death, SIGKILL
+            included), a Trainer of another process raises ``RunLockedError`` naming the holder.
         init: a weights file to start from (a torchvision/timm state dict, a ``backbone.pt``, a
             checkpoint; see ``archs.load_weights``), loaded into ``net`` before anything else; the
             net's final classifier, which pretraining never runs, keeps its own values.
@@ -213,6 +218,8 @@ class Trainer:
             as_dataset(eval_dataset[0], image_size, "eval_dataset[0]"),
             as_dataset(eval_dataset[1], image_size, "eval_dataset[1]"))
         self.eval_k, self.eval_temperature, self.eval_batch_size = eval_k, eval_temperature, eval_batch_size
+        # what the saved backbone says of itself beyond what the Trainer knows (the app adds arch and classes)
+        self.backbone_info: dict[str, Any] = {}
         self.last_eval: tuple[int, Any, Any] | None = None  # (step, memory, query Embeddings) of the last knn()
         self.health: Health | None = None  # the latest health reading
         self._health_images: torch.Tensor | None = None
@@ -227,7 +234,12 @@ class Trainer:
         self.config = self._config(method, hidden_layer, optimizer_klass or optimizer, weight_decay, scale_lr,
                                    schedule, min_lr_ratio, learner_kwargs)
         self.resumed_from: Path | None = None
-        self._resume(resume)
+        self._run_lock = self._lock_folder()  # before any file of the folder is read: one run at a time
+        try:
+            self._resume(resume)
+        except BaseException:
+            self._unlock()
+            raise
         if self.resumed_from is None and seed is not None:
             set_seed(self.seed, device_specific=True)  # different augmentations on each process
 
@@ -385,8 +397,18 @@ class Trainer:
         return self.last_checkpoint
 
     def save_backbone(self) -> Path:
-        """The user's net's weights as ``backbone.pt`` and ``backbone.safetensors`` in the folder; main process only."""
-        return save_backbone(self.accelerator, self.net, self.folder)
+        """The user's net as ``backbone.safetensors`` (weights and what they are: layer, image size, channels,
+        normalisation, and ``self.backbone_info``) and ``backbone.pt`` in the folder; main process only."""
+        path = self.folder / BACKBONE_SAFETENSORS
+        if self.accelerator.is_main_process:
+            norm = self.learner.normalize
+            mean, std = (norm.mean.flatten().tolist(), norm.std.flatten().tolist()) if norm.enabled else (None, None)
+            info = BackboneInfo(hidden_layer=layer_to_json(self.learner.hidden_layer), image_size=self.image_size,
+                                channels=self.channels, mean=mean, std=std)
+            for key, value in self.backbone_info.items():
+                setattr(info, key, value)
+            save_backbone(self.net, self.folder, info)
+        return path
 
     def _weights_problem(self) -> str | None:
         """What is wrong with the learner's weights (not finite; blown up since fit() began), or None."""
@@ -510,8 +532,32 @@ class Trainer:
         return self.net
 
     def end(self) -> None:
-        """End the run through Accelerate (``end_training``: trackers closed, process group destroyed)."""
+        """End the run through Accelerate (``end_training``: trackers closed, process group destroyed); unlock
+        the folder."""
+        self._unlock()
         self.accelerator.end_training()
+
+    def _lock_folder(self) -> RunLock | None:
+        """The folder's run lock, taken by the main process; every process raises if the folder cannot be locked
+        (``RunLockedError``: another live run trains into it)."""
+        acc = self.accelerator
+        lock, refused = None, None
+        if acc.is_main_process:
+            try:
+                lock = RunLock.acquire(self.folder)
+            except OSError as e:
+                refused = (isinstance(e, RunLockedError), str(e))
+        if acc.num_processes > 1:
+            refused = broadcast_object_list([refused])[0]
+        if refused is not None:
+            raise (RunLockedError if refused[0] else OSError)(refused[1])
+        return lock
+
+    def _unlock(self) -> None:
+        """Release this Trainer's hold on the folder's run lock (once)."""
+        lock, self._run_lock = getattr(self, "_run_lock", None), None
+        if lock is not None:
+            lock.release()
 
     def __enter__(self) -> "Trainer":
         return self
