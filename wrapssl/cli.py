@@ -212,6 +212,19 @@ def _split(args: argparse.Namespace, recorded: dict[str, Any], split: str):
     return ds
 
 
+def _has_labels(ds) -> bool:
+    """False if the data set's recorded labels say that every image is unlabelled (-1), without decoding any."""
+    from torch.utils.data import Subset
+
+    indices: Sequence[int] = range(len(ds))
+    while isinstance(ds, Subset):
+        indices, ds = [int(ds.indices[i]) for i in indices], ds.dataset
+    labels = getattr(ds, "labels", None)
+    if labels is None:
+        return True  # no list to read: evaluate finds out from the embeddings
+    return any(int(labels[i]) >= 0 for i in indices)
+
+
 def _embed(args: argparse.Namespace, split: str):
     """(embeddings of one split of the data with the loaded backbone, the run folder)."""
     args.device = _device(args.device)
@@ -279,6 +292,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.device = _device(args.device)
         net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
         train_ds, test_ds = _split(args, recorded, "train"), _split(args, recorded, "test")
+        for split, ds in (("train", train_ds), ("test", test_ds)):
+            if not _has_labels(ds):
+                raise SystemExit(f"error: the {split} images of {args.data or recorded.get('data')} have no labels "
+                                 "(no class subfolders), and evaluate scores how well embeddings predict labels; "
+                                 "without labels, `wrapssl embed` them and use `wrapssl plot` (a map) or `wrapssl "
+                                 "select` (what to label), or sort the images into one subfolder per class")
         train = _embed_with_progress(net, train_ds, args, layer, "train split", recorded.get("normalize"))
         test = _embed_with_progress(net, test_ds, args, layer, "test split", recorded.get("normalize"))
     else:

@@ -1,0 +1,67 @@
+"""What a new user meets first (issue 20): a tiny run's outputs, refusals, imports, versions and messages."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import reset_accelerate
+
+STEPS = 12
+
+
+def _images(folder: Path, n: int, seed: int) -> None:
+    """n small random PNGs of a few odd sizes in folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = 18 + i % 5, 20 + i % 3
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """A labelled folder (two class subfolders) and a flat, unlabelled one."""
+    root = tmp_path_factory.mktemp("data")
+    _images(root / "labelled" / "a", 8, 0)
+    _images(root / "labelled" / "b", 8, 1)
+    _images(root / "flat", 10, 2)
+    return {"labelled": root / "labelled", "flat": root / "flat"}
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory) -> dict:
+    """A tiny finished `wrapssl train --no-baselines --no-plots` run on the labelled folder: its folder and what it printed."""
+    import torch
+
+    from wrapssl import train as app
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            app.main(["--data", str(data["labelled"]), "--image-size", "16", "--batch-size", "4", "--steps",
+                      str(STEPS), "--knn-k", "3", "--no-baselines", "--no-plots", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+        reset_accelerate()
+    return {"out": out, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+
+
+def test_evaluate_refuses_unlabelled_data_before_embedding(run, data, capsys):
+    from wrapssl import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["evaluate", str(run["out"]), "--data", str(data["flat"]), "-k", "3"])
+    err = capsys.readouterr().err
+    message = str(done.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "wrapssl plot" in message and "wrapssl select" in message and "subfolder" in message
+    assert "embedding" not in err  # refused before any image was embedded
