@@ -55,6 +55,15 @@ def run(data, tmp_path_factory) -> dict:
     return {"out": out, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
 
 
+def test_no_baselines_scores_neither_baseline(run):
+    metrics = json.loads((run["out"] / "metrics.json").read_text())
+    assert set(metrics["scores"]) == {"pretrained"}
+    assert "knn_before" not in metrics
+    assert "random init" not in run["stdout"] and "raw pixels" not in run["stdout"]
+    assert "scoring" not in run["stdout"]
+    assert "pretrained" in run["stdout"]  # the report itself is still printed
+
+
 def test_evaluate_refuses_unlabelled_data_before_embedding(run, data, capsys):
     from wrapssl import cli
 

@@ -441,11 +441,12 @@ def score_learner(trainer: Trainer, data: RunData, k: int) -> tuple[dict[str, fl
 
 
 def score_baselines(trainer: Trainer, args: argparse.Namespace, data: RunData) -> dict[str, dict[str, float]]:
-    """The report's rows before training: the random-init net and, with --baselines, raw pixels."""
-    rows = {}
-    if args.baselines:
-        print("scoring the baselines: raw pixels ...", flush=True)
-        rows.update(baseline_scores(data.memory, data.queries, args.image_size, k=args.knn_k))
+    """The report's rows before training, raw pixels and the random-init net; none with --no-baselines."""
+    rows: dict[str, dict[str, float]] = {}
+    if not args.baselines:
+        return rows
+    print("scoring the baselines: raw pixels ...", flush=True)
+    rows.update(baseline_scores(data.memory, data.queries, args.image_size, k=args.knn_k))
     print("scoring the randomly initialised net ..." if args.init is None else
           f"scoring the net as it starts, from --init {args.init} (the 'random init' row below) ...", flush=True)
     rows["random_init"], _ = score_learner(trainer, data, args.knn_k)
@@ -657,8 +658,9 @@ def _run(args: argparse.Namespace) -> dict:
     if data.memory is not None and "scores" not in metrics and acc.is_main_process:
         metrics.update(data=name, knn_k=args.knn_k, knn_memory=len(data.memory), knn_queries=len(data.queries))
         metrics["scores"] = score_baselines(trainer, args, data)
-        metrics["knn_before"], metrics["knn_before_step"] = metrics["scores"]["random_init"]["knn"], trainer.step
-        print(format_scores(metrics["scores"], k=args.knn_k, memory=len(data.memory)), flush=True)
+        if metrics["scores"]:  # empty with --no-baselines
+            metrics["knn_before"], metrics["knn_before_step"] = metrics["scores"]["random_init"]["knn"], trainer.step
+            print(format_scores(metrics["scores"], k=args.knn_k, memory=len(data.memory)), flush=True)
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # so that a resumed run finds it
     acc.wait_for_everyone()
 
