@@ -74,3 +74,27 @@ def test_evaluate_refuses_unlabelled_data_before_embedding(run, data, capsys):
     assert message.startswith("error: ") and "\n" not in message
     assert "wrapssl plot" in message and "wrapssl select" in message and "subfolder" in message
     assert "embedding" not in err  # refused before any image was embedded
+
+
+def test_the_first_unreadable_file_warning_starts_its_own_line(tmp_path, capsys):
+    import sys
+    import warnings
+
+    from tqdm import tqdm
+
+    from wrapssl.data import ImageFolder
+
+    _images(tmp_path, 2, 3)
+    (tmp_path / "9.png").write_bytes(b"not an image")
+    dataset = ImageFolder(tmp_path, image_size=16)
+    with warnings.catch_warnings(), tqdm(total=3, desc="pretraining", file=sys.stderr) as bar:
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        bar.update(1)
+        dataset[2]  # the bad file: warned about, replaced by a readable one
+        bar.update(1)
+    err = capsys.readouterr().err
+    shown = err[:err.index("RuntimeWarning")].replace("\r", "\n").split("\n")[-1]
+    assert "pretraining" not in shown and "%|" not in shown, repr(shown)  # not glued to the bar's line
+    assert err.count("pretraining") >= 2  # the bar is drawn again after the warning

@@ -21,6 +21,7 @@ import gzip
 import os
 import pickle
 import struct
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 __all__ = [
     "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "ImageFolder", "FashionMNIST", "Digits", "CIFAR10", "STL10",
@@ -380,11 +382,15 @@ class ImageFolder(Dataset):
         if self._warned[0]:
             return
         self._warned[0] = True
-        warnings.warn(
-            f"{self.num_bad} unreadable image(s) under {str(self.root)!r} so far, e.g. {self.files[index]!r} "
-            f"({type(error).__name__}: {error}); each is replaced by the next readable image. "
-            "This warning is shown once; dataset.num_bad and dataset.unreadable() list them all.",
-            RuntimeWarning, stacklevel=3)
+        if torch.utils.data.get_worker_info() is not None:
+            # a DataLoader worker cannot clear the main process's progress bar: end its line first
+            sys.stderr.write("\n")
+        with tqdm.external_write_mode(file=sys.stderr):  # this process's progress bars step aside
+            warnings.warn(
+                f"{self.num_bad} unreadable image(s) under {str(self.root)!r} so far, e.g. {self.files[index]!r} "
+                f"({type(error).__name__}: {error}); each is replaced by the next readable image. "
+                "This warning is shown once; dataset.num_bad and dataset.unreadable() list them all.",
+                RuntimeWarning, stacklevel=3)
 
 
 class ArrayFolder(ImageFolder):
