@@ -6,25 +6,20 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from torch import nn
 
-from .files import atomic_move, atomic_save, write_failure
+from .files import atomic_save
 from .monitor import non_finite
 
 __all__ = ["CHECKPOINT_FORMAT", "list_checkpoints", "latest_checkpoint", "load_checkpoint", "write_checkpoint",
-           "save_backbone", "rng_state", "set_rng_state"]
+           "rng_state", "set_rng_state"]
 
 CHECKPOINT_FORMAT = "wrapssl.trainer"
 CHECKPOINT_VERSION = 1
-BACKBONE = "backbone.pt"
-BACKBONE_SAFETENSORS = "backbone.safetensors"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 _REQUIRED = ("step", "learner", "optimizer", "data")
 # temp files of atomic writes into a run folder (files.atomic_open: ".<name>.<random>.tmp")
@@ -109,32 +104,6 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
             removed.append(stale)
     return removed
-
-
-def save_backbone(accelerator: Accelerator, net: nn.Module, folder: str | os.PathLike) -> Path:
-    """Export the net's weights as ``backbone.pt`` and, through ``accelerator.save_model``, ``backbone.safetensors``.
-
-    Main process only; both files are replaced atomically. Returns the path of ``backbone.pt``.
-    """
-    folder = Path(folder)
-    path = folder / BACKBONE
-    if not accelerator.is_main_process:
-        return path
-    atomic_save(to_cpu(net.state_dict()), path)
-    size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    try:
-        scratch = Path(tempfile.mkdtemp(dir=folder, prefix=f".{BACKBONE_SAFETENSORS}.", suffix=".tmp"))
-    except OSError as e:
-        raise write_failure(folder / BACKBONE_SAFETENSORS, e) from e
-    try:
-        # one shard whatever the size, so the export is a single file beside backbone.pt
-        accelerator.save_model(net, scratch, max_shard_size=2 * size + 1, safe_serialization=True)
-        atomic_move(scratch / "model.safetensors", folder / BACKBONE_SAFETENSORS)
-    except (OSError, RuntimeError) as e:
-        raise write_failure(folder / BACKBONE_SAFETENSORS, e) from e
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return path
 
 
 def to_cpu(obj: Any) -> Any:

@@ -375,6 +375,7 @@ def make_trainer(args: argparse.Namespace, name: str, data: RunData, out: Path) 
         raise SystemExit(f"error: {conflict_message(e)}") from None
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
         raise SystemExit(f"error: {cli_words(str(e))}") from None
+    trainer.backbone_info.update(arch=args.arch, classes=list(data.classes), num_classes=max(len(data.classes), 1))
     return trainer, hidden
 
 
