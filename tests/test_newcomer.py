@@ -98,3 +98,32 @@ def test_the_first_unreadable_file_warning_starts_its_own_line(tmp_path, capsys)
     shown = err[:err.index("RuntimeWarning")].replace("\r", "\n").split("\n")[-1]
     assert "pretraining" not in shown and "%|" not in shown, repr(shown)  # not glued to the bar's line
     assert err.count("pretraining") >= 2  # the bar is drawn again after the warning
+
+
+def _plain_mode(folder: Path) -> int:
+    """The permissions a plain open() gives a new file here."""
+    probe = folder / "probe-plain-open"
+    probe.write_text("")
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    return mode
+
+
+def test_every_file_a_run_writes_has_the_permissions_of_a_plain_open(run, tmp_path):
+    expected = _plain_mode(tmp_path)
+    modes = {str(p.relative_to(run["out"])): oct(p.stat().st_mode & 0o777)
+             for p in run["out"].rglob("*") if p.is_file()}
+    assert {"backbone.pt", "backbone.safetensors", "metrics.json"} <= set(modes)
+    assert modes == {name: oct(expected) for name in modes}
+
+
+def test_a_file_moved_into_place_gets_the_permissions_of_a_plain_open(tmp_path):
+    import os
+    import tempfile
+
+    from wrapssl.files import atomic_move
+
+    fd, scratch = tempfile.mkstemp(dir=tmp_path)  # 0o600, as a writer's scratch file has
+    os.close(fd)
+    moved = atomic_move(scratch, tmp_path / "weights.bin")
+    assert moved.stat().st_mode & 0o777 == _plain_mode(tmp_path)

@@ -22,7 +22,6 @@ import os
 import pickle
 import struct
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -35,6 +34,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from .files import atomic_open
 
 __all__ = [
     "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "ImageFolder", "FashionMNIST", "Digits", "CIFAR10", "STL10",
@@ -563,9 +564,8 @@ class FashionMNIST(TensorImages):
                 raise ConnectionError(f"could not download {url + target.name}: {exc}. Without internet: "
                                       + _FASHION_MNIST_HELP) from exc
             # write then rename, so an interrupted download never leaves a half file behind
-            with tempfile.NamedTemporaryFile(dir=root, delete=False) as tmp:
-                tmp.write(data)
-            os.replace(tmp.name, target)
+            with atomic_open(target, "wb") as f:
+                f.write(data)
         return root
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -21,20 +21,41 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _plain_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` gives a new file: 0o666 less the process's umask."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:  # Linux says the umask here; reading it changes nothing for other threads
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    umask = os.umask(0o077)  # elsewhere: set it and put it back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """Create ``.<name>.<random>.tmp`` beside ``path`` as open() would (mode 0o666 less the umask, unlike
+    mkstemp's 0o600); returns its descriptor and name."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
-    """A file whose contents replace ``path`` only if the ``with`` block finishes without error."""
+    """A file whose contents replace ``path`` only if the ``with`` block finishes without error; it gets the
+    permissions a plain open() would give it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -44,9 +65,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
 
 
 def atomic_move(source: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Make the finished file ``source`` durable, then rename it over ``path`` (same file system)."""
+    """Make the finished file ``source`` durable, then rename it over ``path`` (same file system), with the
+    permissions a plain open() would give it (a file from mkstemp or in a mkdtemp folder has 0o600)."""
     with open(source, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(source, _plain_mode())
     os.replace(source, path)
     _fsync_dir(Path(path).parent)
     return Path(path)
