@@ -5,7 +5,10 @@
     python train.py --help               # every flag, with its default and tuning advice
     accelerate launch --multi_gpu --num_processes 2 train.py --steps 50   # 2 processes (gloo without GPUs)
 """
-from wrapssl.train import main
+from wrapssl.cli import quiet_openmp
+
+quiet_openmp()  # before torch loads OpenMP
+from wrapssl.train import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -127,3 +127,23 @@ def test_a_file_moved_into_place_gets_the_permissions_of_a_plain_open(tmp_path):
     os.close(fd)
     moved = atomic_move(scratch, tmp_path / "weights.bin")
     assert moved.stat().st_mode & 0o777 == _plain_mode(tmp_path)
+
+
+def _python(code: str, *args: str, cwd: Path | None = None, env: dict | None = None):
+    """Run ``python -c code`` in a fresh interpreter; returns the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env=env if env is not None else dict(os.environ))
+
+
+def test_import_wrapssl_changes_no_environment_variable():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = _python("import json, os\nbefore = dict(os.environ)\nimport wrapssl\n"
+                   "print(json.dumps({k: v for k, v in os.environ.items() if before.get(k) != v}))", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {}

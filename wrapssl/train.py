@@ -31,6 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+if __name__ == "__main__":  # run as a program (python -m wrapssl.train): before torch loads OpenMP
+    from .cli import quiet_openmp
+    quiet_openmp()
+
 import torch
 from accelerate.utils import gather_object
 from torch.utils.data import Dataset, Subset
