@@ -147,3 +147,39 @@ def test_import_wrapssl_changes_no_environment_variable():
                    "print(json.dumps({k: v for k, v in os.environ.items() if before.get(k) != v}))", env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {}
+
+
+class ShapeError(Exception):
+    """A user's exception type whose constructor takes two required arguments."""
+
+    def __init__(self, got, expected):
+        super().__init__(f"got {got}, expected {expected}")
+        self.got, self.expected = got, expected
+
+
+@pytest.mark.parametrize("error", [lambda shape: ShapeError(shape, "(B, 3, 32, 32)"),
+                                   lambda shape: ValueError(f"got {shape}")])
+def test_a_nets_own_exception_keeps_its_type_and_gains_context(error):
+    import traceback
+
+    import torch
+    from torch import nn
+
+    from wrapssl import Learner
+
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            raise error(tuple(x.shape))
+
+    with pytest.raises((ShapeError, ValueError)) as info:
+        Learner(Picky(), image_size=16)
+    expected = type(error((1,)))
+    assert type(info.value) is expected
+    shown = "".join(traceback.format_exception(info.value))
+    assert "got (" in shown and "Check image_size" in shown  # the net's words and the Learner's advice
+    if expected is ShapeError:
+        assert info.value.expected == "(B, 3, 32, 32)"  # the very exception the net raised

@@ -216,11 +216,17 @@ def size_hint(net: nn.Module, image_size: int) -> str:
 
 
 def with_context(error: Exception, message: str) -> Exception:
-    """``error``'s type (RuntimeError if it cannot take a message) with ``message``; raise it ``from error``."""
+    """The exception to raise for ``error`` with ``message``, of ``error``'s own type: a new one caused by
+    ``error`` where the type takes a message alone, else ``error`` itself with ``message`` as a note (PEP 678)."""
     try:
-        return type(error)(message)
-    except Exception:
-        return RuntimeError(message)
+        new = type(error)(message)
+    except Exception:  # a type with a constructor of its own (required arguments)
+        new = None
+    if new is not None:
+        new.__cause__ = error
+        return new
+    error.add_note(message)
+    return error
 
 
 class Encoder(nn.Module):
@@ -356,7 +362,7 @@ class Encoder(nn.Module):
         except Exception as e:
             raise with_context(e, f"could not run {type(self.net).__name__} on images of shape {images} to find "
                                   f"the width of its hidden layer: {e}\nCheck image_size, channels and "
-                                  f"hidden_layer{size_hint(self.net, image_size)}") from e
+                                  f"hidden_layer{size_hint(self.net, image_size)}")
         if len(hidden) == 4 and self.pooling != "none" and self.layout is None:
             self.layout = self._layout_of(hidden, images)
         return pool(torch.empty(hidden, device="meta"), self.pooling, self.layout or "NCHW").shape[-1]

@@ -227,8 +227,7 @@ class Learner(nn.Module):
             size = batch.shape[-1]
             raise with_context(e, f"{type(encoder.net).__name__} failed on views of shape {tuple(batch.shape)}: "
                                   f"{e}\nCheck that the net takes {self.channels}-channel images of size {size} "
-                                  f"(Learner's channels= and image_size=){hint}{size_hint(encoder.net, size)}"
-                               ) from e
+                                  f"(Learner's channels= and image_size=){hint}{size_hint(encoder.net, size)}")
 
     def _encode_online(self, batches: list[tuple[torch.Tensor, int]]) -> list:
         """The method's online output for each view (a tensor, or a tuple of them), one pass per batch of

@@ -97,7 +97,6 @@ def find_pre_logits(net: nn.Module, channels: int, image_size: int) -> LayerSpec
                 order = _finish_order(copy, torch.zeros(shape, device=device))
         except Exception as e:
             raise with_context(e, f"could not run {type(net).__name__} on images of shape {shape} to find its "
-                                  f"classifier: {e}\nCheck image_size and channels{size_hint(net, image_size)}"
-                                  ) from e
+                                  f"classifier: {e}\nCheck image_size and channels{size_hint(net, image_size)}")
     found = _classifier_in(order)
     return found if found is not None else -1
