@@ -20,7 +20,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
-        "kornia>=0.7",          # the views are kornia augmentations
+        "kornia>=0.9,<0.10",    # augment/ops.py overrides kornia internals: tested on 0.9.0; 0.7.0-0.8.2 fail its tests
         "accelerate>=0.29",     # GradientAccumulationPlugin(sync_each_batch=...)
         "einops>=0.7",          # patch layouts of the masked-image method (issue 14)
         "numpy",
