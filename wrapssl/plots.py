@@ -603,3 +603,54 @@ def bar_chart_figure(values: Mapping[str, float], title: str = "", ylabel: str =
 def bar_chart(values: Mapping[str, float], path: PathLike, title: str = "", ylabel: str = "value") -> Path:
     """Save labelled bars (e.g. kNN accuracy before/after pretraining, or benchmark timings) as a PNG."""
     return _save(bar_chart_figure(values, title, ylabel), path)
+
+
+# ----------------------------------------------------------------------------- label budgets
+
+BUDGET_STYLES = {"raw_pixels_linear": ("C7", ":", "s"), "scratch_finetuned": ("C3", "--", "v"),
+                 "pretrained_linear": ("C0", "-", "o"), "pretrained_finetuned": ("C2", "-", "D"),
+                 "selected_linear": ("C1", "-.", "^")}
+
+
+def budget_curve_figure(result: Mapping[str, Any], title: str = "What pretraining buys with few labels") -> "Figure":
+    """Test accuracy against the number of labels (log axis): one line per row of ``wrapssl.budgets.label_budgets``'s
+    result, the mean over draws with their min-max range as a band."""
+    from .budgets import ROW_TITLES
+
+    Figure = _figure_class()
+    budgets = list(result.get("budgets") or [])
+    if not budgets:
+        raise ValueError("the result holds no label budgets; run label_budgets with at least one budget")
+    rows = [r for r in (*BUDGET_STYLES, *ROW_TITLES) if any(r in b["rows"] for b in budgets)]
+    rows = list(dict.fromkeys(rows))
+    fig = Figure(figsize=(7, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for row in rows:
+        points = sorted((b["labels"], b["rows"][row]) for b in budgets if row in b["rows"])
+        x = np.array([p[0] for p in points], dtype=float)
+        mean = np.array([100 * p[1]["mean"] for p in points])
+        lo = np.array([100 * p[1]["min"] for p in points])
+        hi = np.array([100 * p[1]["max"] for p in points])
+        colour, dash, marker = BUDGET_STYLES.get(row, ("C4", "-", "o"))
+        ax.plot(x, mean, linestyle=dash, marker=marker, color=colour, linewidth=2, label=ROW_TITLES.get(row, row))
+        ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
+        ax.annotate(f"{mean[-1]:.1f}%", (x[-1], mean[-1]), textcoords="offset points", xytext=(5, -3),
+                    color=colour, fontsize="small")
+    ax.set_xscale("log")
+    ticks = sorted({b["labels"] for b in budgets})
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.minorticks_off()
+    draws = (result.get("protocol") or {}).get("draws")
+    ax.set_xlabel("labelled training images (log scale)" + (f"; mean of {draws} draws, band: min-max" if draws else ""))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.margins(x=0.15, y=0.08)
+    ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
+def budget_curve(result: Mapping[str, Any], path: PathLike, title: str = "What pretraining buys with few labels"
+                 ) -> Path:
+    """Save accuracy against labels (log axis), one line per row (raw pixels, from scratch, pretrained), as a PNG."""
+    return _save(budget_curve_figure(result, title), path)

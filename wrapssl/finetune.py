@@ -1,0 +1,516 @@
+"""Fine-tune a pretrained backbone with a new classification head on a few labelled images.
+
+    result = finetune("runs/simclr-fashion-mnist", labelled_train, test, out="runs/ft-100")
+    print(result.test_accuracy)          # the classifier's top-1 on ``test``
+    model = load_classifier("runs/ft-100")   # images in [0, 1] (or uint8) -> logits
+
+The recipe (defaults in ``FinetuneSettings``): the head is first fitted on the frozen features (a
+logistic regression, "LP-FT", Kumar et al. 2022, so that fine-tuning starts from a good head and does
+not wreck the pretrained features), then the whole net trains with AdamW, the backbone at a tenth of
+the head's learning rate, a warmup and a cosine decay, light crops and flips, label smoothing.
+Accelerate runs it (several processes, mixed precision); checkpoints are atomic and a re-run continues.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .backbone import Backbone, BackboneInfo, _guess_shape, load_backbone
+from .hidden import Encoder, LayerSpec, eval_mode, input_channels
+
+__all__ = ["FinetuneSettings", "FinetuneResult", "Classifier", "finetune", "load_classifier", "accuracy",
+           "FinetuneConflictError"]
+
+CHECKPOINT_FORMAT = "wrapssl.finetune"
+CLASSIFIER = "classifier.safetensors"
+RESULT = "finetune.json"
+
+
+class FinetuneConflictError(ValueError):
+    """The output folder holds a fine-tuning run with other settings."""
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How a backbone is fine-tuned; every field has the default measured on Fashion-MNIST (docs/finetuning.md)."""
+
+    steps: int = 300                 # optimiser steps
+    batch_size: int = 64             # labelled images per step and process (capped at the labelled count)
+    lr: float = 2e-3                 # the head's AdamW learning rate
+    backbone_lr_ratio: float = 0.1   # the backbone learns at lr x this (1.0 for a net trained from scratch)
+    weight_decay: float = 0.05       # AdamW, on weights only (biases and norms never decay)
+    warmup_steps: int | None = None  # linear warmup (default 10% of the steps), then cosine to 0
+    label_smoothing: float = 0.1
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # area of the random crops (then resized back)
+    flip: bool = True                # random horizontal flips
+    linear_init: bool = True         # fit the head on frozen features before fine-tuning (LP-FT)
+    seed: int = 0
+    mixed_precision: str | None = None  # "no", "fp16", "bf16" (default: accelerate config's)
+    checkpoint_every: int = 100
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        from .checks import non_negative_float, positive_float, positive_int
+
+        positive_int(self.steps, "steps")
+        positive_int(self.batch_size, "batch_size")
+        positive_int(self.checkpoint_every, "checkpoint_every")
+        positive_float(self.lr, "lr")
+        non_negative_float(self.weight_decay, "weight_decay")
+        if not 0 <= self.backbone_lr_ratio <= 10:
+            raise ValueError(f"backbone_lr_ratio must lie in [0, 10] (0 trains the head only), got "
+                             f"{self.backbone_lr_ratio}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}")
+
+    def lr_factor(self, step: int) -> float:
+        """The learning-rate factor of optimiser step ``step`` (0-based): warmup, then cosine to 0."""
+        warmup = self.steps // 10 if self.warmup_steps is None else self.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, self.steps - warmup))))
+
+
+@dataclass
+class FinetuneResult:
+    """What fine-tuning gave: the classifier, its test accuracy (None without a test set), where it was saved."""
+
+    model: "Classifier"
+    test_accuracy: float | None
+    steps: int
+    folder: Path | None
+    seconds: float
+
+
+class Classifier(nn.Module):
+    """A backbone up to its representation, and a linear head: images in [0, 1] or uint8 → logits.
+
+    The net's own classifier (past the hidden layer) never runs; the head replaces it.
+    """
+
+    def __init__(self, net: nn.Module, hidden_layer: LayerSpec, num_classes: int,
+                 normalize: tuple[Sequence[float], Sequence[float]] | None, image_size: int,
+                 channels: int | None = None):
+        super().__init__()
+        from .augment import normalization
+
+        self.channels = channels or input_channels(net)
+        self.image_size = image_size
+        self.encoder = Encoder(net, hidden_layer)
+        self.normalize = normalization(self.channels, normalize)
+        self.head = nn.Linear(self.encoder.probe_width(self.channels, image_size), num_classes)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.encoder.net
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The representation (B, D) of images in [0, 1] or uint8."""
+        from .augment import to_float
+
+        x = to_float(images, self.channels)
+        return self.encoder(self.normalize(x))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """Every item's label (-1: none), read from ``.labels`` through any Subsets without decoding an image where
+    the data set lists them."""
+    indices: Sequence[int] = range(len(dataset))
+    inner = dataset
+    while isinstance(inner, Subset):
+        indices, inner = [int(inner.indices[i]) for i in indices], inner.dataset
+    labels = getattr(inner, "labels", None)
+    if labels is not None and len(labels) == len(inner):
+        return torch.as_tensor(labels).long()[list(indices)]
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def _labelled(dataset: Dataset) -> list[int]:
+    """Indices of the items with a label (>= 0)."""
+    return torch.nonzero(dataset_labels(dataset) >= 0).flatten().tolist()
+
+
+def _labels_of(dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
+    """The labels of ``indices``."""
+    return dataset_labels(dataset)[list(indices)]
+
+
+def check_labels(labels: torch.Tensor, what: str = "the labelled images") -> int:
+    """The class count of ``labels``; ValueError naming the fix for no labels or a single class."""
+    if labels.numel() == 0:
+        raise ValueError(f"{what} hold no labels; fine-tuning needs labelled images (a folder with one "
+                         "subfolder per class, or a named data set)")
+    present = torch.unique(labels)
+    if len(present) < 2:
+        raise ValueError(f"{what} hold a single class ({int(present[0])}); a classifier needs at least two "
+                         "classes of labelled images")
+    return int(labels.max()) + 1
+
+
+class _StepBatches:
+    """This process's indices for each optimiser step from ``start``: a seeded shuffle per epoch of the labelled
+    set, so a resumed run draws exactly the batches an uninterrupted one would."""
+
+    def __init__(self, n: int, batch: int, steps: int, start: int, seed: int, rank: int, world: int):
+        self.n, self.batch, self.steps, self.start = n, batch, steps, start
+        self.seed, self.rank, self.world = seed, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        global_batch = self.batch * self.world
+        per_epoch = max(1, self.n // global_batch)
+        for step in range(self.start, self.steps):
+            epoch, k = divmod(step, per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.n, generator=g)
+            chunk = order[k * global_batch:(k + 1) * global_batch]
+            yield chunk[self.rank * self.batch:(self.rank + 1) * self.batch].tolist()
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+
+def _augment(images: torch.Tensor, settings: FinetuneSettings, image_size: int, seed: int) -> torch.Tensor:
+    """Light views for fine-tuning: a random crop of ``crop_scale`` of the area, resized back, and a flip;
+    drawn from their own seed (the step's), so a resumed run sees the same views."""
+    from .augment import RandomResizedCrop
+
+    crop = RandomResizedCrop(image_size, scale=settings.crop_scale, flip_p=0.5 if settings.flip else 0.0)
+    with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return crop(images)
+
+
+def _features(model: Classifier, dataset: Dataset, device: torch.device, batch_size: int = 256
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of every item, in eval mode without gradients."""
+    from .data import collate
+
+    xs, ys = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    with torch.no_grad(), eval_mode(model):
+        for images, labels in loader:
+            xs.append(model.features(images.to(device)).float().cpu())
+            ys.append(labels)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def fit_linear_head(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3,
+                    iterations: int = 100) -> None:
+    """Set ``head`` to the logistic regression of ``y`` on ``x`` (L-BFGS on standardised features, mapped back)."""
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    z = (x - mean) / std
+    w = torch.zeros(x.shape[1], head.out_features, requires_grad=True)
+    b = torch.zeros(head.out_features, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w + b, y) + 0.5 * weight_decay * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():  # logits = ((x - mean) / std) @ w + b = x @ (w / std) + (b - (mean / std) @ w)
+        scaled = w / std[:, None]
+        head.weight.copy_(scaled.T.to(head.weight))
+        head.bias.copy_((b - mean @ scaled).to(head.bias))
+
+
+def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device | None = None
+             ) -> float:
+    """Top-1 accuracy of ``model`` (images → logits) on the labelled items of ``dataset``, in eval mode."""
+    from .data import collate
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    keep = _labelled(dataset)
+    if not keep:
+        raise ValueError("the test images hold no labels; accuracy needs labelled images")
+    loader = DataLoader(Subset(dataset, keep), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    right = 0
+    with torch.no_grad(), eval_mode(model):
+        for images, labels in loader:
+            right += int((model(images.to(device)).argmax(1).cpu() == labels).sum())
+    return right / len(keep)
+
+
+def _as_backbone(backbone: Backbone | nn.Module | str | os.PathLike, hidden_layer: LayerSpec | None,
+                 image_size: int | None) -> Backbone:
+    """A ``Backbone`` from a path (its metadata), a loaded one, or a bare net (its pre-logits, ImageNet stats)."""
+    if isinstance(backbone, Backbone):
+        return backbone
+    if isinstance(backbone, (str, os.PathLike)):
+        return load_backbone(backbone, hidden_layer=hidden_layer, image_size=image_size)
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a run folder, a weights file, a Backbone or an nn.Module, got "
+                        f"{type(backbone).__name__}")
+    from .augment.inputs import IMAGENET_MEAN, IMAGENET_STD
+    from .prelogits import find_pre_logits
+
+    from .archs import SmallResNet
+
+    channels = input_channels(backbone)
+    layer = hidden_layer if hidden_layer is not None else find_pre_logits(backbone, channels, image_size or 224)
+    info = BackboneInfo(arch="small_resnet" if type(backbone) is SmallResNet else None,
+                        net_class=type(backbone).__name__, image_size=image_size, channels=channels,
+                        num_classes=_guess_shape(backbone.state_dict())[1],
+                        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    return Backbone(backbone, layer, info, Path("."))
+
+
+def _image_size(dataset: Dataset, backbone: Backbone, image_size: int | None) -> int:
+    """The side the images are trained at: given, else the backbone's, else the data's first image."""
+    side = image_size or backbone.info.image_size
+    if side:
+        return int(side)
+    return int(dataset[0][0].shape[-1])
+
+
+def finetune(backbone: Backbone | nn.Module | str | os.PathLike, train: Dataset, test: Dataset | None = None, *,
+             settings: FinetuneSettings | None = None, out: str | os.PathLike | None = None,
+             classes: Sequence[str] | None = None, hidden_layer: LayerSpec | None = None,
+             image_size: int | None = None, resume: bool | None = None, progress: bool = True,
+             **overrides: Any) -> FinetuneResult:
+    """Fine-tune ``backbone`` with a new linear head on the labelled items of ``train``; score it on ``test``.
+
+    ``backbone``: a run folder or weights file (read with ``load_backbone``), a ``Backbone``, or a
+    bare net (its pre-logits, ImageNet normalisation). The net is trained in place. ``settings``
+    (or keyword ``overrides`` of its fields) say how. With ``out``, checkpoints, the classifier
+    (``classifier.safetensors``, with its metadata) and ``finetune.json`` (the test accuracy)
+    are written there; re-running continues a run with the same settings, other settings raise
+    ``FinetuneConflictError`` unless ``resume=True`` (continue with these) — ``resume=False``
+    refuses any earlier checkpoint. Runs on every process of ``accelerate launch``.
+    """
+    from .accelerator import make_accelerator
+    from .data import as_dataset, collate
+
+    settings = replace(settings or FinetuneSettings(), **overrides)
+    started = time.perf_counter()
+    bb = _as_backbone(backbone, hidden_layer, image_size)
+    train = as_dataset(train, None, "train")
+    keep = _labelled(train)
+    labels = _labels_of(train, keep)
+    num_classes = max(check_labels(labels), len(classes or ()))
+    if test is not None:
+        test = as_dataset(test, None, "test")
+        test_labels = _labels_of(test, _labelled(test))
+        if test_labels.numel() and int(test_labels.max()) >= num_classes:
+            num_classes = int(test_labels.max()) + 1
+    side = _image_size(train, bb, image_size)
+    folder = Path(out) if out is not None else None
+
+    acc = make_accelerator({}, 1, settings.mixed_precision, (), folder or Path("."))
+    batch = min(settings.batch_size, max(1, len(keep) // acc.num_processes))
+    torch.manual_seed(settings.seed)  # the same head on every process
+    model = Classifier(bb.net, bb.hidden_layer, num_classes, bb.info.normalize, side, bb.info.channels)
+    model.to(acc.device)
+    config = _config(settings, bb, num_classes, side, batch * acc.num_processes, keep, labels)
+    start, state = _resume_point(folder, config, resume)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    elif settings.linear_init:
+        x, y = _features(model, Subset(train, keep), acc.device)
+        fit_linear_head(model.head, x, y)
+        model.head.to(acc.device)
+
+    backbone_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    head_params = list(model.head.parameters())
+    groups = []
+    for params, scale in ((backbone_params, settings.backbone_lr_ratio), (head_params, 1.0)):
+        decay = [p for p in params if p.ndim > 1]
+        rest = [p for p in params if p.ndim <= 1]
+        groups += [{"params": decay, "weight_decay": settings.weight_decay, "scale": scale},
+                   {"params": rest, "weight_decay": 0.0, "scale": scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    model, optimizer = acc.prepare(model, optimizer)
+    classifier: Classifier = acc.unwrap_model(model)
+
+    sampler = _StepBatches(len(keep), batch, settings.steps, start, settings.seed, acc.process_index,
+                           acc.num_processes)
+    loader = DataLoader(Subset(train, keep), batch_sampler=sampler, collate_fn=collate,
+                        num_workers=settings.num_workers, pin_memory=acc.device.type == "cuda")
+    from tqdm.auto import tqdm
+    bar = tqdm(total=settings.steps, initial=start, desc="fine-tuning", dynamic_ncols=True,
+               disable=not (progress and acc.is_main_process))
+    step = start
+    model.train()
+    try:
+        for images, y in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * group["scale"] * settings.lr_factor(step)
+            x = images.to(acc.device, non_blocking=True).float().div_(255) if images.dtype == torch.uint8 \
+                else images.to(acc.device).float()
+            x = _augment(x, settings, side, settings.seed * 1_000_003 + step * 64 + acc.process_index)
+            with acc.autocast():
+                loss = F.cross_entropy(model(x), y.to(acc.device), label_smoothing=settings.label_smoothing)
+            acc.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % 10 == 0 or step == settings.steps:
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"fine-tuning diverged at step {step} (loss {value}); lower --lr "
+                                             f"(now {settings.lr:g})")
+                bar.set_postfix(loss=f"{value:.3f}")
+            if folder is not None and (step % settings.checkpoint_every == 0 or step == settings.steps):
+                _save_checkpoint(acc, classifier, optimizer, step, config, folder)
+    finally:
+        bar.close()
+    score = None
+    if test is not None and acc.is_main_process:
+        score = accuracy(classifier, test, device=acc.device)
+    if folder is not None and acc.is_main_process:
+        _save_classifier(classifier, bb.info, num_classes, list(classes or bb.info.classes or []), folder, score,
+                         config, time.perf_counter() - started)
+    acc.wait_for_everyone()
+    return FinetuneResult(classifier, score, step, folder, time.perf_counter() - started)
+
+
+def _config(settings: FinetuneSettings, bb: Backbone, num_classes: int, side: int, global_batch: int,
+            keep: Sequence[int], labels: torch.Tensor) -> dict[str, Any]:
+    """The run's settings as plain data: what a continued run must share with the one it continues."""
+    import hashlib
+
+    digest = hashlib.sha256(torch.tensor(list(keep), dtype=torch.int64).numpy().tobytes()
+                            + labels.numpy().astype("int64").tobytes()).hexdigest()[:16]
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
+           if k not in ("checkpoint_every", "num_workers")}
+    cfg.update(arch=bb.info.arch, net=type(bb.net).__name__, num_classes=num_classes, image_size=side,
+               global_batch=global_batch, labelled=len(keep), labelled_sha=digest)
+    return cfg
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """The fine-tuning checkpoints in ``folder`` as (step, path), oldest first."""
+    found = []
+    for path in folder.glob("finetune-*.pt"):
+        stem = path.stem.partition("-")[2]
+        if stem.isdigit():
+            found.append((int(stem), path))
+    return sorted(found)
+
+
+def _resume_point(folder: Path | None, config: dict, resume: bool | None) -> tuple[int, dict | None]:
+    """(step to start at, checkpoint state or None) for the run in ``folder``; refuses another run's folder."""
+    if folder is None:
+        return 0, None
+    found = _checkpoints(folder) if folder.is_dir() else []
+    if not found:
+        if folder.is_dir() and any(folder.glob("checkpoint-*.pt")):
+            raise FinetuneConflictError(f"{folder} holds a pretraining run; fine-tune into another folder "
+                                        "(--out)")
+        return 0, None
+    step, path = found[-1]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable fine-tuning checkpoint ({type(e).__name__}: {e}); delete it "
+                         "to start over") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a wrapssl fine-tuning checkpoint; pick another --out")
+    if resume is False:
+        raise FinetuneConflictError(f"{folder} already holds a fine-tuning run (step {step}); pick another --out "
+                                    "or delete it to start over")
+    old = state.get("config", {})
+    changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v and k != "steps"}
+    if changed and not resume:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise FinetuneConflictError(f"{folder} holds a fine-tuning run with other settings ({shown}); pick another "
+                                    "--out, delete it to start over, or --resume to continue with the new settings")
+    if step > config["steps"]:
+        raise FinetuneConflictError(f"{path} is at step {step}, past steps={config['steps']}; ask for more steps "
+                                    "or pick another --out")
+    return step, state
+
+
+def _save_checkpoint(acc: Any, model: Classifier, optimizer: torch.optim.Optimizer, step: int, config: dict,
+                     folder: Path) -> None:
+    """Write ``finetune-<step>.pt`` atomically on the main process; keep only the newest."""
+    from .checkpoints import to_cpu
+    from .files import atomic_save
+
+    if acc.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "model": to_cpu(model.state_dict()),
+                 "optimizer": to_cpu(optimizer.state_dict()), "config": config}
+        path = folder / f"finetune-{step}.pt"
+        atomic_save(state, path)
+        for _, old in _checkpoints(folder):
+            if old != path:
+                old.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+
+
+def _save_classifier(model: Classifier, info: BackboneInfo, num_classes: int, classes: list[str], folder: Path,
+                     score: float | None, config: dict, seconds: float) -> None:
+    """``classifier.safetensors`` (the net and the head, with their metadata) and ``finetune.json``."""
+    from safetensors.torch import save
+
+    from . import __version__
+    from .backbone import _plain_state, layer_to_json
+    from .files import atomic_open, atomic_write_text
+
+    meta = replace(info, num_classes=info.num_classes, classes=classes, version=__version__,
+                   hidden_layer=layer_to_json(model.encoder.spec)).to_metadata()
+    meta.update(head_classes=json.dumps(num_classes), image_size=json.dumps(model.image_size),
+                test_accuracy=json.dumps(score))
+    state = {f"net.{k}": v for k, v in _plain_state(model.net).items()}
+    state.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()})
+    with atomic_open(folder / CLASSIFIER, "wb") as f:
+        f.write(save(state, metadata=meta))
+    record = {"test_accuracy": score, "classes": classes, "num_classes": num_classes, "steps": config["steps"],
+              "labelled": config["labelled"], "seconds": round(seconds, 1), "settings": config}
+    atomic_write_text(folder / RESULT, json.dumps(record, indent=2))
+
+
+def load_classifier(source: str | os.PathLike) -> Classifier:
+    """The fine-tuned classifier saved in a folder (or its ``classifier.safetensors``), in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .archs import build_arch
+
+    path = Path(source).expanduser()
+    path = path / CLASSIFIER if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; fine-tune first (wrapssl finetune)")
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "head_classes" not in meta:
+        raise ValueError(f"{path} is not a classifier written by wrapssl finetune")
+    info = BackboneInfo.from_metadata(meta)
+    if not info.arch:
+        raise ValueError(f"{path} holds a {info.net_class} that wrapssl cannot build by name; build the net "
+                         "yourself and load the 'net.' and 'head.' tensors of the file")
+    state = load_file(os.fspath(path))
+    net_state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    net, default = build_arch(info.arch, channels=info.channels, num_classes=info.num_classes or 1,
+                              image_size=info.image_size)
+    net.load_state_dict(net_state)
+    layer = info.layer or default
+    model = Classifier(net, layer, int(json.loads(meta["head_classes"])), info.normalize, int(info.image_size),
+                       info.channels)
+    model.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+    return model.eval()
