@@ -183,3 +183,41 @@ def test_a_nets_own_exception_keeps_its_type_and_gains_context(error):
     assert "got (" in shown and "Check image_size" in shown  # the net's words and the Learner's advice
     if expected is ShapeError:
         assert info.value.expected == "(B, 3, 32, 32)"  # the very exception the net raised
+
+
+HEAVY = ("torch", "torchvision", "accelerate", "kornia")
+RUNNER = """
+import contextlib, io, json, sys
+from wrapssl.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    results.append([out.getvalue(), code, [m for m in %r if m in sys.modules]])
+print(json.dumps(results))
+""" % (HEAVY,)
+
+
+def test_help_and_version_answer_without_loading_torch():
+    import wrapssl
+
+    asked = [["--version"], ["train", "--version"], ["--help"]]
+    done = _python(RUNNER, json.dumps(asked))
+    assert done.returncode == 0, done.stderr
+    (version, code_v, _), (train_version, code_t, _), (help_text, code_h, loaded) = json.loads(done.stdout)
+    assert version == train_version == f"wrapssl {wrapssl.__version__}\n" and code_v == code_t == 0
+    assert help_text.startswith("usage: wrapssl") and "train" in help_text and code_h == 0
+    assert loaded == []  # the heavy libraries load when a command runs, not for --help or --version
+
+
+def test_the_training_app_prints_its_version(capsys):
+    import wrapssl
+    from wrapssl import train as app
+
+    with pytest.raises(SystemExit) as done:
+        app.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"wrapssl {wrapssl.__version__}\n"

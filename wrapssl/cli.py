@@ -8,13 +8,18 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-from torch import nn
-
+# No torch here (nor accelerate, kornia, torchvision): `wrapssl --help` and --version answer without loading
+# them; each command imports what it needs when it runs.
+from . import __version__
 from .checks import arg_type, fraction_arg, positive_float_arg, positive_int_arg
-from .hidden import LayerSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .hidden import LayerSpec
 
 DESCRIPTION = """Pretrain with `wrapssl train`, then use what the run learned. SOURCE is a run folder
 (backbone.pt + metrics.json), a backbone.pt (give --arch unless metrics.json sits beside it)
@@ -22,6 +27,7 @@ or a Trainer checkpoint-N.pt. Outputs go into the run folder (or beside the inpu
 unless --out says otherwise."""
 EMBED_CHUNK = 4096  # images per progress-bar tick when embedding
 COSINE = arg_type(float, lambda v: -1 <= v <= 1, "a cosine in [-1, 1]")
+VERSION = f"wrapssl {__version__}"  # what --version prints
 
 
 class Parser(argparse.ArgumentParser):
@@ -148,6 +154,7 @@ def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: La
                          stats: Any = None):
     """``embed_dataset`` in chunks of EMBED_CHUNK images, with a progress bar on stderr; ``stats``: the run's
     normalisation statistics (see ``_embedder``)."""
+    import torch
     from torch.utils.data import Subset
     from tqdm.auto import tqdm
 
@@ -170,6 +177,8 @@ def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: La
 
 def _device(text: str | None) -> torch.device:
     """--device as a device this machine has (default: cuda when available); one error line otherwise."""
+    import torch
+
     if text is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -236,6 +245,8 @@ def _embed(args: argparse.Namespace, split: str):
 def _baselines(args: argparse.Namespace, net: nn.Module, layer: LayerSpec, recorded: dict[str, Any],
                train_ds, test_ds) -> dict[str, dict[str, float]]:
     """Raw pixels and the randomly initialised net (the run's seed), scored as the backbone is."""
+    import torch
+
     from .archs import build_arch
     from .evaluate import probe_scores, raw_pixels
 
@@ -390,6 +401,7 @@ def _backbone_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``wrapssl`` command."""
     parser = Parser(prog="wrapssl", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=VERSION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("train", help="pretrain a backbone (`wrapssl train --help` lists its flags)", add_help=False)
@@ -470,6 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wrapssl`` console script."""
     quiet_openmp()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"] and "--version" in argv[1:]:  # answered before the app loads torch
+        print(VERSION)
+        return 0
     if argv[:1] == ["train"]:  # the training app parses its own flags
         return cmd_train(argv[1:])
     args = build_parser().parse_args(argv)

@@ -42,7 +42,7 @@ from torch.utils.data import Dataset, Subset
 from .archs import build_arch
 from .checks import (arg_type, fraction_arg, non_negative_float_arg, non_negative_int_arg, positive_float_arg,
                      positive_int_arg)
-from .cli import HelpFormatter, Parser, cli_words
+from .cli import VERSION, HelpFormatter, Parser, cli_words
 from .data import (DATASETS, FASHION_MNIST_DIR, MAX_PIXELS, UnreadableDataError, dataset_name, load_dataset,
                    unreadable_files)
 from .distributed import CollectiveTimeoutError
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised pretraining of a vision backbone with wrapssl; prints kNN accuracy of the "
                     "representation before (random init) and after.",
         formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=VERSION)
     d = p.add_argument_group("data")
     d.add_argument("--data", default=DEFAULTS["data"],
                    help=f"a named data set ({', '.join(DATASETS)}) or a folder of images (one subfolder per class "
