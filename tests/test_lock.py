@@ -11,8 +11,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import reset_accelerate, small_cnn
 from wrapssl import Trainer
@@ -22,9 +24,9 @@ from wrapssl.runs import RunLockedError
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 REPO = Path(__file__).resolve().parents[1]
-# digits at 8 px, global batch 16: a step takes milliseconds
-RUN = ["--data", "digits", "--image-size", "8", "--batch-size", "16", "--knn-train", "200", "--knn-test", "50",
-       "--knn-k", "5", "--log-every", "1", "--checkpoint-every", "2", "--no-plots", "--no-baselines", "--steps", "4"]
+# a flat folder of 8-px images (no labels: no kNN report, only the run), global batch 16: a step takes milliseconds
+RUN = ["--image-size", "8", "--batch-size", "16", "--log-every", "1", "--checkpoint-every", "2", "--no-plots",
+       "--steps", "4"]
 
 # The app, stalled after its step-2 checkpoint (a marker file says it got there), as a run a scheduler would kill.
 STALLED = textwrap.dedent("""
@@ -50,11 +52,15 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def stalled_run(tmp_path):
-    """(the process of a live run stalled after step 2 into tmp_path / 'run', its --out)."""
-    out, marker = tmp_path / "run", tmp_path / "saved"
+    """(the process of a live run stalled after step 2 into tmp_path / 'run', its --out, the run's arguments)."""
+    out, marker, images = tmp_path / "run", tmp_path / "saved", tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(torch.randint(0, 256, (48, 8, 8, 3), generator=torch.Generator().manual_seed(0))):
+        Image.fromarray(image.numpy().astype(np.uint8)).save(images / f"{i:02d}.png")
+    args = ["--data", str(images), *RUN, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen([sys.executable, "-c", STALLED, str(marker), *RUN, "--out", str(out)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", STALLED, str(marker), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
@@ -64,7 +70,7 @@ def stalled_run(tmp_path):
             if time.time() > deadline:
                 pytest.fail("no checkpoint within 120 s")
             time.sleep(0.05)
-        yield proc, out
+        yield proc, out, args
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -73,13 +79,13 @@ def stalled_run(tmp_path):
 
 def test_a_second_run_into_a_live_runs_folder_is_refused_and_after_sigkill_the_same_command_continues(
         stalled_run, capsys):
-    proc, out = stalled_run
+    proc, out, args = stalled_run
     before = snapshot(out)
     assert (out / ".lock").read_text().splitlines()[0] == f"pid {proc.pid}"
 
     reset_accelerate()
     with pytest.raises(SystemExit) as refused:
-        app.main([*RUN, "--out", str(out)])
+        app.main(args)
     message = str(refused.value)
     assert message.startswith(f"error: {out} is being trained by process {proc.pid} on {socket.gethostname()} "
                               "since 20")
@@ -97,7 +103,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_after_sigkill_the_s
     assert proc.returncode == -signal.SIGKILL
     capsys.readouterr()
     reset_accelerate()
-    metrics = app.main([*RUN, "--out", str(out)])  # the same command, at once: the kernel freed the lock
+    metrics = app.main(args)  # the same command, at once: the kernel freed the lock
     printed = capsys.readouterr().out
     assert f"resumed from {out / 'checkpoint-00000002.pt'} at step 2 of 4" in printed
     assert metrics["steps"] == 4 and (out / "backbone.pt").is_file()

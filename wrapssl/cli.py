@@ -384,6 +384,20 @@ def cmd_select(args: argparse.Namespace) -> None:
         print(f"wrote {len(lines) - 1} near-duplicate pairs ({how}) to {dup_path}")
 
 
+def cmd_shards(args: argparse.Namespace) -> None:
+    """Write tar shards (an image, a .cls label where there is one) from a folder or a built-in data set."""
+    from .data import load_dataset
+    from .shards import reading_pattern, write_shards
+
+    try:
+        source = load_dataset(args.source, root=args.data_root, split=args.split)
+        paths = write_shards(source, args.out_pattern, args.per_shard, progress=True)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {len(source)} images in {len(paths)} shards; train on them with:\n  wrapssl train --data "
+          f"'{reading_pattern(args.out_pattern, len(paths))}'")
+
+
 def _backbone_args(p: argparse.ArgumentParser) -> None:
     """Arguments shared by the subcommands that load a backbone and a data set."""
     p.add_argument("--arch", help="architecture of a bare backbone.pt (default: the run's own, from metrics.json)")
@@ -464,6 +478,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output CSV: rank,index,file (default: <embeddings>-selection.csv beside the "
                                  ".npz; duplicates go to <out>-duplicates.csv)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first pick and of the distance sample")
+
+    p = command("shards", "write tar shards (the WebDataset layout) from a folder or a built-in data set", cmd_shards)
+    p.add_argument("source", help="an image folder (its files are copied as they are; class subfolders give .cls "
+                                  "labels) or a built-in data set (written as PNG with labels)")
+    p.add_argument("out_pattern", metavar="OUT_PATTERN",
+                   help="the shards' names, 'out/train-%%06d.tar' or 'out/train-{000000..000099}.tar'; shards.json "
+                        "(samples per shard, class names) is written beside them")
+    p.add_argument("--per-shard", type=positive_int_arg, default=1000,
+                   help="images per shard: aim for 100 MB to 1 GB per shard, and at least as many shards as "
+                        "processes x DataLoader workers will read them")
+    p.add_argument("--split", choices=["train", "test", "unlabeled"], default=None,
+                   help="the split of a built-in data set (default: train; all of digits)")
+    p.add_argument("--data-root", help="folder holding a built-in data set's files (default: its usual place)")
     return parser
 
 

@@ -784,6 +784,11 @@ def as_dataset(data: Dataset | torch.Tensor | str | os.PathLike, image_size: int
     """A dataset of (uint8 image, label) items from a name or folder, an image tensor or any image dataset."""
     if isinstance(data, (str, os.PathLike)):
         return load_dataset(os.fspath(data), image_size=image_size)
+    from .shards import TarShards, is_shard_spec
+    if isinstance(data, TarShards):
+        return data
+    if isinstance(data, (list, tuple)) and is_shard_spec(data):
+        return TarShards(data, image_size=image_size)
     if isinstance(data, (torch.Tensor, Dataset)) or hasattr(data, "__getitem__"):
         return as_uint8_dataset(data)
     raise TypeError(f"{what} must be a torch Dataset, an image tensor (N,C,H,W), a data set name such as "
@@ -811,8 +816,12 @@ def load_dataset(spec: str, image_size: int | Sequence[int] | None = None, train
     ``train``'s; digits gives all its images unless ``split`` names one; folders have no splits. ``root`` is the folder holding a named set's
     files in torchvision's layout (Fashion-MNIST: the IDX files, default FASHION_MNIST_DIR);
     nothing is downloaded. ``channels`` and ``max_pixels`` apply to folders. Prefix a folder
-    named like a built-in with "./".
+    named like a built-in with "./". Tar shards (a brace pattern, glob or list ending in .tar) are
+    streamed by ``shards.TarShards``.
     """
+    from .shards import TarShards, is_shard_spec
+    if is_shard_spec(spec):
+        return TarShards(spec, image_size=image_size, channels=channels, max_pixels=max_pixels)
     name = dataset_name(spec)
     if name == "digits":  # no official split: all images unless a split is asked for by name
         return Digits(image_size=image_size, split=split)
@@ -853,10 +862,11 @@ def _holds_arrays(folder: Path) -> bool:
 def unreadable_files(dataset: Any) -> dict[str, str]:
     """{file: reason} for the unreadable files of the image folder behind ``dataset`` (through Subsets and
     wrappers); empty for data that has no files to fail."""
+    from .shards import TarShards
     seen = set()
     while dataset is not None and id(dataset) not in seen:
         seen.add(id(dataset))
-        if isinstance(dataset, ImageFolder):
+        if isinstance(dataset, (ImageFolder, TarShards)):
             return dataset.unreadable()
         dataset = getattr(dataset, "dataset", None)
     return {}

@@ -53,6 +53,7 @@ from .methods import available_methods
 from .monitor import NonFiniteLossError
 from .optim import OPTIMIZERS
 from .runs import RunConflictError
+from .shards import TarShards, is_shard_spec
 from .trainer import DEFAULT_TIMEOUT, Trainer
 
 # The default run is chosen to finish, evaluations included, within 10 minutes on 2 idle CPU cores (7:48 measured)
@@ -308,7 +309,9 @@ def _method_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _data_name(spec: str) -> str:
-    """A short name for the data: the built-in's name or the folder's."""
+    """A short name for the data: the built-in's name or the folder's (for tar shards, their folder's)."""
+    if is_shard_spec(spec):
+        return Path(spec.split(",")[0]).expanduser().resolve().parent.name or "shards"
     return dataset_name(spec) or Path(spec).expanduser().resolve().name or "data"
 
 
@@ -329,6 +332,8 @@ def load_data(args: argparse.Namespace) -> RunData:
             return RunData(train, _cap(labelled, args.knn_train), _cap(split("test"), args.knn_test),
                            list(labelled.classes), _channels(train))
         folder = load_dataset(args.data, args.image_size, max_pixels=args.max_pixels or None)
+        if isinstance(folder, TarShards):
+            return _shard_data(folder, args)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {cli_words(str(e))}") from None
     if not folder.classes:
@@ -339,6 +344,28 @@ def load_data(args: argparse.Namespace) -> RunData:
     memory = [i for i in range(len(folder)) if i % 5 != 0 and folder.labels[i] >= 0]
     return RunData(folder, Subset(folder, memory[:args.knn_train]), _cap(Subset(folder, queries), args.knn_test),
                    list(folder.classes), _channels(folder))
+
+
+# kNN sets read from tar shards by default: the first samples in shard order (a stream has no random access)
+SHARD_KNN = (10_000, 2_500)
+
+
+def _shard_data(shards: TarShards, args: argparse.Namespace) -> RunData:
+    """Tar shards to pretrain on; kNN memory and queries are their first labelled samples (.cls) in shard order,
+    one in five a query, 10,000 and 2,500 at most unless --knn-train and --knn-test say otherwise."""
+    memory_n, query_n = args.knn_train or SHARD_KNN[0], args.knn_test or SHARD_KNN[1]
+    head = shards.head(memory_n + query_n)
+    labelled = [i for i, y in enumerate(head.labels) if y >= 0]
+    if not labelled:
+        print(f"note: the first samples of {args.data} have no labels (.cls members); training without the kNN "
+              "report")
+        return RunData(shards, None, None, [], shards.channels)
+    classes = list(shards.classes) or [str(c) for c in range(max(head.labels[i] for i in labelled) + 1)]
+    queries = [i for k, i in enumerate(labelled) if k % 5 == 0][:query_n]
+    memory = [i for k, i in enumerate(labelled) if k % 5 != 0][:memory_n]
+    print(f"kNN report: memory and queries are the first {len(memory)} and {len(queries)} labelled samples of the "
+          "shards (--knn-train, --knn-test)")
+    return RunData(shards, Subset(head, memory), Subset(head, queries), classes, shards.channels)
 
 
 def _channels(ds: Dataset) -> int:

@@ -20,7 +20,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .accelerator import accumulation_steps, dynamo_compile_options, make_accelerator, use_deterministic_algorithms
@@ -210,8 +210,14 @@ class Trainer:
         self.schedule = WarmupCosine(self.num_train_steps, self.warmup_steps, min_lr_ratio,
                                      cosine=schedule == "cosine")
         self.sampler = ResumableSampler(len(self.dataset), self.global_batch, self.seed)
-        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(
-            learner, opt, self._build_loader(), LambdaLR(opt, self.schedule))
+        if isinstance(self.dataset, IterableDataset):  # tar shards: the stream deals itself to ranks and workers
+            self.dataset.plan(acc.num_processes, acc.process_index, self.batch_size, self.num_workers, self.seed)
+            self.sampler = self.dataset  # positioned like the sampler; Accelerate must not shard it again
+            self.loader = self._build_loader()
+            self.model, self.optimizer, self.scheduler = acc.prepare(learner, opt, LambdaLR(opt, self.schedule))
+        else:
+            self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(
+                learner, opt, self._build_loader(), LambdaLR(opt, self.schedule))
         self.learner: Learner = acc.unwrap_model(self.model)
 
         self.eval_dataset = None if eval_dataset is None else (
@@ -263,7 +269,8 @@ class Trainer:
 
     def _build_loader(self) -> DataLoader:
         """Batches of uint8 images in the resumable sampler's order; workers only decode."""
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+        sampler = None if isinstance(self.dataset, IterableDataset) else self.sampler
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, collate_fn=collate,
                           pin_memory=self.accelerator.device.type == "cuda", persistent_workers=self.num_workers > 0,
                           worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
@@ -470,7 +477,7 @@ class Trainer:
     def check_health(self) -> Health:
         """The label-free health of the representation now (main process); logged, and warned about once."""
         if self._health_images is None:
-            self._health_images = probe_images(self.dataset).to(self.accelerator.device)
+            self._health_images = probe_images(_probe_source(self.dataset)).to(self.accelerator.device)
         self._pause_clock()
         with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == "cuda"
                                    else []):
@@ -571,6 +578,7 @@ class Trainer:
         Returns the (lr, EMA momentum) the optimiser step used, or None when gradients only accumulated.
         """
         acc = self.accelerator
+        images = images.to(acc.device, non_blocking=True)  # a no-op for batches Accelerate's loader placed
         with acc.accumulate(self.model):
             loss = self.model(images)
             acc.backward(loss)
@@ -659,7 +667,7 @@ class Trainer:
             from .plots import loss_curve, reconstruction_grid
             loss_curve(self.history, self.folder / "loss_curve.png")
             if callable(getattr(self.learner.method, "reconstruct", None)):
-                images = probe_images(self.dataset, n=8).to(self.accelerator.device)
+                images = probe_images(_probe_source(self.dataset), n=8).to(self.accelerator.device)
                 reconstruction_grid(self.learner, images, self.folder / "reconstructions.png")
         except ImportError as e:  # plotting is an extra: training results stand without it
             print(f"wrapssl: no loss-curve plot ({e}); pip install matplotlib")
@@ -685,6 +693,11 @@ def _check_settings(learning_rate: float, weight_decay: float | None, warmup_ste
                          "for the kNN monitor")
     if eval_dataset is not None and (not isinstance(eval_dataset, (tuple, list)) or len(eval_dataset) != 2):
         raise ValueError("eval_dataset must be a pair (train_dataset, test_dataset) of labelled datasets")
+
+
+def _probe_source(dataset: Dataset) -> Dataset:
+    """Where probe images come from: the dataset, or the first samples of a stream (no random access)."""
+    return dataset.head(512) if isinstance(dataset, IterableDataset) else dataset
 
 
 def _warn_if_eval_mode(net: nn.Module) -> None:
