@@ -221,3 +221,30 @@ def test_the_training_app_prints_its_version(capsys):
     with pytest.raises(SystemExit) as done:
         app.main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"wrapssl {wrapssl.__version__}\n"
+
+
+def test_python_m_runs_from_the_folder_that_holds_a_checkout_named_wrapssl(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import wrapssl
+
+    repo = Path(__file__).resolve().parents[1]
+    checkout = tmp_path / "wrapssl"  # as `git clone ... wrapssl` makes it: no __init__.py at its top
+    (checkout / "wrapssl").mkdir(parents=True)
+    shutil.copy(repo / "train.py", checkout / "train.py")
+    # a stand-in for the package beside train.py, so that the check does not wait for torch to load
+    (checkout / "wrapssl" / "__init__.py").write_text('__version__ = "0"\n')
+    (checkout / "wrapssl" / "cli.py").write_text("def quiet_openmp():\n    pass\n")
+    (checkout / "wrapssl" / "train.py").write_text("def main():\n    print('the app of', __name__)\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ))
+
+    done = run("-m", "wrapssl.train")
+    assert (done.returncode, done.stdout) == (0, "the app of wrapssl.train\n"), done.stderr[-800:]
+    done = run("-m", "wrapssl", "--version")
+    assert (done.returncode, done.stdout) == (0, f"wrapssl {wrapssl.__version__}\n"), done.stderr[-800:]
