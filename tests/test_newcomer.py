@@ -248,3 +248,18 @@ def test_python_m_runs_from_the_folder_that_holds_a_checkout_named_wrapssl(tmp_p
     assert (done.returncode, done.stdout) == (0, "the app of wrapssl.train\n"), done.stderr[-800:]
     done = run("-m", "wrapssl", "--version")
     assert (done.returncode, done.stdout) == (0, f"wrapssl {wrapssl.__version__}\n"), done.stderr[-800:]
+
+
+def test_the_first_steps_give_an_estimate_of_the_runs_time(run):
+    import re
+
+    from wrapssl.trainer import ESTIMATE_AFTER
+
+    lines = [line for line in run["stdout"].splitlines() if "s per step" in line]
+    assert len(lines) == 1, run["stdout"]
+    found = re.fullmatch(r"wrapssl: ([\d.e+-]+) s per step: about (\d+) s for the (\d+) steps left at this speed "
+                         r"\(evaluations and checkpoints not counted\)", lines[0].strip())
+    assert found, lines[0]
+    per_step, total, left = float(found[1]), int(found[2]), int(found[3])
+    assert left == STEPS - ESTIMATE_AFTER and 0 < per_step < 30
+    assert abs(total - per_step * left) <= 0.5 + 0.01 * total  # the total is the speed times the steps left

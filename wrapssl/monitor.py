@@ -77,6 +77,37 @@ class Throughput:
         return self.steps * self.images_per_step / max(time.perf_counter() - self.start, 1e-9)
 
 
+def duration(seconds: float) -> str:
+    """A duration as a person reads it: 40 s, 25 min, 3.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class RunEstimate:
+    """How long the rest of a run takes at the speed of its first steps, said once after ``after`` steps.
+
+    The first step is left out of the speed (it allocates, warms caches, compiles).
+    """
+
+    def __init__(self, after: int = 10):
+        self.after, self.steps, self.first = after, 0, 0.0
+
+    def update(self, step: int, total: int, seconds: float) -> str | None:
+        """Count a step (``seconds``: training time so far); the estimate at the ``after``-th, while steps are
+        left."""
+        self.steps += 1
+        if self.steps == 1:
+            self.first = seconds
+        if self.steps != self.after or step >= total:
+            return None
+        per_step = (seconds - self.first) / (self.after - 1)
+        return (f"wrapssl: {per_step:.3g} s per step: about {duration(per_step * (total - step))} for the "
+                f"{total - step} steps left at this speed (evaluations and checkpoints not counted)")
+
+
 def non_finite(tensors: Mapping[str, Any]) -> list[str]:
     """Names of the floating-point tensors in ``tensors`` that hold a NaN or an inf (one host sync)."""
     names = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]

@@ -35,7 +35,8 @@ from .hidden import LayerSpec, input_channels
 from .interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
 from .learner import Learner
 from .methods import Method
-from .monitor import LossMonitor, NonFiniteLossError, Throughput, WeightWatch, failure_message, non_finite
+from .monitor import (LossMonitor, NonFiniteLossError, RunEstimate, Throughput, WeightWatch, failure_message,
+                      non_finite)
 from .optim import WarmupCosine, build_optimizer
 from .runs import (SCHEDULE_SETTINGS, RunConflictError, RunLock, RunLockedError, changed_settings, choose_checkpoint,
                    describe_changes)
@@ -47,6 +48,7 @@ __all__ = ["Trainer", "NonFiniteLossError", "RunConflictError", "TrainingInterru
            "CSVTracker", "latest_checkpoint", "load_checkpoint"]
 
 DEFAULT_TIMEOUT = 1800.0  # seconds a collective waits for the other processes (torch's own default for gloo)
+ESTIMATE_AFTER = 10  # steps after which the run's remaining time is printed
 
 
 class Trainer:
@@ -509,6 +511,7 @@ class Trainer:
             self._train_seconds
         self._clock = time.perf_counter()
         monitor, meter = LossMonitor(acc.device), Throughput(self.global_batch * self.grad_accum)
+        estimate = RunEstimate(ESTIMATE_AFTER)
         self._watch = WeightWatch(self.learner)
         bar = tqdm(total=self.num_train_steps, initial=self.step, desc="pretraining", dynamic_ncols=True,
                    disable=not (self.progress and acc.is_main_process))
@@ -521,7 +524,7 @@ class Trainer:
                         used = self._batch(images, monitor)
                         if used is not None:
                             bar.update(1)
-                            self._after_step(*used, monitor, meter, bar, stop)
+                            self._after_step(*used, monitor, meter, bar, stop, estimate)
                             if self.step >= self.num_train_steps:
                                 break
                     else:
@@ -597,7 +600,7 @@ class Trainer:
         return used
 
     def _after_step(self, lr: float, momentum: float, monitor: LossMonitor, meter: Throughput, bar: tqdm,
-                    stop: StopRequest) -> None:
+                    stop: StopRequest, estimate: RunEstimate) -> None:
         """Check, log, evaluate and checkpoint when they are due; stop after a checkpoint on a signal."""
         step, last = self.step, self.step == self.num_train_steps
         log = step % self.log_every == 0 or last
@@ -606,6 +609,9 @@ class Trainer:
         checkpoint = step % self.checkpoint_every == 0 or last
         stopping = self._stop_agreed(stop, log)
         meter.steps += 1
+        note = estimate.update(step, self.num_train_steps, 60 * self.train_minutes)
+        if note and self.progress and self.accelerator.is_main_process:
+            bar.write(note)  # above the progress bar, not into its line
         if not (log or health or evaluate or checkpoint or stopping):
             return
         loss = self._guard(monitor)  # nothing below may see a NaN or blown-up weights
