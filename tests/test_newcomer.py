@@ -263,3 +263,29 @@ def test_the_first_steps_give_an_estimate_of_the_runs_time(run):
     per_step, total, left = float(found[1]), int(found[2]), int(found[3])
     assert left == STEPS - ESTIMATE_AFTER and 0 < per_step < 30
     assert abs(total - per_step * left) <= 0.5 + 0.01 * total  # the total is the speed times the steps left
+
+
+def test_the_loss_curve_is_three_readable_panels(tmp_path):
+    pytest.importorskip("matplotlib")
+    from wrapssl import plots
+    from wrapssl.health import COLLAPSE_RANK, COLLAPSE_STD
+
+    steps = range(0, 300, 10)
+    history = {"loss": [(s, 1.938 - 1e-4 * s + 1e-3 * ((s // 10) % 3)) for s in steps],  # down 1.6%, with noise
+               "lr": [(s, 1e-3) for s in steps], "momentum": [(s, 0.99) for s in steps],
+               "images_per_s": [(s, 300.0) for s in steps], "train_minutes": [(s, s / 60) for s in steps],
+               "knn": [(0, 0.71), (150, 0.78), (290, 0.8)], "rank": [(150, 40.0), (290, 55.0)],
+               "embedding_std": [(150, 0.05), (290, 0.06)]}
+    fig = plots.loss_curve_figure(history, dim=128)
+    loss, knn, health = fig.axes[:3]
+    assert len(fig.axes) == 4 and fig.axes[3].get_ylabel().startswith("spread")  # health's second scale
+    low, high = loss.get_ylim()
+    assert (1.938 - 1.909) / (high - low) < 0.2  # a 1.6% drift fills a small part of the axis, not all of it
+    lo, hi = knn.get_ylim()
+    assert "%" in knn.get_ylabel() and 0 <= lo <= 71 - 5 and 80 + 5 <= hi <= 100
+    assert [y for y in knn.get_lines()[0].get_ydata()] == pytest.approx([71, 78, 80])
+    levels = {round(float(line.get_ydata()[0]), 6) for ax in fig.axes[2:] for line in ax.get_lines()
+              if len(set(line.get_ydata())) == 1}
+    assert {COLLAPSE_RANK, round(COLLAPSE_STD / 128 ** 0.5, 6)} <= levels  # the collapse thresholds are drawn
+    saved = plots.loss_curve(history, tmp_path / "loss_curve.png", dim=128)
+    assert saved.stat().st_mode & 0o777 == _plain_mode(tmp_path)

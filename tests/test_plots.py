@@ -91,8 +91,8 @@ def test_loss_curve_png_panels_and_skipped_nan(tmp_path):
 
     fig = plots.loss_curve_figure(history)
     titles = [ax.get_title() for ax in fig.axes]
-    assert len(fig.axes) == 4 and "2 non-finite values skipped" in titles[0]
-    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "kNN accuracy", "learning rate", "EMA momentum"]
+    assert len(fig.axes) == 2 and "2 non-finite values skipped" in titles[0]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "kNN accuracy (%)"]  # lr and momentum: metrics.csv
     raw, smooth = fig.axes[0].get_lines()[:2]
     for line in (raw, smooth):
         assert np.isfinite(line.get_ydata()).all() and len(line.get_ydata()) == 198

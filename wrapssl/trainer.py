@@ -671,7 +671,8 @@ class Trainer:
             return
         try:
             from .plots import loss_curve, reconstruction_grid
-            loss_curve(self.history, self.folder / "loss_curve.png")
+            loss_curve(self.history, self.folder / "loss_curve.png",
+                       dim=self.health.dim if self.health is not None else None)
             if callable(getattr(self.learner.method, "reconstruct", None)):
                 images = probe_images(_probe_source(self.dataset), n=8).to(self.accelerator.device)
                 reconstruction_grid(self.learner, images, self.folder / "reconstructions.png")
