@@ -150,7 +150,7 @@ def test_bare_backbone_without_metrics_needs_arch(run_folder, tmp_path):
                   "--out", str(tmp_path / "y.npz")])
     message = str(refused.value.code)
     assert message.startswith(f"error: the weights in {tmp_path / 'backbone.pt'} do not fit ResNet: shapes differ "
-                              "for conv1.weight") and message.endswith("(--arch resnet18)")
+                              "for conv1.weight") and "'resnet18'" in message
 
 
 @pytest.mark.parametrize("command", ["embed", "evaluate", "plot", "select"])

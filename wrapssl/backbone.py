@@ -233,9 +233,9 @@ def load_backbone(source: str | os.PathLike, arch: str | None = None, hidden_lay
     try:
         net, default_layer = build_arch(info.arch, channels=info.channels, num_classes=info.num_classes,
                                         image_size=info.image_size)
-        load_weights(net, state)
+        load_weights(net, path)  # its message names the file and the keys that do not fit
     except ValueError as e:
-        raise ValueError(f"{e} (arch {info.arch})") from e
+        raise ValueError(f"{e} (built as arch {info.arch!r})") from e
     layer = hidden_layer if hidden_layer is not None else (info.layer or default_layer)
     info.hidden_layer = layer_to_json(layer)
     return Backbone(net, layer, info, path.parent)

@@ -34,6 +34,7 @@ __all__ = ["FinetuneSettings", "FinetuneResult", "Classifier", "finetune", "load
 CHECKPOINT_FORMAT = "wrapssl.finetune"
 CLASSIFIER = "classifier.safetensors"
 RESULT = "finetune.json"
+AUGMENTS = ("shift", "crop", "none")
 
 
 class FinetuneConflictError(ValueError):
@@ -51,7 +52,9 @@ class FinetuneSettings:
     weight_decay: float = 0.05       # AdamW, on weights only (biases and norms never decay)
     warmup_steps: int | None = None  # linear warmup (default 10% of the steps), then cosine to 0
     label_smoothing: float = 0.1
-    crop_scale: tuple[float, float] = (0.6, 1.0)  # area of the random crops (then resized back)
+    augment: str = "shift"           # "shift": random translations by up to 1/8 of the side (zero padding);
+    #                                  "crop": random resized crops of crop_scale of the area; "none"
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # area of the "crop" augmentation's crops (then resized back)
     flip: bool = True                # random horizontal flips
     linear_init: bool = True         # fit the head on frozen features before fine-tuning (LP-FT)
     seed: int = 0
@@ -72,6 +75,8 @@ class FinetuneSettings:
                              f"{self.backbone_lr_ratio}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {self.crop_scale}")
@@ -187,15 +192,36 @@ class _StepBatches:
         return self.steps - self.start
 
 
+def _shift(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image moved by its own random offset of up to 1/8 of its side in each direction (zeros fill in)."""
+    b, c, h, w = images.shape
+    ph, pw = max(1, h // 8), max(1, w // 8)
+    padded = F.pad(images, (pw, pw, ph, ph))
+    dy = torch.randint(0, 2 * ph + 1, (b,), generator=gen).to(images.device)
+    dx = torch.randint(0, 2 * pw + 1, (b,), generator=gen).to(images.device)
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # (b, h): the padded rows each image keeps
+    cols = dx[:, None] + torch.arange(w, device=images.device)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
 def _augment(images: torch.Tensor, settings: FinetuneSettings, image_size: int, seed: int) -> torch.Tensor:
-    """Light views for fine-tuning: a random crop of ``crop_scale`` of the area, resized back, and a flip;
-    drawn from their own seed (the step's), so a resumed run sees the same views."""
+    """Light views for fine-tuning (``settings.augment``, and flips), drawn from their own seed (the step's), so a
+    resumed run sees the same views."""
     from .augment import RandomResizedCrop
 
-    crop = RandomResizedCrop(image_size, scale=settings.crop_scale, flip_p=0.5 if settings.flip else 0.0)
-    with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return crop(images)
+    gen = torch.Generator().manual_seed(seed)
+    if settings.augment == "crop":
+        crop = RandomResizedCrop(image_size, scale=settings.crop_scale, flip_p=0.5 if settings.flip else 0.0)
+        with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return crop(images)
+    if settings.augment == "shift":
+        images = _shift(images, gen)
+    if settings.flip:
+        flip = (torch.rand(images.shape[0], generator=gen) < 0.5).to(images.device)
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return images
 
 
 def _features(model: Classifier, dataset: Dataset, device: torch.device, batch_size: int = 256
@@ -447,7 +473,7 @@ def _resume_point(folder: Path | None, config: dict, resume: bool | None) -> tup
 
 def _save_checkpoint(acc: Any, model: Classifier, optimizer: torch.optim.Optimizer, step: int, config: dict,
                      folder: Path) -> None:
-    """Write ``finetune-<step>.pt`` atomically on the main process; keep only the newest."""
+    """Write ``finetune-<step>.pt`` atomically on the main process; keep the newest two."""
     from .checkpoints import to_cpu
     from .files import atomic_save
 
@@ -457,7 +483,7 @@ def _save_checkpoint(acc: Any, model: Classifier, optimizer: torch.optim.Optimiz
                  "optimizer": to_cpu(optimizer.state_dict()), "config": config}
         path = folder / f"finetune-{step}.pt"
         atomic_save(state, path)
-        for _, old in _checkpoints(folder):
+        for _, old in _checkpoints(folder)[:-2]:  # the newest two: a damaged last one leaves the one before
             if old != path:
                 old.unlink(missing_ok=True)
     acc.wait_for_everyone()

@@ -45,6 +45,7 @@ from .checks import (arg_type, fraction_arg, non_negative_float_arg, non_negativ
 from .cli import VERSION, HelpFormatter, Parser, cli_words
 from .data import (DATASETS, FASHION_MNIST_DIR, MAX_PIXELS, UnreadableDataError, dataset_name, load_dataset,
                    unreadable_files)
+from .budgets import DEFAULT_BUDGETS, parse_budgets
 from .distributed import CollectiveTimeoutError
 from .evaluate import ROW_NAMES, Embeddings, baseline_scores, embed_dataset, format_scores, probe_scores
 from .files import atomic_write_text
@@ -223,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score raw pixels and the randomly initialised net on the same protocol (kNN and "
                         "linear probe): a pretrained backbone that does not beat them has not learned anything "
                         "useful")
+    r.add_argument("--labels", nargs="+", default=list(DEFAULT_BUDGETS), metavar="COUNT",
+                   help="label budgets of the few-label report: totals (100) or per class (10/class); for each, "
+                        "--draws class-balanced draws of labelled training images score raw pixels (linear), the "
+                        "net from scratch (fine-tuned), the pretrained net (linear and fine-tuned) and images "
+                        "picked by `wrapssl select` against random picks; 'none' skips it. About 10 s per draw "
+                        "and budget for the small ResNet on 2 CPU cores")
+    r.add_argument("--draws", type=positive_int_arg, default=3,
+                   help="draws of labelled images per budget (their mean and spread are reported)")
+    r.add_argument("--finetune-steps", type=positive_int_arg, default=300,
+                   help="steps of each fine-tuning in the few-label report (batch 64; `wrapssl finetune` has the "
+                        "other settings)")
     r.add_argument("--timeout", type=positive_float_arg, default=DEFAULT_TIMEOUT,
                    help="seconds a process waits for the others at a collective operation (multi-process runs) "
                         "before the run ends with an error: a stopped or hung process cannot block the job forever. "
@@ -257,6 +269,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if path is not None and not Path(path).expanduser().is_file():
             parser.error(f"{flag} {path}: no such file")
     try:
+        args.labels = [str(b) for b in parse_budgets(args.labels)]  # checked now, kept as text (metrics.json)
         args.normalize = parse_normalize(args.normalize)
         _method_kwargs(args.method_arg)
     except ValueError as e:
@@ -460,9 +473,9 @@ def weights_sha256(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def score_learner(trainer: Trainer, data: RunData, k: int) -> tuple[dict[str, float], Embeddings]:
-    """kNN (temperature 0.1) and linear-probe accuracy of the learner's representation now, and the query
-    embeddings; reuses the Trainer's evaluation when it ran at this step."""
+def score_learner(trainer: Trainer, data: RunData, k: int) -> tuple[dict[str, float], tuple[Embeddings, Embeddings]]:
+    """kNN (temperature 0.1) and linear-probe accuracy of the learner's representation now, and the (memory,
+    query) embeddings; reuses the Trainer's evaluation when it ran at this step."""
     if trainer.last_eval is not None and trainer.last_eval[0] == trainer.step:
         a, b = trainer.last_eval[1:]
     else:
@@ -470,7 +483,7 @@ def score_learner(trainer: Trainer, data: RunData, k: int) -> tuple[dict[str, fl
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             a = embed_dataset(trainer.learner, data.memory, batch_size=512, device=device)
             b = embed_dataset(trainer.learner, data.queries, batch_size=512, device=device)
-    return probe_scores(a, b, k=k), b
+    return probe_scores(a, b, k=k), (a, b)
 
 
 def score_baselines(trainer: Trainer, args: argparse.Namespace, data: RunData) -> dict[str, dict[str, float]]:
@@ -506,6 +519,9 @@ def make_plots(trainer: Trainer, data: RunData, queries: Embeddings | None, metr
             plots.learning_curve(metrics["learning_curve"], out / "learning_curve.png", levels,
                                  title=f"{trainer.config['method']} on {metrics['data']}: kNN (k={metrics['knn_k']}, "
                                        f"{metrics['knn_memory']} images as memory)")
+        if metrics.get("label_budgets", {}).get("budgets"):
+            plots.budget_curve(metrics["label_budgets"], out / "budget_curve.png",
+                               title=f"{trainer.config['method']} on {metrics['data']}: test accuracy with few labels")
         images = torch.stack([data.train[i][0] for i in range(8)]).to(trainer.accelerator.device)
         plots.augmentation_grid(trainer.learner, images, out / "augmentations.png")
         if queries is not None:
@@ -532,12 +548,13 @@ def summary_line(scores: dict[str, dict[str, float]]) -> str:
 
 
 def final_report(trainer: Trainer, args: argparse.Namespace, data: RunData, metrics: dict[str, Any],
-                 hashes: list[str]) -> Embeddings | None:
-    """Compute and print the run's final metrics into ``metrics`` (main process); returns the query embeddings."""
-    query_emb = None
+                 hashes: list[str]) -> tuple[Embeddings, Embeddings] | None:
+    """Compute and print the run's final metrics into ``metrics`` (main process); returns the (memory, query)
+    embeddings."""
+    embeddings = None
     if data.memory is not None:
         scores = metrics.setdefault("scores", {})
-        scores["pretrained"], query_emb = score_learner(trainer, data, args.knn_k)
+        scores["pretrained"], embeddings = score_learner(trainer, data, args.knn_k)
         metrics["knn_after"] = scores["pretrained"]["knn"]
         metrics["learning_curve"] = learning_curve(trainer, metrics)
         print(f"\nscores on {len(data.queries)} test images ({len(data.memory)} training images as kNN memory, "
@@ -559,7 +576,57 @@ def final_report(trainer: Trainer, args: argparse.Namespace, data: RunData, metr
                    num_processes=trainer.accelerator.num_processes, device=str(trainer.accelerator.device),
                    weights_sha256=hashes, final_loss=losses[-1][1], classes=data.classes, args=dict(vars(args)),
                    train_minutes=round(trainer.train_minutes, 3))
-    return query_emb
+    return embeddings
+
+
+def budget_report(args: argparse.Namespace, data: RunData, metrics: dict[str, Any],
+                  embeddings: tuple[Embeddings, Embeddings], out: Path) -> None:
+    """Accuracy with few labels (``--labels``, ``--draws``): raw pixels, the net from scratch, the pretrained net
+    (linear and fine-tuned), and images picked by `wrapssl select` against random ones; printed and kept in
+    metrics.json under ``label_budgets`` and ``selection``."""
+    from .backbone import load_backbone
+    from .budgets import format_budgets, label_budgets
+    from .cli import random_init_net
+    from .finetune import FinetuneSettings, dataset_labels
+    from .select import DEFAULT_METHOD, compare_with_random
+
+    started = time.perf_counter()
+    labels = dataset_labels(data.memory)
+    smallest = int(torch.bincount(labels[labels >= 0]).min())
+    budgets = parse_budgets(args.labels)
+    fits = [b for b in budgets if (b.count if b.per_class else -(-b.count // len(data.classes))) <= smallest]
+    if len(fits) < len(budgets):
+        print(f"note: label budgets {', '.join(str(b) for b in budgets if b not in fits)} skipped: the smallest "
+              f"class has {smallest} labelled training images")
+    if not fits:
+        return
+    print(f"\nscoring label budgets ({', '.join(map(str, fits))}; {args.draws} class-balanced draws each) ...",
+          flush=True)
+    try:
+        backbone = load_backbone(out)
+        result = label_budgets(data.memory, data.queries, fits, draws=args.draws, seed=args.seed,
+                               pretrained=backbone, scratch=random_init_net(backbone, args.seed),
+                               embeddings=embeddings, image_size=args.image_size, log=lambda m: None,
+                               settings=FinetuneSettings(steps=args.finetune_steps, seed=args.seed))
+    except ValueError as e:
+        print(f"note: label budgets skipped ({e})")
+        return
+    selection = {}
+    for entry in result["budgets"]:
+        n = entry["labels"]
+        picked = compare_with_random(embeddings[0], embeddings[1], n, method=DEFAULT_METHOD, draws=args.draws,
+                                     seed=args.seed)
+        selection[str(n)] = picked
+        entry["rows"]["selected_linear"] = {"mean": picked["picked"], "std": 0.0, "min": picked["picked"],
+                                            "max": picked["picked"], "draws": [picked["picked"]]}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    metrics["label_budgets"], metrics["selection"] = result, {"method": DEFAULT_METHOD, "budgets": selection}
+    print(f"test accuracy with few labels (mean ± standard deviation over {args.draws} draws; "
+          f"{len(data.queries)} test images):")
+    print(format_budgets(result))
+    for n, picked in selection.items():
+        print(f"{n} labels picked by `wrapssl select` ({DEFAULT_METHOD}): linear {100 * picked['picked']:.1f}% "
+              f"against {100 * picked['random_mean']:.1f}% for random picks ({picked['gain'] * 100:+.1f} points)")
 
 
 def check_out(out: Path) -> None:
@@ -705,10 +772,12 @@ def _run(args: argparse.Namespace) -> dict:
         if acc.num_processes > 1:
             hashes, bad = gather_object(hashes), gather_object(bad)
         if acc.is_main_process:
-            query_emb = final_report(trainer, args, data, metrics, hashes)
+            embeddings = final_report(trainer, args, data, metrics, hashes)
             report_unreadable(data, metrics, {k: v for found in bad for k, v in found.items()})
+            if embeddings is not None and args.labels:
+                budget_report(args, data, metrics, embeddings, out)
             if args.plots:
-                make_plots(trainer, data, query_emb, metrics, out)
+                make_plots(trainer, data, embeddings[1] if embeddings is not None else None, metrics, out)
             metrics.update(wall_time_s=round(time.perf_counter() - start, 1))
             atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
             print(f"wrote {out}/backbone.pt, backbone.safetensors, checkpoints, metrics.json"

@@ -1,0 +1,104 @@
+"""The few-label protocol: class-balanced draws, the rows, their summary, the report in the app."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from wrapssl.budgets import Budget, draw_labels, format_budgets, label_budgets, parse_budgets
+from wrapssl.data import TensorImages
+from wrapssl.evaluate import Embeddings, linear_probe
+
+
+def test_parse_budgets():
+    assert parse_budgets(["10/class", "100"]) == [Budget(100, False), Budget(10, True)]
+    assert parse_budgets("10/class,100/class") == [Budget(10, True), Budget(100, True)]
+    assert parse_budgets(["none"]) == []
+    for bad in (["ten"], ["0"], ["-5/class"], ["10/klass"], []):
+        with pytest.raises(ValueError):
+            parse_budgets(bad)
+
+
+@pytest.mark.parametrize("budget", [Budget(3, True), Budget(17, False), Budget(4, False)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_draws_are_class_balanced(budget, seed):
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    labels[::7] = -1  # unlabelled rows are never drawn
+    idx = draw_labels(labels, budget, seed)
+    assert len(set(idx)) == len(idx) == budget.total(4)
+    counts = [sum(1 for i in idx if labels[i] == c) for c in range(4)]  # a loop, not bincount
+    if budget.per_class:
+        assert counts == [budget.count] * 4
+    else:
+        assert max(counts) - min(counts) <= 1 and sum(counts) == budget.count
+    assert all(labels[i] >= 0 for i in idx)
+    assert draw_labels(labels, budget, seed) == idx  # seeded
+    assert draw_labels(labels, budget, seed + 10) != idx
+
+
+def test_draw_errors_name_the_fix():
+    labels = torch.tensor([0] * 5 + [1] * 50)
+    with pytest.raises(ValueError, match="class 0, which has only 5"):
+        draw_labels(labels, Budget(6, True))
+    with pytest.raises(ValueError, match="at least 2"):
+        draw_labels(labels, Budget(1, False))
+    with pytest.raises(ValueError, match="two classes"):
+        draw_labels(torch.zeros(10, dtype=torch.long), Budget(1, True))
+
+
+def _blobs(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    return torch.randn(3, dim, generator=g)[y] * 2 + torch.randn(n, dim, generator=g), y
+
+
+def test_linear_rows_against_a_naive_computation():
+    """The raw-pixel and pretrained linear rows equal the probe run by hand on the same draws."""
+    x, y = _blobs(90, 8, 0)
+    xt, yt = _blobs(60, 8, 1)
+    images = (torch.rand(90, 1, 4, 4) * 255).to(torch.uint8)
+    test_images = (torch.rand(60, 1, 4, 4) * 255).to(torch.uint8)
+    memory, queries = TensorImages(images, y), TensorImages(test_images, yt)
+    emb = (Embeddings(x, y, [str(i) for i in range(90)]), Embeddings(xt, yt, [str(i) for i in range(60)]))
+    result = label_budgets(memory, queries, [Budget(4, True), Budget(9, False)], draws=3, seed=7, embeddings=emb,
+                           rows=("raw_pixels_linear", "pretrained_linear"), log=lambda m: None)
+    assert [b["labels"] for b in result["budgets"]] == [9, 12]  # ordered by the number of labels
+    for entry, budget in zip(result["budgets"], [Budget(9, False), Budget(4, True)]):
+        want_pre, want_raw = [], []
+        for draw in range(3):
+            idx = draw_labels(y, budget, seed=7 + draw)
+            want_pre.append(linear_probe(x[idx], y[idx], xt, yt))
+            flat, flat_t = images.float().div(255).flatten(1), test_images.float().div(255).flatten(1)
+            want_raw.append(linear_probe(flat[idx], y[idx], flat_t, yt))
+        for row, want in (("pretrained_linear", want_pre), ("raw_pixels_linear", want_raw)):
+            got = entry["rows"][row]
+            assert got["draws"] == pytest.approx(want)
+            assert got["mean"] == pytest.approx(statistics.mean(want))
+            assert got["std"] == pytest.approx(statistics.stdev(want))
+            assert (got["min"], got["max"]) == (pytest.approx(min(want)), pytest.approx(max(want)))
+    text = format_budgets(result)
+    assert "12 (4/class)" in text and "pretrained, linear" in text
+    mean = result["budgets"][1]["rows"]["pretrained_linear"]["mean"]
+    assert f"{100 * mean:.1f} ±" in text
+    json.dumps(result)  # metrics.json takes it as it is
+
+
+def test_the_app_reports_label_budgets(tmp_path):
+    """`wrapssl train` on labelled data ends with the few-label rows, in metrics.json and budget_curve.png."""
+    from wrapssl.train import main
+    metrics = main(["--data", "digits", "--steps", "2", "--batch-size", "32", "--labels", "3/class", "--draws", "2",
+                    "--finetune-steps", "3", "--out", str(tmp_path / "run"), "--eval-every", "2",
+                    "--knn-k", "20"])
+    budgets = metrics["label_budgets"]["budgets"]
+    assert [b["labels"] for b in budgets] == [30]
+    rows = budgets[0]["rows"]
+    assert set(rows) >= {"raw_pixels_linear", "scratch_finetuned", "pretrained_linear", "pretrained_finetuned",
+                         "selected_linear"}
+    assert all(len(rows[r]["draws"]) == 2 for r in ("raw_pixels_linear", "pretrained_finetuned"))
+    assert metrics["selection"]["budgets"]["30"]["n"] == 30
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["label_budgets"] == json.loads(json.dumps(metrics["label_budgets"]))
+    assert (tmp_path / "run" / "budget_curve.png").stat().st_size > 10_000
