@@ -1,7 +1,9 @@
-"""Subset selection and near-duplicate search against brute force."""
+"""Subset selection (k-center, TypiClust, ProbCover, picked against random) and near-duplicates against brute force."""
 import importlib
 import itertools
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -57,7 +59,7 @@ def test_kcenter_within_twice_the_optimal_radius(size, n, seed):
     x = torch.randn(size, 3, generator=torch.Generator().manual_seed(100 * seed + size))
     u = unit(x)
     optimum = min(radius(u, c) for c in itertools.combinations(range(size), n))
-    s = sel.select(x, n, seed=seed)
+    s = sel.select(x, n, method="kcenter", seed=seed)
     assert radius(u, s.indices.tolist()) <= 2 * optimum + 1e-6
     assert sel.coverage_radius(x, s.indices) == pytest.approx(radius(u, s.indices.tolist()), abs=1e-5)
 
@@ -70,29 +72,31 @@ def test_kcenter_pruning_equals_naive_greedy(data, weighted):
          "tight-clusters": clustered(1000, 80, 12, 0.2, seed=1),
          "power-law": clustered(1000, 96, 30, 1.0, seed=2, decay=1.0)}[data]
     w = torch.rand(1000, generator=torch.Generator().manual_seed(3)) if weighted else None
-    s = sel.select(x, 100, weights=w, seed=4)
+    s = sel.select(x, 100, method="kcenter", weights=w, seed=4)
     assert s.indices.tolist() == naive_greedy(x, 100, int(s.indices[0]), w)
 
 
-def test_indices_unique_in_range_and_deterministic():
+@pytest.mark.parametrize("method", sel.METHODS)
+def test_indices_unique_in_range_and_deterministic(method):
     x = clustered(300, 16, 5, 0.5, seed=0)
-    a = sel.select(x, 50, seed=7)
+    a = sel.select(x, 50, method=method, seed=7)
     assert a.indices.dtype == torch.long and len(a.indices) == 50
     assert len(set(a.indices.tolist())) == 50
     assert 0 <= int(a.indices.min()) and int(a.indices.max()) < 300
-    assert torch.equal(a.indices, sel.select(x, 50, seed=7).indices)
-    assert sorted(sel.select(x, 300, seed=1).indices.tolist()) == list(range(300))
-    r = sel.select(x, 50, method="random", seed=7)
-    assert len(set(r.indices.tolist())) == 50
-    assert torch.equal(r.indices, sel.select(x, 50, method="random", seed=7).indices)
+    assert torch.equal(a.indices, sel.select(x, 50, method=method, seed=7).indices)
+    assert sorted(sel.select(x, 300, method=method, seed=1).indices.tolist()) == list(range(300))
 
 
 def test_duplicate_rows_still_give_unique_indices():
     x = torch.ones(10, 4)
     x[5:] = -1  # two distinct points, five copies each
-    s = sel.select(x, 8)
+    s = sel.select(x, 8, method="kcenter")
     assert len(set(s.indices.tolist())) == 8
     assert {int(i) < 5 for i in s.indices[:2]} == {True, False}  # the two distinct points come first
+    for method in ("typiclust", "probcover"):
+        s = sel.select(x, 8, method=method)
+        assert len(set(s.indices.tolist())) == 8, method
+        assert {int(i) < 5 for i in s.indices[:2]} == {True, False}, method  # one of each point first
 
 
 def test_files_follow_the_indices():
@@ -123,7 +127,7 @@ def test_weights_scale_the_greedy_score():
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
     for w1, expected in [(0.6, 2), (0.8, 1)]:  # 0.6·2 < 1·1.41 < 0.8·2
         w = torch.tensor([1.0, w1, 1.0])
-        runs = [sel.select(x, 2, weights=w, seed=seed).indices.tolist() for seed in range(30)]
+        runs = [sel.select(x, 2, method="kcenter", weights=w, seed=seed).indices.tolist() for seed in range(30)]
         after_zero = [r[1] for r in runs if r[0] == 0]
         assert after_zero and set(after_zero) == {expected}
 
@@ -140,8 +144,8 @@ def test_density_weights_prefer_dense_regions():
     dens = sel.density_weights(x, k=5, sample=200)
     assert dens[:400].min() > dens[400:].max()
     assert ((0 <= dens) & (dens <= 1)).all()
-    plain = sel.select(x, 30, seed=0).indices
-    dense = sel.select(x, 30, weights="density", seed=0).indices
+    plain = sel.select(x, 30, method="kcenter", seed=0).indices
+    dense = sel.select(x, 30, method="kcenter", weights="density", seed=0).indices
     assert (dense < 400).sum() > (plain < 400).sum()  # fewer outliers once density counts
 
 
@@ -156,8 +160,8 @@ def test_uncertainty_weights_prefer_rows_between_clusters():
     unc = sel.uncertainty_weights(x, n_clusters=2)
     assert unc[300:].mean() > 0.5 > unc[:300].mean()
     assert ((0 <= unc) & (unc <= 1)).all()
-    plain = sel.select(x, 12, seed=0).indices
-    ambiguous = sel.select(x, 12, weights=unc, seed=0).indices
+    plain = sel.select(x, 12, method="kcenter", seed=0).indices
+    ambiguous = sel.select(x, 12, method="kcenter", weights=unc, seed=0).indices
     assert (ambiguous >= 300).sum() > (plain >= 300).sum()
 
 
@@ -209,11 +213,12 @@ def test_near_duplicates_empty_and_errors():
 @pytest.mark.parametrize("kwargs,match", [
     ({"n": 0}, "n must"), ({"n": 11}, "n must"), ({"n": 2.5}, "n must"),
     ({"n": 2, "method": "kmeans"}, "method"),
-    ({"n": 2, "weights": "entropy"}, "weights must"),
-    ({"n": 2, "weights": torch.ones(3)}, "one value per row"),
-    ({"n": 2, "weights": -torch.ones(10)}, ">= 0"),
-    ({"n": 2, "weights": torch.full((10,), float("nan"))}, "finite"),
-    ({"n": 2, "weights": torch.zeros(10)}, "all weights are 0"),
+    ({"n": 2, "method": "kcenter", "weights": "entropy"}, "weights must"),
+    ({"n": 2, "method": "kcenter", "weights": torch.ones(3)}, "one value per row"),
+    ({"n": 2, "method": "kcenter", "weights": -torch.ones(10)}, ">= 0"),
+    ({"n": 2, "method": "random", "weights": torch.full((10,), float("nan"))}, "finite"),
+    ({"n": 2, "method": "kcenter", "weights": torch.zeros(10)}, "all weights are 0"),
+    ({"n": 2, "weights": "density"}, "weights apply to method 'kcenter' or 'random'"),
     ({"n": 2, "files": ["a"]}, "one name per row"),
 ])
 def test_select_rejects_bad_input(kwargs, match):
@@ -260,3 +265,237 @@ def test_relative_threshold_finds_planted_copies_where_a_fixed_cosine_floods():
     assert sorted(map(tuple, pairs.tolist())) == sorted(planted)
     with pytest.raises(ValueError, match="0.1-0.3"):
         sel.relative_threshold(x, 0)
+
+
+# ----------------------------------------------------------------------------- typicality, TypiClust, ProbCover
+
+MODE_SIZES = [300, 150, 80, 40, 20]
+
+
+def mixture(seed: int = 0, outliers: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Five Gaussian modes of different sizes on orthogonal axes, and outliers (label -1) off all of them."""
+    g = torch.Generator().manual_seed(seed)
+    rows, labels = [], []
+    for m, s in enumerate(MODE_SIZES):
+        centre = torch.zeros(16)
+        centre[m] = 10
+        rows.append(centre + 0.7 * torch.randn(s, 16, generator=g))
+        labels += [m] * s
+    far = torch.zeros(outliers, 16)
+    far[:, 5:] = torch.randn(outliers, 11, generator=g)  # orthogonal to every mode's axis
+    rows.append(10 * F.normalize(far, dim=1))
+    labels += [-1] * outliers
+    return torch.cat(rows), torch.tensor(labels)
+
+
+def central_fraction(u: np.ndarray, labels: torch.Tensor, i: int) -> float:
+    """Fraction of row i's mode that lies closer to the mode's mean direction than row i does."""
+    rows = (labels == labels[i]).numpy()
+    c = u[rows].mean(0)
+    c /= np.linalg.norm(c)
+    d = np.linalg.norm(u[rows] - c, axis=1)
+    return float((d < np.linalg.norm(u[i] - c)).mean())
+
+
+def naive_typicality(x: torch.Tensor, k: int, groups) -> np.ndarray:
+    """1 / mean distance to the k nearest rows of the same group (k capped at half the group), by sorting."""
+    u = unit(x)
+    groups = np.asarray(groups)
+    out = np.zeros(len(u))
+    for i in range(len(u)):
+        same = np.flatnonzero((groups == groups[i]) & (np.arange(len(u)) != i))
+        if len(same) == 0:
+            continue
+        kk = min(k, max(1, (len(same) + 1) // 2))
+        d = np.sort(np.sqrt(np.clip(2 - 2 * u[same] @ u[i], 0, None)))[:kk]
+        out[i] = 1 / (d.mean() + 1e-6)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_typicality_equals_sorting_every_distance(k):
+    x = clustered(120, 8, 4, 0.6, seed=k)
+    groups = torch.arange(120) % 3
+    groups[:3] = 7  # a group of 3: one neighbour each
+    groups[3] = 9   # a row alone: typicality 0
+    got = sel.typicality(x, k=k, groups=groups).numpy()
+    np.testing.assert_allclose(got, naive_typicality(x, k, groups.numpy()), rtol=1e-4)
+    assert got[3] == 0
+    np.testing.assert_allclose(sel.typicality(x, k=k).numpy(), naive_typicality(x, k, np.zeros(120)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_typiclust_picks_typical_rows_of_every_mode_and_no_outlier(seed):
+    x, labels = mixture(seed, outliers=0)
+    u = unit(x)
+    one_each = sel.select(x, 5, seed=seed).indices  # the default method
+    assert labels[one_each].tolist() == [0, 1, 2, 3, 4]  # one pick per mode, larger modes first
+    # typical = dense = near the centre (a random row of the mode: 0.5 on average)
+    central = [central_fraction(u, labels, i) for i in one_each.tolist()]
+    assert max(central) < 0.15 and np.mean(central) < 0.05
+    # with outliers (which can take a cluster of their own) and a few picks more than modes
+    x, labels = mixture(seed)
+    u = unit(x)
+    for n in (8, 12):
+        picks = sel.typiclust(x, n, seed=seed)
+        assert set(labels[picks].tolist()) == {0, 1, 2, 3, 4}, n  # every mode covered
+        assert all(central_fraction(u, labels, i) < 0.25 for i in picks.tolist()), n  # in the mode's core
+    # the k-center coreset, for contrast, spends its picks on the outliers
+    assert (labels[sel.select(x, 8, method="kcenter", seed=seed).indices] == -1).sum() >= 3
+
+
+def naive_probcover(x: torch.Tensor, n: int, delta: float) -> list[int]:
+    """Textbook ProbCover greedy on a dense float64 ball matrix: the ball with most uncovered rows, until all are."""
+    u = unit(x)
+    balls = np.sqrt(np.clip(2 - 2 * u @ u.T, 0, None)) <= delta
+    covered = np.zeros(len(u), dtype=bool)
+    chosen = []
+    while len(chosen) < n:
+        counts = (balls & ~covered[None, :]).sum(1)
+        if counts.max() == 0:
+            break
+        chosen.append(int(counts.argmax()))
+        covered |= balls[chosen[-1]]
+    return chosen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_probcover_equals_the_textbook_greedy(seed):
+    x = clustered(200, 6, 5, 0.4, seed=seed)
+    u = unit(x)
+    d = np.unique(np.sqrt(np.clip(2 - 2 * u @ u.T, 0, None)).round(9))
+    target = np.searchsorted(d, 0.35)
+    delta = float(d[target - 1] + d[target]) / 2  # halfway between two distances: no pair sits on the edge
+    ref = naive_probcover(x, 200, delta)
+    assert 5 < len(ref) < 200  # the greedy covers everything before the budget runs out
+    got = sel.probcover(x, 30, delta=delta, seed=seed).tolist()
+    assert got == ref[:30]
+    full = sel.probcover(x, 200, delta=delta, seed=seed).tolist()
+    assert full[:len(ref)] == ref and sorted(full) == list(range(200))  # the rest: every other row, at random
+
+
+def test_probcover_covers_every_mode_with_one_ball_each():
+    x, labels = mixture(0)
+    u = unit(x)
+    delta = sel.probcover_radius(x, n_clusters=5)
+    # the purity radius: 5% of the rows have another mode (or an outlier) within delta, by brute force
+    d = np.sqrt(np.clip(2 - 2 * u @ u.T, 0, None))
+    other = np.where(labels.numpy()[:, None] != labels.numpy()[None, :], d, np.inf).min(1)
+    assert (other <= delta).mean() == pytest.approx(0.05, abs=0.01)
+    picks = sel.probcover(x, 5, n_clusters=5)
+    assert labels[picks].tolist() == [0, 1, 2, 3, 4]
+    covered = (d[picks.numpy()] <= delta).any(0)
+    assert covered[labels.numpy() >= 0].all() and not covered[labels.numpy() < 0].any()
+
+
+# ----------------------------------------------------------------------------- picked against random
+
+def labelled_split(n: int, seed: int) -> Embeddings:
+    """Four labelled Gaussian classes in 8 dims, one of them rare."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3]).repeat(n // 10 + 1)[:n]
+    centres = torch.randn(4, 8, generator=torch.Generator().manual_seed(99)) * 2
+    x = centres[labels] + torch.randn(n, 8, generator=g)
+    return Embeddings(x, labels, [f"img{i}.png" for i in range(n)])
+
+
+def test_compare_with_random_equals_a_hand_computation():
+    from wrapssl.evaluate import linear_probe
+
+    train, test = labelled_split(120, 0), labelled_split(60, 1)
+    got = sel.compare_with_random(train, test, 12, method="typiclust", draws=3, seed=5)
+    assert json.loads(json.dumps(got)) == got  # JSON-able as it is
+
+    def probe(idx):
+        return linear_probe(train.embeddings[idx], train.labels[idx], test.embeddings, test.labels, num_classes=4)
+
+    picked = sel.select(train.embeddings, 12, method="typiclust", seed=5).indices
+    draws = [sel.select(train.embeddings, 12, method="random", seed=5 + i).indices for i in range(3)]
+    accs = [probe(i) for i in draws]
+    assert got["picked"] == probe(picked)
+    assert got["random"] == accs
+    assert got["random_mean"] == pytest.approx(sum(accs) / 3)
+    assert (got["random_min"], got["random_max"]) == (min(accs), max(accs))
+    assert got["gain"] == pytest.approx(probe(picked) - sum(accs) / 3)
+    assert got["picked_classes"] == len(set(train.labels[picked].tolist()))
+    assert got["random_classes"] == [len(set(train.labels[i].tolist())) for i in draws]
+    assert (got["n"], got["method"], got["seed"]) == (12, "typiclust", 5)
+    assert len({tuple(sorted(i.tolist())) for i in draws}) == 3  # three different random draws
+
+
+def test_compare_with_random_rejects_what_it_cannot_score():
+    train, test = labelled_split(50, 0), labelled_split(20, 1)
+    unlabelled = Embeddings(train.embeddings, torch.full((50,), -1), train.files)
+    with pytest.raises(ValueError, match="without a label"):
+        sel.compare_with_random(unlabelled, test, 5)
+    with pytest.raises(ValueError, match="same model"):
+        sel.compare_with_random(train, Embeddings(torch.randn(20, 3), test.labels, test.files), 5)
+    with pytest.raises(ValueError, match="draws"):
+        sel.compare_with_random(train, test, 5, draws=0)
+    with pytest.raises(ValueError, match=r"n must be an int in \[1, 50\]"):
+        sel.compare_with_random(train, test, 51)
+    with pytest.raises(ValueError, match="Embeddings"):
+        sel.compare_with_random(train.embeddings, test, 5)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def test_select_command_prints_and_writes_picked_against_random(tmp_path, capsys):
+    from wrapssl import cli
+
+    train, test = labelled_split(150, 0), labelled_split(60, 1)
+    train.save_npz(tmp_path / "embeddings-train.npz")
+    test.save_npz(tmp_path / "embeddings-test.npz")  # found beside the input without a flag
+    out = tmp_path / "picks.csv"
+    cli.main(["select", str(tmp_path / "embeddings-train.npz"), "-n", "10", "--out", str(out)])
+    printed = capsys.readouterr().out
+    rows = out.read_text().splitlines()
+    assert rows[0] == "rank,index,file" and len(rows) == 11
+    assert [int(r.split(",")[1]) for r in rows[1:]] == sel.select(train, 10).indices.tolist()
+    written = json.loads((tmp_path / "picks-vs-random.json").read_text())
+    expected = sel.compare_with_random(train, test, 10)
+    assert {k: written[k] for k in expected} == expected
+    assert written["method"] == sel.DEFAULT_METHOD
+    assert f"{100 * expected['picked']:.2f}%" in printed and f"{100 * expected['random_mean']:.2f}%" in printed
+    assert f"gain {100 * expected['gain']:+.2f} points" in printed
+    # an explicit test file, another method and draws
+    other = tmp_path / "held-out.npz"
+    test.save_npz(other)
+    cli.main(["select", str(tmp_path / "embeddings-train.npz"), "-n", "10", "--out", str(out), "--method", "kcenter",
+              "--test-embeddings", str(other), "--draws", "2"])
+    written = json.loads((tmp_path / "picks-vs-random.json").read_text())
+    assert written == {**sel.compare_with_random(train, test, 10, method="kcenter", draws=2),
+                       "test_embeddings": str(other)}
+    # --no-compare writes the picks only
+    (tmp_path / "picks-vs-random.json").unlink()
+    capsys.readouterr()
+    cli.main(["select", str(tmp_path / "embeddings-train.npz"), "-n", "10", "--out", str(out), "--no-compare"])
+    assert not (tmp_path / "picks-vs-random.json").exists() and "gain" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case,match", [
+    ("too-many", r"-n 500 is more than the 150 items in .*; pass -n 150 or fewer"),
+    ("missing-test", r"cannot score the picks against random on .*nowhere.npz: it has no such file"),
+    ("unlabelled", r"cannot score .*: the input has rows without labels"),
+    ("unlabelled-test", r"test embeddings have 60 rows without a label"),
+    ("weights", r"weights apply to method 'kcenter' or 'random'"),
+])
+def test_select_command_errors_are_one_line(tmp_path, case, match):
+    from wrapssl import cli
+
+    train, test = labelled_split(150, 0), labelled_split(60, 1)
+    if case == "unlabelled":
+        train = Embeddings(train.embeddings, torch.full((150,), -1), train.files)
+    if case == "unlabelled-test":
+        test = Embeddings(test.embeddings, torch.full((60,), -1), test.files)
+    train.save_npz(tmp_path / "train.npz")
+    test.save_npz(tmp_path / "test.npz")
+    argv = ["select", str(tmp_path / "train.npz"), "-n", "500" if case == "too-many" else "10",
+            "--test-embeddings", str(tmp_path / ("nowhere.npz" if case == "missing-test" else "test.npz"))]
+    if case == "weights":
+        argv += ["--weights", "density"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert re.search(match, message), message
