@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -83,46 +82,16 @@ def _run_record(folder: Path) -> dict[str, Any]:
         raise SystemExit(f"error: {path} is not valid JSON ({e}); pass --arch and --data explicitly") from None
 
 
-def _net_state(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """The net's state_dict from a run folder, a backbone.pt or a Trainer checkpoint, and its folder."""
-    from .archs import read_state_dict
-
-    try:
-        state = read_state_dict(source)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    return state, source if source.is_dir() else source.parent
-
-
-def _channels_and_classes(state: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """Input channels (first conv/patch weight) and classes (last 2-D weight) of a saved net."""
-    convs = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 4]
-    linears = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
-    return (int(convs[0].shape[1]) if convs else 3), (int(linears[-1].shape[0]) if linears else 10)
-
-
 def load_backbone(source: str | os.PathLike, arch: str | None = None, hidden_layer: LayerSpec | None = None
-                  ) -> tuple[nn.Module, LayerSpec, dict[str, Any], Path]:
-    """(net with the saved weights, its hidden layer, the run's recorded arguments, the run folder)."""
-    from .archs import build_arch, load_weights
+                  ) -> tuple[Any, dict[str, Any]]:
+    """(the backbone at ``source`` with its metadata, the arguments its run recorded); one error line otherwise."""
+    from .backbone import load_backbone as load
 
-    state, folder = _net_state(Path(source))
-    recorded = _run_record(folder).get("args", {})
-    arch = arch or recorded.get("arch")
-    if not arch:
-        raise SystemExit(f"error: no metrics.json beside {source} says which architecture this is; pass --arch "
-                         "(e.g. --arch small_resnet or --arch resnet18)")
-    channels, classes = _channels_and_classes(state)
     try:
-        net, default_layer = build_arch(arch, channels=channels, num_classes=classes,
-                                        image_size=recorded.get("image_size"))
-        load_weights(net, Path(source))  # names the file and the keys that do not fit
-    except ValueError as e:
-        raise SystemExit(f"error: {e} (--arch {arch})") from None
-    for layer in (hidden_layer, _layer(recorded.get("hidden_layer")), default_layer):
-        if layer is not None:
-            return net, layer, recorded, folder
-    raise AssertionError("build_arch always gives a default layer")
+        backbone = load(source, arch=arch, hidden_layer=hidden_layer)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {cli_words(str(e))}") from None
+    return backbone, _run_record(backbone.folder).get("args", {})
 
 
 def _dataset(spec: str | None, recorded: dict[str, Any], split: str, image_size: int | None, root: str | None):
@@ -139,37 +108,24 @@ def _dataset(spec: str | None, recorded: dict[str, Any], split: str, image_size:
         raise SystemExit(f"error: {cli_words(str(e))}") from None
 
 
-def _embedder(net: nn.Module, layer: LayerSpec, stats: Any, image_size: int) -> contextlib.AbstractContextManager:
-    """What embeds for ``embed_dataset``: the net itself (ImageNet statistics, as a Learner's default), or for
-    a run trained with its own normalisation statistics (``stats``: the run's --normalize), a Learner
-    that applies them."""
-    if not (isinstance(stats, (list, tuple)) and len(stats) == 2):
-        return contextlib.nullcontext(net)
-    from .learner import Learner
-    return Learner(net, image_size, hidden_layer=layer, method="simsiam",
-                   normalize=(tuple(stats[0]), tuple(stats[1])))
-
-
-def _embed_with_progress(net: nn.Module, ds, args: argparse.Namespace, layer: LayerSpec, what: str,
-                         stats: Any = None):
-    """``embed_dataset`` in chunks of EMBED_CHUNK images, with a progress bar on stderr; ``stats``: the run's
-    normalisation statistics (see ``_embedder``)."""
+def _embed_with_progress(backbone: Any, ds, args: argparse.Namespace, what: str, net: nn.Module | None = None):
+    """``embed_dataset`` in chunks of EMBED_CHUNK images with the backbone's layer and normalisation (``net``:
+    another net of the same make, e.g. its random init), with a progress bar on stderr."""
     import torch
     from torch.utils.data import Subset
     from tqdm.auto import tqdm
 
+    from .backbone import Embedder
     from .evaluate import Embeddings, embed_dataset
 
     device = args.device
-    net = net.to(device)
     parts = []
+    net = (net if net is not None else backbone.net).to(device)
     with tqdm(total=len(ds), desc=f"embedding {what}", unit="img", file=sys.stderr, dynamic_ncols=True) as bar, \
-            _embedder(net, layer, stats, int(ds[0][0].shape[-1])) as model:
-        model.to(device)
+            Embedder(net, backbone.hidden_layer, backbone.info.normalize, backbone.info.channels) as model:
         for start in range(0, len(ds), EMBED_CHUNK):
             chunk = Subset(ds, range(start, min(start + EMBED_CHUNK, len(ds))))
-            part = embed_dataset(model, chunk, batch_size=args.batch_size, device=device, hidden_layer=layer)
-            parts.append(part)
+            parts.append(embed_dataset(model, chunk, batch_size=args.batch_size, device=device))
             bar.update(len(chunk))
     files = list(getattr(ds, "files", None) or [str(i) for i in range(len(ds))])[:len(ds)]
     return Embeddings(torch.cat([p.embeddings for p in parts]), torch.cat([p.labels for p in parts]), files)
@@ -208,11 +164,12 @@ def _embeddings(path: str | os.PathLike):
                          f"({type(e).__name__}: {e})") from None
 
 
-def _split(args: argparse.Namespace, recorded: dict[str, Any], split: str):
-    """One split of the data (the first --limit images of it)."""
+def _split(args: argparse.Namespace, recorded: dict[str, Any], split: str, backbone: Any = None):
+    """One split of the data (the first --limit images of it), at --image-size, else the backbone's."""
     from torch.utils.data import Subset
 
-    ds = _dataset(args.data, recorded, split, args.image_size, args.data_root)
+    size = args.image_size or (backbone.info.image_size if backbone is not None else None)
+    ds = _dataset(args.data, recorded, split, size, args.data_root)
     if args.limit:
         files = getattr(ds, "files", None)
         limited = Subset(ds, range(min(args.limit, len(ds))))
@@ -237,31 +194,36 @@ def _has_labels(ds) -> bool:
 def _embed(args: argparse.Namespace, split: str):
     """(embeddings of one split of the data with the loaded backbone, the run folder)."""
     args.device = _device(args.device)
-    net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
-    ds = _split(args, recorded, split)
-    return _embed_with_progress(net, ds, args, layer, f"{split} split", recorded.get("normalize")), folder
+    backbone, recorded = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
+    ds = _split(args, recorded, split, backbone)
+    return _embed_with_progress(backbone, ds, args, f"{split} split"), backbone.folder
 
 
-def _baselines(args: argparse.Namespace, net: nn.Module, layer: LayerSpec, recorded: dict[str, Any],
-               train_ds, test_ds) -> dict[str, dict[str, float]]:
-    """Raw pixels and the randomly initialised net (the run's seed), scored as the backbone is."""
+def random_init_net(backbone: Any, seed: int) -> nn.Module:
+    """The backbone's architecture at the random start its run had (the run's seed), as `wrapssl train` built it."""
     import torch
 
     from .archs import build_arch
+
+    info = backbone.info
+    torch.manual_seed(int(seed))
+    net, _ = build_arch(info.arch, channels=info.channels, num_classes=info.num_classes or 1,
+                        image_size=info.image_size)
+    return net
+
+
+def _baselines(args: argparse.Namespace, backbone: Any, recorded: dict[str, Any], train_ds, test_ds
+               ) -> dict[str, dict[str, float]]:
+    """Raw pixels and the randomly initialised net (the run's seed), scored as the backbone is."""
     from .evaluate import probe_scores, raw_pixels
 
-    size = args.image_size or recorded.get("image_size")
+    size = args.image_size or backbone.info.image_size
     print("scoring the baselines: raw pixels ...", file=sys.stderr)
     rows = {"raw_pixels": probe_scores(raw_pixels(train_ds, size), raw_pixels(test_ds, size), args.k,
                                        args.temperature)}
-    channels = next((p.shape[1] for p in net.parameters() if p.ndim == 4), 3)
-    torch.manual_seed(int(recorded.get("seed") or 0))  # the run's random init, as train.py built it
-    fresh, _ = build_arch(args.arch or recorded["arch"], channels=channels,
-                          num_classes=next((p.shape[0] for p in reversed(list(net.parameters())) if p.ndim == 2), 10),
-                          image_size=recorded.get("image_size"))
-    stats = recorded.get("normalize")
-    a = _embed_with_progress(fresh, train_ds, args, layer, "train split (random init)", stats)
-    b = _embed_with_progress(fresh, test_ds, args, layer, "test split (random init)", stats)
+    fresh = random_init_net(backbone, int(recorded.get("seed") or 0))
+    a = _embed_with_progress(backbone, train_ds, args, "train split (random init)", net=fresh)
+    b = _embed_with_progress(backbone, test_ds, args, "test split (random init)", net=fresh)
     rows["random_init"] = probe_scores(a, b, args.k, args.temperature)
     return rows
 
@@ -301,16 +263,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         folder = Path(args.test_embeddings).parent
     elif args.source:
         args.device = _device(args.device)
-        net, layer, recorded, folder = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
-        train_ds, test_ds = _split(args, recorded, "train"), _split(args, recorded, "test")
+        backbone, recorded = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
+        folder = backbone.folder
+        train_ds, test_ds = _split(args, recorded, "train", backbone), _split(args, recorded, "test", backbone)
         for split, ds in (("train", train_ds), ("test", test_ds)):
             if not _has_labels(ds):
                 raise SystemExit(f"error: the {split} images of {args.data or recorded.get('data')} have no labels "
                                  "(no class subfolders), and evaluate scores how well embeddings predict labels; "
                                  "without labels, `wrapssl embed` them and use `wrapssl plot` (a map) or `wrapssl "
                                  "select` (what to label), or sort the images into one subfolder per class")
-        train = _embed_with_progress(net, train_ds, args, layer, "train split", recorded.get("normalize"))
-        test = _embed_with_progress(net, test_ds, args, layer, "test split", recorded.get("normalize"))
+        train = _embed_with_progress(backbone, train_ds, args, "train split")
+        test = _embed_with_progress(backbone, test_ds, args, "test split")
     else:
         raise SystemExit("error: pass SOURCE (a run folder or backbone) or both --train-embeddings and "
                          "--test-embeddings")
@@ -319,7 +282,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     try:
         scores = evaluate(train, test, k=args.k, temperature=args.temperature)
         if args.baselines and args.source:
-            rows = _baselines(args, net, layer, recorded, train_ds, test_ds)
+            rows = _baselines(args, backbone, recorded, train_ds, test_ds)
             rows["pretrained"] = {"knn": scores["knn_top1"], "linear": scores["linear_top1"]}
             scores["baselines"] = {name: rows[name] for name in ("raw_pixels", "random_init")}
             print(format_scores(rows, k=args.k, memory=int(scores["n_train"])), file=sys.stderr)
@@ -407,6 +370,120 @@ def cmd_select(args: argparse.Namespace) -> None:
         print(f"wrote {len(lines) - 1} near-duplicate pairs ({how}) to {dup_path}")
 
 
+def _finetune_sets(args: argparse.Namespace, recorded: dict[str, Any], backbone: Any):
+    """(labelled training images, test images, class names) for `wrapssl finetune`: a named set's train/test
+    splits, or a folder with one subfolder per class (every fifth image held out for the test, as
+    `wrapssl train` does, unless --test names a folder)."""
+    from torch.utils.data import Subset
+
+    from .data import dataset_name
+    from .finetune import dataset_labels
+
+    spec = args.data or recorded.get("data")
+    if not spec:
+        raise SystemExit("error: pass --data: a folder with one subfolder per class, or a named data set such as "
+                         "fashion-mnist")
+    size = args.image_size or backbone.info.image_size
+    if dataset_name(spec) is not None:
+        train = _dataset(spec, recorded, "train", size, args.data_root)
+        test = _dataset(spec, recorded, "test", size, args.data_root)
+        return train, test, list(getattr(train, "classes", []) or [])
+    images = _dataset(spec, recorded, "train", size, args.data_root)
+    classes = list(getattr(images, "classes", []) or [])
+    if not classes:
+        raise SystemExit(f"error: {spec} has no labels (no class subfolders); fine-tuning needs labelled images: "
+                         "sort them into one subfolder per class")
+    if args.test:
+        return images, _dataset(args.test, {}, "test", size, None), classes
+    labels = dataset_labels(images).tolist()
+    train = Subset(images, [i for i in range(len(images)) if i % 5 and labels[i] >= 0])
+    test = Subset(images, [i for i in range(len(images)) if i % 5 == 0 and labels[i] >= 0])
+    train.labels = [labels[i] for i in train.indices]
+    test.labels = [labels[i] for i in test.indices]
+    return train, test, classes
+
+
+def _picked(path: str, n: int) -> list[int]:
+    """The item indices of a `wrapssl select` CSV (rank,index,file); one error line for a foreign file."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        picked = [int(r["index"]) for r in rows]
+    except FileNotFoundError:
+        raise SystemExit(f"error: --picks {path}: no such file; write it with `wrapssl select`") from None
+    except (KeyError, ValueError, TypeError):
+        raise SystemExit(f"error: --picks {path} is not a selection written by `wrapssl select` (columns rank,index,"
+                         "file)") from None
+    bad = [i for i in picked if not 0 <= i < n]
+    if not picked or bad:
+        raise SystemExit(f"error: --picks {path} names {'no items' if not picked else f'item {bad[0]}'}, and the "
+                         f"training images are 0..{n - 1}; select from embeddings of the same data "
+                         "(`wrapssl embed RUN --split train`)")
+    return picked
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a pretrained backbone with a new classification head on labelled images; report its test accuracy."""
+    from torch.utils.data import Subset
+
+    from .budgets import draw_labels, parse_budgets
+    from .finetune import FinetuneSettings, _labels_of, finetune
+
+    backbone, recorded = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
+    train, test, classes = _finetune_sets(args, recorded, backbone)
+    labels = _labels_of(train, range(len(train)))
+    try:
+        if args.picks:
+            chosen, how = _picked(args.picks, len(train)), f"the {args.picks} picks"
+            if bool((labels[chosen] < 0).any()):
+                raise SystemExit(f"error: some of the --picks {args.picks} have no label; label them (one subfolder "
+                                 "per class) first")
+        elif args.labels.lower() == "all":
+            chosen, how = [i for i in range(len(train)) if labels[i] >= 0], "every labelled image"
+        else:
+            budgets = parse_budgets(args.labels)
+            if len(budgets) != 1:
+                raise SystemExit("error: --labels takes one count here (e.g. 100 or 10/class); `wrapssl evaluate "
+                                 "--labels` compares several")
+            chosen = draw_labels(labels, budgets[0], seed=args.label_seed)
+            how = f"a class-balanced draw of {budgets[0]} (--label-seed {args.label_seed})"
+        settings = FinetuneSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                    backbone_lr_ratio=args.backbone_lr_ratio, weight_decay=args.weight_decay,
+                                    seed=args.seed, mixed_precision=args.mixed_precision, num_workers=args.num_workers)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(args.out or backbone.folder / f"finetune-{len(chosen)}")
+    if _is_rank0():
+        print(f"fine-tuning {backbone.info.arch} [{backbone.hidden_layer}] on {len(chosen)} labelled images "
+              f"({how}), {len(test)} test images, into {out}", file=sys.stderr)
+    try:
+        result = finetune(backbone, Subset(train, chosen), test, settings=settings, out=out, classes=classes,
+                          resume=True if args.resume else None)
+    except (ValueError, FloatingPointError, OSError) as e:
+        raise SystemExit(f"error: {cli_words(str(e))}") from None
+    if _is_rank0() and result.test_accuracy is not None:
+        print(f"test accuracy {100 * result.test_accuracy:.2f}% on {len(test)} images after {result.steps} steps "
+              f"({result.seconds:.0f} s); wrote {out}/classifier.safetensors and finetune.json")
+
+
+def _is_rank0() -> bool:
+    """True on the process that speaks (rank 0 under accelerate launch or torchrun)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of every subcommand that loads a backbone and a data set."""
+    p.add_argument("--arch", help="architecture of a bare weights file (default: what the backbone's metadata, or "
+                                  "an older run's metrics.json, says)")
+    p.add_argument("--hidden-layer", help="layer to embed from (default: the run's, else the arch's default)")
+    p.add_argument("--data", help="folder or named data set, e.g. fashion-mnist (default: the run's own data)")
+    p.add_argument("--data-root", help="folder holding a named data set's files (default: the run's)")
+    p.add_argument("--image-size", type=positive_int_arg,
+                   help="resize images to this (default: the run's image size)")
+
+
 def cmd_shards(args: argparse.Namespace) -> None:
     """Write tar shards (an image, a .cls label where there is one) from a folder or a built-in data set."""
     from .data import load_dataset
@@ -422,13 +499,8 @@ def cmd_shards(args: argparse.Namespace) -> None:
 
 
 def _backbone_args(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by the subcommands that load a backbone and a data set."""
-    p.add_argument("--arch", help="architecture of a bare backbone.pt (default: the run's own, from metrics.json)")
-    p.add_argument("--hidden-layer", help="layer to embed from (default: the run's, else the arch's default)")
-    p.add_argument("--data", help="folder or named data set, e.g. fashion-mnist (default: the run's own data)")
-    p.add_argument("--data-root", help="folder holding a named data set's files (default: the run's)")
-    p.add_argument("--image-size", type=positive_int_arg,
-                   help="resize images to this (default: the run's image size)")
+    """Arguments shared by the subcommands that embed a data set with a backbone."""
+    _source_args(p)
     p.add_argument("--limit", type=positive_int_arg, help="embed only the first N images (default: all)")
     p.add_argument("--batch-size", type=positive_int_arg, default=256,
                    help="images per forward pass; lower it if memory is short")
@@ -472,6 +544,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "protocol, under \"baselines\" (needs SOURCE)")
     p.add_argument("--out", help="scores as JSON (default: <run folder>/scores.json, or beside the test "
                                  "embeddings)")
+
+    p = command("finetune", "fine-tune a pretrained backbone on labelled images (a new classification head)",
+                cmd_finetune)
+    p.add_argument("source", help="run folder, backbone file (.safetensors from wrapssl train describes itself; "
+                                  "another needs --arch) or checkpoint-N.pt")
+    _source_args(p)
+    p.add_argument("--labels", default="all",
+                   help="how many labelled training images to use: 'all', a total (100) or per class (10/class), "
+                        "drawn class-balanced with --label-seed; with a built-in set this simulates a budget")
+    p.add_argument("--label-seed", type=int, default=0, help="seed of the draw of --labels")
+    p.add_argument("--picks", metavar="CSV",
+                   help="use the images a `wrapssl select` CSV picked (their labels from --data) instead of --labels")
+    p.add_argument("--test", metavar="FOLDER",
+                   help="labelled test images, one subfolder per class (default: a named set's test split; for a "
+                        "folder, every fifth image is held out)")
+    p.add_argument("--steps", type=positive_int_arg, default=300,
+                   help="optimiser steps; 300 suits 100-1,000 labels at batch 64")
+    p.add_argument("--batch-size", type=positive_int_arg, default=64,
+                   help="labelled images per step and process (capped at the number of labelled images)")
+    p.add_argument("--lr", type=positive_float_arg, default=2e-3,
+                   help="the head's AdamW learning rate; the backbone gets lr x --backbone-lr-ratio")
+    p.add_argument("--backbone-lr-ratio", type=float, default=0.1,
+                   help="the backbone's learning rate relative to the head's: low keeps the pretrained features, 0 "
+                        "trains the head only, 1.0 for a net trained from scratch")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases and norms)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="bf16 on recent GPUs (default: accelerate config's)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head, the batches and the augmentations")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with the settings given now (the same command again "
+                        "continues a run with the same settings; other settings are refused without this)")
+    p.add_argument("--out", help="output folder (default: <run folder>/finetune-<labels>)")
 
     p = command("plot", "2-D map of saved embeddings", cmd_plot)
     p.add_argument("embeddings", help=".npz written by 'wrapssl embed'")
