@@ -95,14 +95,24 @@ def byol_views(image_size: int, channels: int = 3, scale: tuple[float, float] = 
 
 
 def simclr_views(image_size: int, strength: float = 1.0, channels: int = 3,
-                 scale: tuple[float, float] = (0.08, 1.0)) -> Views:
-    """SimCLR's symmetric pair: colour jitter 0.8s/0.8s/0.8s/0.2s at p=0.8, blur p=0.5 (Chen et al. 2020).
+                 scale: tuple[float, float] = (0.08, 1.0), n_views: int = 2, n_local: int = 0,
+                 local_size: int | None = None, local_scale: tuple[float, float] = (0.05, 0.4)) -> Views:
+    """SimCLR's symmetric views: colour jitter 0.8s/0.8s/0.8s/0.2s at p=0.8, blur p=0.5 (Chen et al. 2020).
 
     ``scale`` is the area range of the random resized crops (raise the minimum for small images).
+    ``n_views`` global views (2: SimCLR's pair; more as in FastSiam) and ``n_local`` small crops of
+    ``local_size`` (default 96/224 of ``image_size``) over ``local_scale`` of the area, with the same
+    colour recipe; the global views come first (``Views.n_global``).
     """
+    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
+        raise ValueError(f"n_views must be a whole number >= 1 (2 is SimCLR's pair), got {n_views!r}")
+    if isinstance(n_local, bool) or not isinstance(n_local, int) or n_local < 0:
+        raise ValueError(f"n_local must be a whole number >= 0, got {n_local!r}")
     s = strength
-    one = dict(scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur_p=0.5, channels=channels)
-    return Views([view_transform(image_size, **one), view_transform(image_size, **one)])
+    one = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur_p=0.5, channels=channels)
+    local_size = local_size or max(8, round(image_size * 96 / 224))
+    return Views([view_transform(image_size, scale=scale, **one) for _ in range(n_views)]
+                 + [view_transform(local_size, scale=local_scale, **one) for _ in range(n_local)], n_global=n_views)
 
 
 def multicrop_views(image_size: int, n_local: int = 6, local_size: int | None = None,
