@@ -3,11 +3,18 @@
 The reference is computed independently of wrapssl: for torchvision, the input of the net's last
 registered Linear or Conv2d, taken by a hook during the net's full forward; for timm, the net's
 own ``forward_head(forward_features(x), pre_logits=True)`` and, again, the input of its classifier.
+
+Values are compared on one small net of each family (FAST, TIMM_FAST). Every other net is built
+on the meta device (no memory, no initialisation: vit_h_14 and regnet_y_128gf cost a fraction of a
+second): there the Learner must find the same layer as the reference (torchvision: the name of the
+last registered classifier) and give the same width (timm: the width of timm's own pre-logits,
+without running a classifier).
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from torchvision import models
 
@@ -65,14 +72,27 @@ def calibrate(net: nn.Module, size: int) -> nn.Module:
     return net.eval()
 
 
-def torchvision_net(name: str) -> tuple[nn.Module, int]:
-    """A randomly initialised torchvision classifier (batch norm calibrated) and a small image side it runs at."""
+def on_meta(build) -> nn.Module:
+    """``build()`` with its parameters and buffers on the meta device: no memory, no initialisation."""
+    with init_empty_weights(include_buffers=False):  # parameters; shapes computed with tensors at build still work
+        net = build()
+    return net.to("meta").eval()
+
+
+def torchvision_kwargs(name: str) -> tuple[dict, int]:
+    """get_model's arguments for a 7-class net, and a small image side it runs at."""
     size = SIZES.get(name, 32)
     kwargs = {"image_size": size} if name.startswith("vit_") else {}
     if name in ("googlenet", "inception_v3"):  # the auxiliary classifier of inception_v3 needs 299 px in train mode
         kwargs.update(init_weights=True, aux_logits=name == "googlenet")
+    return dict(weights=None, num_classes=7, **kwargs), size
+
+
+def torchvision_net(name: str) -> tuple[nn.Module, int]:
+    """A randomly initialised torchvision classifier (batch norm calibrated) and a small image side it runs at."""
+    kwargs, size = torchvision_kwargs(name)
     torch.manual_seed(0)
-    return calibrate(models.get_model(name, weights=None, num_classes=7, **kwargs), size), size
+    return calibrate(models.get_model(name, **kwargs), size), size
 
 
 def check_torchvision(name: str) -> None:
@@ -98,8 +118,16 @@ def test_torchvision_default_layer_is_the_classifier_input(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in ALL if n not in FAST])
-def test_every_other_torchvision_classifier(name):
-    check_torchvision(name)
+def test_every_other_torchvision_classifier_on_the_meta_device(name):
+    """The same layer and width as the reference, without building a single weight."""
+    kwargs, size = torchvision_kwargs(name)
+    net = on_meta(lambda: models.get_model(name, **kwargs))
+    classifier = last_classifier(net)
+    name_of = {m: n for n, m in net.named_modules()}
+    learner = Learner(net, image_size=size, **TINY)
+    width = classifier.in_features if isinstance(classifier, nn.Linear) else classifier.in_channels
+    assert learner.hidden_layer.classifier == name_of[classifier]
+    assert learner.feature_dim == width  # the Learner's own forward to the layer, on the meta device
 
 
 # ----------------------------------------------------------------------------- timm
@@ -133,8 +161,10 @@ TIMM = [
     ("efficientformer_l1", 224, {}), ("efficientformerv2_s0", 224, {}), ("gcvit_xxtiny", 224, {}),
     ("vitamin_small_224", 224, {}),
 ]
-TIMM_FAST = ["resnet18", "convnext_atto", "mobilenetv3_small_050", "efficientnet_b0", "vit_tiny_patch16_224",
-             "deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224", "levit_128s", "mambaout_femto"]
+# timm cannot build swinv2_cr on the meta device (it reads a weight at build) nor run vitamin there (it makes a
+# CPU tensor in its forward): their values are compared instead
+TIMM_FAST = ["swinv2_cr_tiny_ns_224", "vitamin_small_224", "resnet18", "convnext_atto", "mobilenetv3_small_050",
+             "efficientnet_b0", "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224", "levit_128s", "mambaout_femto"]
 
 
 # timm's pre-logits come before a norm of the head (NormLinear), before an MLP head (MetaFormer's), or average
@@ -172,5 +202,15 @@ def test_timm_default_layer_is_timms_pre_logits(name, size, kwargs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,size,kwargs", [t for t in TIMM if t[0] not in TIMM_FAST], ids=lambda v: str(v))
-def test_timm_families(name, size, kwargs):
-    check_timm(name, size, kwargs)
+def test_timm_families_on_the_meta_device(name, size, kwargs):
+    """The width of timm's own pre-logits, and no classifier runs, without building a single weight."""
+    timm = pytest.importorskip("timm")
+    net = on_meta(lambda: timm.create_model(name, pretrained=False, num_classes=7, **kwargs))
+    heads = [m for m in net.modules()
+             if isinstance(m, nn.Linear) and m.out_features == 7 or isinstance(m, nn.Conv2d) and m.out_channels == 7]
+    with torch.no_grad():
+        own = net.forward_head(net.forward_features(torch.zeros(2, 3, size, size, device="meta")), pre_logits=True)
+    calls = [calls_of(head) for head in heads]
+    learner = Learner(net, image_size=size, **TINY)  # finds its width with a forward on the meta device
+    assert heads and not any(calls), "a classifier ran"
+    assert own.ndim == 2 and learner.feature_dim == own.shape[1]
