@@ -96,9 +96,11 @@ def test_the_app_reports_label_budgets(tmp_path):
     assert [b["labels"] for b in budgets] == [30]
     rows = budgets[0]["rows"]
     assert set(rows) >= {"raw_pixels_linear", "scratch_finetuned", "pretrained_linear", "pretrained_finetuned",
-                         "selected_linear"}
+                         "selected_linear", "random_linear"}
     assert all(len(rows[r]["draws"]) == 2 for r in ("raw_pixels_linear", "pretrained_finetuned"))
-    assert metrics["selection"]["budgets"]["30"]["n"] == 30
+    picks = metrics["label_budgets"]["selection"]["budgets"]["30"]
+    assert picks["n"] == 30 and rows["selected_linear"]["mean"] == picks["picked"]
+    assert rows["random_linear"]["draws"] == picks["random"]
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["label_budgets"] == json.loads(json.dumps(metrics["label_budgets"]))
     assert (tmp_path / "run" / "budget_curve.png").stat().st_size > 10_000

@@ -18,7 +18,7 @@ from torch import nn
 
 from .hidden import ClassifierInput, Encoder, LayerSpec, eval_mode, input_channels
 
-__all__ = ["BackboneInfo", "Backbone", "Embedder", "save_backbone", "read_backbone_info", "load_backbone",
+__all__ = ["BackboneInfo", "Backbone", "Embedder", "save_backbone", "read_backbone_info", "load_backbone", "random_init",
            "layer_to_json", "layer_from_json"]
 
 FORMAT = "wrapssl.backbone"
@@ -239,6 +239,17 @@ def load_backbone(source: str | os.PathLike, arch: str | None = None, hidden_lay
     layer = hidden_layer if hidden_layer is not None else (info.layer or default_layer)
     info.hidden_layer = layer_to_json(layer)
     return Backbone(net, layer, info, path.parent)
+
+
+def random_init(backbone: Backbone, seed: int = 0) -> nn.Module:
+    """The backbone's architecture at the random start its run had with ``seed`` (as `wrapssl train` builds it)."""
+    from .archs import build_arch
+
+    info = backbone.info
+    torch.manual_seed(int(seed))
+    net, _ = build_arch(info.arch, channels=info.channels, num_classes=info.num_classes or 1,
+                        image_size=info.image_size)
+    return net
 
 
 class Embedder(nn.Module):

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-__all__ = ["Budget", "parse_budgets", "draw_labels", "label_budgets", "format_budgets", "ROWS", "ROW_TITLES",
-           "DEFAULT_BUDGETS"]
+__all__ = ["Budget", "parse_budgets", "draw_labels", "label_budgets", "format_budgets", "report", "print_report",
+           "fitting", "ROWS", "ROW_TITLES", "DEFAULT_BUDGETS"]
 
 ROWS = ("raw_pixels_linear", "scratch_finetuned", "pretrained_linear", "pretrained_finetuned")
 ROW_TITLES = {"raw_pixels_linear": "raw pixels, linear", "scratch_finetuned": "from scratch, fine-tuned",
               "pretrained_linear": "pretrained, linear", "pretrained_finetuned": "pretrained, fine-tuned",
-              "selected_linear": "pretrained, linear, picked by select", "random_linear": "pretrained, linear, random picks"}
+              "selected_linear": "picked by select, linear", "random_linear": "random picks, linear"}
 DEFAULT_BUDGETS = ("10/class", "100/class")
 
 
@@ -201,3 +201,65 @@ def format_budgets(result: dict[str, Any]) -> str:
         name = str(b["labels"]) + (f" ({b['budget']})" if b["budget"] != str(b["labels"]) else "")
         lines.append(name.ljust(16) + cells)
     return "\n".join(lines)
+
+
+def fitting(budgets: Sequence[Budget], labels: torch.Tensor) -> tuple[list[Budget], list[Budget], int]:
+    """(the budgets every class has enough labelled images for, the others, the smallest class's count)."""
+    labels = torch.as_tensor(labels).long()
+    counts = torch.bincount(labels[labels >= 0])
+    counts = counts[counts > 0]
+    smallest = int(counts.min()) if len(counts) else 0
+    fits = [b for b in budgets if len(counts) >= 2 and
+            (b.count if b.per_class else -(-b.count // len(counts))) <= smallest]
+    return fits, [b for b in budgets if b not in fits], smallest
+
+
+def report(memory: Dataset, queries: Dataset, budgets: Sequence[Budget], backbone: Any, *, draws: int = 3,
+           seed: int = 0, embeddings: tuple[Any, Any] | None = None, image_size: int | None = None,
+           finetune_steps: int = 300, baselines: bool = True, selection: bool = True,
+           log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """The few-label report of the app and of `wrapssl evaluate`: ``label_budgets`` with every row (the net from
+    scratch is ``backbone``'s architecture at its random start with ``seed``), and for each budget the images
+    `wrapssl select` picks (its default method) against random picks; None when no budget fits the labels.
+    ``baselines=False`` leaves out the raw-pixel and from-scratch rows."""
+    from .backbone import random_init
+    from .finetune import FinetuneSettings, dataset_labels
+    from .select import DEFAULT_METHOD, compare_with_random
+
+    fits, skipped, smallest = fitting(budgets, dataset_labels(memory))
+    if skipped:
+        log(f"note: label budgets {', '.join(map(str, skipped))} skipped: the smallest class has {smallest} "
+            "labelled training images")
+    if not fits:
+        return None
+    log(f"scoring label budgets ({', '.join(map(str, fits))}; {draws} class-balanced draws each) ...")
+    rows = ROWS if baselines else ("pretrained_linear", "pretrained_finetuned")
+    result = label_budgets(memory, queries, fits, draws=draws, seed=seed, pretrained=backbone,
+                           scratch=random_init(backbone, seed) if baselines else None, embeddings=embeddings,
+                           image_size=image_size, rows=rows, log=lambda m: None,
+                           settings=FinetuneSettings(steps=finetune_steps, seed=seed))
+    if selection:
+        if embeddings is None:
+            from .evaluate import embed_dataset
+            with backbone.embedder() as embedder:
+                embeddings = (embed_dataset(embedder, memory, 512), embed_dataset(embedder, queries, 512))
+        picks = {}
+        for entry in result["budgets"]:
+            n = entry["labels"]
+            picks[str(n)] = found = compare_with_random(embeddings[0], embeddings[1], n, method=DEFAULT_METHOD,
+                                                        draws=draws, seed=seed)
+            entry["rows"]["selected_linear"] = _summary([found["picked"]])
+            entry["rows"]["random_linear"] = _summary(list(found["random"]))
+        result["selection"] = {"method": DEFAULT_METHOD, "budgets": picks}
+    return result
+
+
+def print_report(result: dict[str, Any], test_images: int, log: Callable[[str], None] = print) -> None:
+    """The few-label table, and the picks against random, as a user reads them."""
+    draws = result["protocol"]["draws"]
+    log(f"test accuracy with few labels (mean ± standard deviation over {draws} draws; {test_images} test images):")
+    log(format_budgets(result))
+    method = (result.get("selection") or {}).get("method")
+    for n, found in ((result.get("selection") or {}).get("budgets") or {}).items():
+        log(f"{n} labels picked by `wrapssl select` ({method}): linear {100 * found['picked']:.1f}% against "
+            f"{100 * found['random_mean']:.1f}% for random picks ({100 * found['gain']:+.1f} points)")

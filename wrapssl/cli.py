@@ -199,19 +199,6 @@ def _embed(args: argparse.Namespace, split: str):
     return _embed_with_progress(backbone, ds, args, f"{split} split"), backbone.folder
 
 
-def random_init_net(backbone: Any, seed: int) -> nn.Module:
-    """The backbone's architecture at the random start its run had (the run's seed), as `wrapssl train` built it."""
-    import torch
-
-    from .archs import build_arch
-
-    info = backbone.info
-    torch.manual_seed(int(seed))
-    net, _ = build_arch(info.arch, channels=info.channels, num_classes=info.num_classes or 1,
-                        image_size=info.image_size)
-    return net
-
-
 def _baselines(args: argparse.Namespace, backbone: Any, recorded: dict[str, Any], train_ds, test_ds
                ) -> dict[str, dict[str, float]]:
     """Raw pixels and the randomly initialised net (the run's seed), scored as the backbone is."""
@@ -221,7 +208,9 @@ def _baselines(args: argparse.Namespace, backbone: Any, recorded: dict[str, Any]
     print("scoring the baselines: raw pixels ...", file=sys.stderr)
     rows = {"raw_pixels": probe_scores(raw_pixels(train_ds, size), raw_pixels(test_ds, size), args.k,
                                        args.temperature)}
-    fresh = random_init_net(backbone, int(recorded.get("seed") or 0))
+    from .backbone import random_init
+
+    fresh = random_init(backbone, int(recorded.get("seed") or 0))
     a = _embed_with_progress(backbone, train_ds, args, "train split (random init)", net=fresh)
     b = _embed_with_progress(backbone, test_ds, args, "test split (random init)", net=fresh)
     rows["random_init"] = probe_scores(a, b, args.k, args.temperature)
@@ -286,12 +275,29 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             rows["pretrained"] = {"knn": scores["knn_top1"], "linear": scores["linear_top1"]}
             scores["baselines"] = {name: rows[name] for name in ("raw_pixels", "random_init")}
             print(format_scores(rows, k=args.k, memory=int(scores["n_train"])), file=sys.stderr)
+        if args.source and args.labels:
+            from .budgets import parse_budgets, print_report, report
+            result = report(train_ds, test_ds, parse_budgets(args.labels), backbone, draws=args.draws,
+                            seed=int(recorded.get("seed") or 0), embeddings=(train, test),
+                            image_size=args.image_size or backbone.info.image_size,
+                            finetune_steps=args.finetune_steps, baselines=args.baselines,
+                            log=lambda m: print(m, file=sys.stderr))
+            if result is not None:
+                scores["label_budgets"] = result
+                print_report(result, len(test), log=lambda m: print(m, file=sys.stderr))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     text = json.dumps(scores, indent=2)
     print(text)
     from .files import atomic_write_text
     out = Path(args.out or folder / "scores.json")
+    if scores.get("label_budgets"):
+        try:
+            from . import plots
+            plots.budget_curve(scores["label_budgets"], out.with_name("budget_curve.png"))
+            print(f"wrote {out.with_name('budget_curve.png')}", file=sys.stderr)
+        except ImportError as e:
+            print(f"note: no budget_curve.png ({e})", file=sys.stderr)
     atomic_write_text(out, text)
     print(f"wrote {out}", file=sys.stderr)
 
@@ -542,6 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also score raw pixels and the randomly initialised net (the run's seed) on the same "
                         "protocol, under \"baselines\" (needs SOURCE)")
+    p.add_argument("--labels", nargs="+", default=["10/class", "100/class"], metavar="COUNT",
+                   help="label budgets of the few-label rows (needs SOURCE): totals (100) or per class (10/class); "
+                        "each scores raw pixels (linear), the net from scratch and the pretrained net (fine-tuned), "
+                        "the pretrained net (linear) and select's picks against random, over --draws draws; "
+                        "'none' skips them (they cost about 10 s per draw and budget for a small net on a CPU)")
+    p.add_argument("--draws", type=positive_int_arg, default=3, help="class-balanced draws per label budget")
+    p.add_argument("--finetune-steps", type=positive_int_arg, default=300,
+                   help="steps of each fine-tuning in the few-label rows")
     p.add_argument("--out", help="scores as JSON (default: <run folder>/scores.json, or beside the test "
                                  "embeddings)")
 

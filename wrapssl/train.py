@@ -583,50 +583,24 @@ def budget_report(args: argparse.Namespace, data: RunData, metrics: dict[str, An
                   embeddings: tuple[Embeddings, Embeddings], out: Path) -> None:
     """Accuracy with few labels (``--labels``, ``--draws``): raw pixels, the net from scratch, the pretrained net
     (linear and fine-tuned), and images picked by `wrapssl select` against random ones; printed and kept in
-    metrics.json under ``label_budgets`` and ``selection``."""
+    metrics.json under ``label_budgets``."""
     from .backbone import load_backbone
-    from .budgets import format_budgets, label_budgets
-    from .cli import random_init_net
-    from .finetune import FinetuneSettings, dataset_labels
-    from .select import DEFAULT_METHOD, compare_with_random
+    from .budgets import print_report, report
 
     started = time.perf_counter()
-    labels = dataset_labels(data.memory)
-    smallest = int(torch.bincount(labels[labels >= 0]).min())
-    budgets = parse_budgets(args.labels)
-    fits = [b for b in budgets if (b.count if b.per_class else -(-b.count // len(data.classes))) <= smallest]
-    if len(fits) < len(budgets):
-        print(f"note: label budgets {', '.join(str(b) for b in budgets if b not in fits)} skipped: the smallest "
-              f"class has {smallest} labelled training images")
-    if not fits:
-        return
-    print(f"\nscoring label budgets ({', '.join(map(str, fits))}; {args.draws} class-balanced draws each) ...",
-          flush=True)
+    print()
     try:
-        backbone = load_backbone(out)
-        result = label_budgets(data.memory, data.queries, fits, draws=args.draws, seed=args.seed,
-                               pretrained=backbone, scratch=random_init_net(backbone, args.seed),
-                               embeddings=embeddings, image_size=args.image_size, log=lambda m: None,
-                               settings=FinetuneSettings(steps=args.finetune_steps, seed=args.seed))
+        result = report(data.memory, data.queries, parse_budgets(args.labels), load_backbone(out), draws=args.draws,
+                        seed=args.seed, embeddings=embeddings, image_size=args.image_size,
+                        finetune_steps=args.finetune_steps, baselines=args.baselines,
+                        log=lambda m: print(m, flush=True))
     except ValueError as e:
         print(f"note: label budgets skipped ({e})")
         return
-    selection = {}
-    for entry in result["budgets"]:
-        n = entry["labels"]
-        picked = compare_with_random(embeddings[0], embeddings[1], n, method=DEFAULT_METHOD, draws=args.draws,
-                                     seed=args.seed)
-        selection[str(n)] = picked
-        entry["rows"]["selected_linear"] = {"mean": picked["picked"], "std": 0.0, "min": picked["picked"],
-                                            "max": picked["picked"], "draws": [picked["picked"]]}
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    metrics["label_budgets"], metrics["selection"] = result, {"method": DEFAULT_METHOD, "budgets": selection}
-    print(f"test accuracy with few labels (mean ± standard deviation over {args.draws} draws; "
-          f"{len(data.queries)} test images):")
-    print(format_budgets(result))
-    for n, picked in selection.items():
-        print(f"{n} labels picked by `wrapssl select` ({DEFAULT_METHOD}): linear {100 * picked['picked']:.1f}% "
-              f"against {100 * picked['random_mean']:.1f}% for random picks ({picked['gain'] * 100:+.1f} points)")
+    if result is not None:
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        metrics["label_budgets"] = result
+        print_report(result, len(data.queries))
 
 
 def check_out(out: Path) -> None:
