@@ -105,7 +105,8 @@ class RunEstimate:
             return None
         per_step = (seconds - self.first) / (self.after - 1)
         return (f"wrapssl: {per_step:.3g} s per step: about {duration(per_step * (total - step))} for the "
-                f"{total - step} steps left at this speed (evaluations and checkpoints not counted)")
+                f"{total - step} step{'s' * (total - step != 1)} left at this speed (evaluations and checkpoints "
+                "not counted)")
 
 
 def non_finite(tensors: Mapping[str, Any]) -> list[str]:
