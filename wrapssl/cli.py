@@ -513,8 +513,17 @@ def _backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``wrapssl`` command."""
+def _select_names(wanted: str | None) -> tuple[Sequence[str], str | None]:
+    """``wrapssl.select``'s method names and default, read (loading torch) only when ``wanted`` may be select."""
+    if wanted not in (None, "select"):
+        return (), None  # the select subcommand is not parsed: its choices do not matter
+    from .select import DEFAULT_METHOD, METHODS
+    return METHODS, DEFAULT_METHOD
+
+
+def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``wrapssl`` command; ``wanted``: the subcommand about to be parsed, if known
+    (the others then skip what is costly to build, so that `wrapssl --help` stays light)."""
     parser = Parser(prog="wrapssl", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=VERSION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -602,13 +611,12 @@ def build_parser() -> argparse.ArgumentParser:
                                          "run recorded in its metrics.json, else the label numbers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsample and the projection")
 
-    from .select import DEFAULT_METHOD, METHODS
-
+    methods, default_method = _select_names(wanted)
     p = command("select", "pick images to label (better than random at small budgets); find near-duplicates",
                 cmd_select)
     p.add_argument("embeddings", help=".npz written by 'wrapssl embed'")
     p.add_argument("-n", type=positive_int_arg, required=True, help="how many items to select (required)")
-    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+    p.add_argument("--method", choices=methods, default=default_method,
                    help="typiclust: the most typical item of each of n clusters (the measured best at 100-1,000 "
                         "labels); probcover: greedy coverage of balls around items; kcenter: cover the space "
                         "(coreset; picks outliers, below random at small budgets); random: the baseline")
@@ -671,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if argv[:1] == ["train"]:  # the training app parses its own flags
         return cmd_train(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv else "").parse_args(argv)
     args.func(args)
     return 0
 
