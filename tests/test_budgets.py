@@ -86,21 +86,57 @@ def test_linear_rows_against_a_naive_computation():
     json.dumps(result)  # metrics.json takes it as it is
 
 
-def test_the_app_reports_label_budgets(tmp_path):
-    """`wrapssl train` on labelled data ends with the few-label rows, in metrics.json and budget_curve.png."""
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory):
+    """Digits as PNG files in one subfolder per class, as a user's labelled photos would be."""
+    from PIL import Image
+    from wrapssl.data import load_dataset
+    root = tmp_path_factory.mktemp("digits")
+    data = load_dataset("digits", 16)
+    counts: dict[int, int] = {}
+    for i in range(len(data)):
+        image, label = data[i]
+        if label >= 4 or counts.get(label, 0) >= 40:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        (root / f"class{label}").mkdir(exist_ok=True)
+        Image.fromarray(image[0].numpy()).save(root / f"class{label}" / f"{i}.png")
+    return root
+
+
+def test_the_app_reports_label_budgets_on_a_folder(tmp_path, digit_folder):
+    """`wrapssl train` on a folder with class subfolders ends with the few-label rows, in metrics.json and
+    budget_curve.png; a budget the smallest class cannot fill is skipped with a note."""
     from wrapssl.train import main
-    metrics = main(["--data", "digits", "--steps", "2", "--batch-size", "32", "--labels", "3/class", "--draws", "2",
-                    "--finetune-steps", "3", "--out", str(tmp_path / "run"), "--eval-every", "2",
-                    "--knn-k", "20"])
+    metrics = main(["--data", str(digit_folder), "--image-size", "16", "--steps", "2", "--batch-size", "32",
+                    "--labels", "3/class", "500/class", "--draws", "2", "--finetune-steps", "3",
+                    "--out", str(tmp_path / "run"), "--eval-every", "2", "--knn-k", "20", "--no-plots"])
     budgets = metrics["label_budgets"]["budgets"]
-    assert [b["labels"] for b in budgets] == [30]
+    assert [b["labels"] for b in budgets] == [12]  # 500/class does not fit 32 training images per class
     rows = budgets[0]["rows"]
     assert set(rows) >= {"raw_pixels_linear", "scratch_finetuned", "pretrained_linear", "pretrained_finetuned",
                          "selected_linear", "random_linear"}
     assert all(len(rows[r]["draws"]) == 2 for r in ("raw_pixels_linear", "pretrained_finetuned"))
-    picks = metrics["label_budgets"]["selection"]["budgets"]["30"]
-    assert picks["n"] == 30 and rows["selected_linear"]["mean"] == picks["picked"]
+    picks = metrics["label_budgets"]["selection"]["budgets"]["12"]
+    assert picks["n"] == 12 and rows["selected_linear"]["mean"] == picks["picked"]
     assert rows["random_linear"]["draws"] == picks["random"]
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["label_budgets"] == json.loads(json.dumps(metrics["label_budgets"]))
-    assert (tmp_path / "run" / "budget_curve.png").stat().st_size > 10_000
+
+
+def test_evaluate_adds_the_rows_and_the_curve(tmp_path):
+    """`wrapssl evaluate RUN --labels ...` on a built-in set: the rows in scores.json, budget_curve.png beside."""
+    from wrapssl.archs import build_arch
+    from wrapssl.backbone import BackboneInfo, save_backbone
+    from wrapssl.cli import main
+    torch.manual_seed(0)
+    net, _ = build_arch("small_resnet", channels=3, num_classes=10, image_size=16)
+    save_backbone(net, tmp_path, BackboneInfo(arch="small_resnet", image_size=16, channels=3,
+                                              mean=[0.5] * 3, std=[0.25] * 3))
+    main(["evaluate", str(tmp_path), "--data", "digits", "--labels", "2/class", "--draws", "2",
+          "--finetune-steps", "2", "--no-baselines"])
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    rows = scores["label_budgets"]["budgets"][0]["rows"]
+    assert scores["label_budgets"]["budgets"][0]["labels"] == 20
+    assert {"pretrained_linear", "pretrained_finetuned"} <= set(rows) and "raw_pixels_linear" not in rows
+    assert (tmp_path / "budget_curve.png").stat().st_size > 10_000

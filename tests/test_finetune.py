@@ -187,3 +187,24 @@ def run_cli(*argv: str) -> str | None:
             return None
         return str(e.code)
     return None
+
+
+@pytest.mark.slow
+def test_two_processes_finetune_one_classifier(run_folder, tmp_path):
+    """`accelerate launch --num_processes 2 -m wrapssl finetune`: both processes train (the global batch is
+    twice a process's), rank 0 writes one classifier that scores what it reports."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "wrapssl", "finetune", str(run_folder), "--labels", "4/class", "--steps", "6",
+                           "--batch-size", "8", "--out", str(tmp_path / "ft")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert record["settings"]["global_batch"] == 16 and record["steps"] == 6
+    assert done.stdout.count("test accuracy") == 1  # rank 0 speaks
+    test = load_dataset("digits", SIZE, split="test")
+    assert accuracy(load_classifier(tmp_path / "ft"), test) == pytest.approx(record["test_accuracy"])
