@@ -617,9 +617,10 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("embeddings", help=".npz written by 'wrapssl embed'")
     p.add_argument("-n", type=positive_int_arg, required=True, help="how many items to select (required)")
     p.add_argument("--method", choices=methods, default=default_method,
-                   help="typiclust: the most typical item of each of n clusters (the measured best at 100-1,000 "
-                        "labels); probcover: greedy coverage of balls around items; kcenter: cover the space "
-                        "(coreset; picks outliers, below random at small budgets); random: the baseline")
+                   help="typiclust: the most typical item of each of n clusters (best measured on Fashion-MNIST: "
+                        "+4.5 points over random picks at 100 labels, +1 at 1,000); probcover: greedy coverage "
+                        "of balls around items; kcenter: cover the space (coreset; spends picks on outliers, "
+                        "below random from 50 labels on); random: the baseline")
     p.add_argument("--weights", choices=["density", "uncertainty"],
                    help="kcenter/random only: density avoids outliers; uncertainty favours items between clusters "
                         "(default: none)")
