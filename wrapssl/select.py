@@ -310,7 +310,7 @@ def _seed_centres(x: torch.Tensor, n_clusters: int, gen: torch.Generator) -> tor
 
 
 def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, float]:
-    """Lloyd steps from ``centres`` until fewer than ``tol`` of the rows move: (assignment, sum of squared distances)."""
+    """Lloyd steps from ``centres`` until under ``tol`` of the rows move: (assignment, sum of squared distances)."""
     size, k = x.shape[0], centres.shape[0]
     assign = _assign(x, centres)
     for _ in range(max_iter):
