@@ -208,3 +208,27 @@ def test_two_processes_finetune_one_classifier(run_folder, tmp_path):
     assert done.stdout.count("test accuracy") == 1  # rank 0 speaks
     test = load_dataset("digits", SIZE, split="test")
     assert accuracy(load_classifier(tmp_path / "ft"), test) == pytest.approx(record["test_accuracy"])
+
+
+def test_cli_finetune_on_the_images_select_picked(run_folder, tmp_path, capsys):
+    """A folder with class subfolders and a `wrapssl select` CSV: the picks train, held-out images test, and no
+    picked image is among the test images."""
+    from PIL import Image
+    data = load_dataset("digits", SIZE)
+    for i in range(60):
+        image, label = data[i]
+        (tmp_path / "photos" / f"c{label % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0].numpy()).save(tmp_path / "photos" / f"c{label % 3}" / f"{i:03d}.png")
+    picks = [0, 5, 7, 12, 20, 33, 41, 50]  # 0, 5, 20 ... are also every-fifth images: they must leave the test
+    rows = "rank,index,file\n" + "".join(f"{r},{i},x\n" for r, i in enumerate(picks))
+    (tmp_path / "sel.csv").write_text(rows)
+    assert run_cli("finetune", str(run_folder), "--data", str(tmp_path / "photos"), "--picks",
+                   str(tmp_path / "sel.csv"), "--steps", "3", "--out", str(tmp_path / "ft")) is None
+    record = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert record["labelled"] == len(picks)
+    held_out = [i for i in range(60) if i % 5 == 0 and i not in picks]
+    assert f"on {len(held_out)} images" in capsys.readouterr().out
+    (tmp_path / "bad.csv").write_text("rank,index,file\n0,60,x\n")
+    message = run_cli("finetune", str(run_folder), "--data", str(tmp_path / "photos"), "--picks",
+                      str(tmp_path / "bad.csv"), "--out", str(tmp_path / "ft2"))
+    assert message.startswith("error:") and "0..59" in message

@@ -401,11 +401,15 @@ def _finetune_sets(args: argparse.Namespace, recorded: dict[str, Any], backbone:
                          "sort them into one subfolder per class")
     if args.test:
         return images, _dataset(args.test, {}, "test", size, None), classes
+    # every fifth image is held out for the test, as `wrapssl train` does; with --picks (indices into the whole
+    # folder, as `wrapssl embed` numbers it), the picks train and the held-out images that were not picked test
     labels = dataset_labels(images).tolist()
-    train = Subset(images, [i for i in range(len(images)) if i % 5 and labels[i] >= 0])
-    test = Subset(images, [i for i in range(len(images)) if i % 5 == 0 and labels[i] >= 0])
-    train.labels = [labels[i] for i in train.indices]
+    picked = set(_picked(args.picks, len(images))) if args.picks else set()
+    train = images if args.picks else Subset(images, [i for i in range(len(images)) if i % 5 and labels[i] >= 0])
+    test = Subset(images, [i for i in range(len(images)) if i % 5 == 0 and labels[i] >= 0 and i not in picked])
     test.labels = [labels[i] for i in test.indices]
+    if not args.picks:
+        train.labels = [labels[i] for i in train.indices]
     return train, test, classes
 
 
