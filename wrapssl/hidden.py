@@ -373,18 +373,21 @@ class Encoder(nn.Module):
         ``channels_last=None`` (automatic): for nets with ``Conv2d`` layers, on the CPU and under
         CUDA autocast, unless a first 2-image probe shows the net cannot take it. True: always.
         """
-        if batch.ndim != 4 or self.channels_last is False:
+        if batch.ndim != 4 or not self.feeds_channels_last(batch.device.type, torch.is_autocast_enabled("cuda")):
             return batch
         if self.channels_last is None:
-            device = batch.device.type
-            fast = device == "cpu" or (device == "cuda" and torch.is_autocast_enabled("cuda"))
-            if not self._convolutional or not fast:
-                return batch
             if self._accepts_channels_last is None:
                 self._accepts_channels_last = self._runs_channels_last(batch)
             if not self._accepts_channels_last:
                 return batch
         return batch.contiguous(memory_format=torch.channels_last)
+
+    def feeds_channels_last(self, device: str, autocast: bool) -> bool:
+        """Whether ``input_format`` lays batches out channels_last on ``device`` ("cpu", "cuda"), by the policy
+        alone (a net that fails the first probe gets contiguous batches after all)."""
+        if self.channels_last is not None:
+            return self.channels_last
+        return self._convolutional and (device == "cpu" or (device == "cuda" and autocast))
 
     def _runs_channels_last(self, batch: torch.Tensor) -> bool:
         """Whether the encoder runs on channels_last images: one uncompiled no-grad pass over 2 images

@@ -205,6 +205,12 @@ class Trainer:
             learner_kwargs["compile"] = compile
         learner = self._build_learner(hidden_layer, method, sync_batchnorm, learner_kwargs)
         _check_views(learner, self.channels, self.image_size)
+        if acc.num_processes > 1 and learner.encoder.feeds_channels_last(acc.device.type,
+                                                                          str(acc.mixed_precision) != "no"):
+            # DDP's gradient buckets take the parameters' strides, and the convolutions' gradients from
+            # channels_last views are channels_last: in one layout they are neither copied between layouts
+            # nor warned about ("Grad strides do not match bucket view strides")
+            learner.to(memory_format=torch.channels_last)
         self.lr = learning_rate * (self.global_batch * self.grad_accum / 256 if scale_lr else 1.0)
         opt = build_optimizer(optimizer_klass if optimizer_klass is not None else optimizer, learner, self.lr,
                               weight_decay, **(optimizer_kwargs or {}))
