@@ -9,7 +9,7 @@ import torch
 
 from wrapssl.budgets import Budget, draw_labels, format_budgets, label_budgets, parse_budgets
 from wrapssl.data import TensorImages
-from wrapssl.evaluate import Embeddings, linear_probe
+from wrapssl.evaluate import Embeddings, linear_probe, linear_probe_cv
 
 
 def test_parse_budgets():
@@ -70,9 +70,9 @@ def test_linear_rows_against_a_naive_computation():
         want_pre, want_raw = [], []
         for draw in range(3):
             idx = draw_labels(y, budget, seed=7 + draw)
-            want_pre.append(linear_probe(x[idx], y[idx], xt, yt))
+            want_pre.append(linear_probe_cv(x[idx], y[idx], xt, yt)[0])
             flat, flat_t = images.float().div(255).flatten(1), test_images.float().div(255).flatten(1)
-            want_raw.append(linear_probe(flat[idx], y[idx], flat_t, yt))
+            want_raw.append(linear_probe_cv(flat[idx], y[idx], flat_t, yt)[0])
         for row, want in (("pretrained_linear", want_pre), ("raw_pixels_linear", want_raw)):
             got = entry["rows"][row]
             assert got["draws"] == pytest.approx(want)
@@ -102,6 +102,27 @@ def digit_folder(tmp_path_factory):
         (root / f"class{label}").mkdir(exist_ok=True)
         Image.fromarray(image[0].numpy()).save(root / f"class{label}" / f"{i}.png")
     return root
+
+
+def test_the_few_label_probe_chooses_its_weight_decay_on_the_training_rows_only():
+    x, y = _blobs(60, 30, 2)
+    x = x + 3 * torch.randn(60, 30, generator=torch.Generator().manual_seed(9))  # noisy: regularising pays
+    xt, yt = _blobs(200, 30, 3)
+    acc, wd = linear_probe_cv(x, y, xt, yt)
+    # a naive second computation: the same 3 folds, every weight decay, the best mean held-out accuracy
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(0))
+    folds = order.chunk(3)
+    held_out = {}
+    for w in (1e-4, 1e-3, 1e-2, 1e-1):
+        right = 0
+        for k in range(3):
+            fit = torch.cat([f for j, f in enumerate(folds) if j != k])
+            right += linear_probe(x[fit], y[fit], x[folds[k]], y[folds[k]], weight_decay=w) * len(folds[k])
+        held_out[w] = right
+    assert wd == max(held_out, key=lambda w: (held_out[w], -w))
+    assert acc == pytest.approx(linear_probe(x, y, xt, yt, weight_decay=wd))
+    # the test labels play no part in the choice
+    assert linear_probe_cv(x, y, xt, yt[torch.randperm(200)])[1] == wd
 
 
 def test_the_app_reports_label_budgets_on_a_folder(tmp_path, digit_folder):

@@ -691,13 +691,14 @@ def _labelled_rows(emb: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compare_with_random(train: Any, test: Any, n: int, method: str = DEFAULT_METHOD, draws: int = 3,
-                        seed: int = 0) -> dict[str, Any]:
+                        seed: int = 0, probe: Any = None) -> dict[str, Any]:
     """Linear-probe test accuracy when ``n`` train images are picked by ``method`` against ``draws`` random picks.
 
     ``train`` and ``test`` are fully labelled ``Embeddings`` of the same model.
     The picks use no labels: ``select(train, n, method, seed=seed)``; random
     draw i is ``select(train, n, "random", seed=seed + i)``. Each subset's
-    labels train ``wrapssl.evaluate.linear_probe``, scored on all of ``test``.
+    labels train ``probe(x, y, xt, yt, num_classes=...)`` (default ``wrapssl.evaluate.linear_probe``; the few-label
+    report passes its cross-validated probe), scored on all of ``test``.
     Returns a JSON-able dict: ``n``, ``method``, ``seed``, ``picked`` (accuracy
     in [0, 1]), ``random`` (one accuracy per draw), ``random_mean``,
     ``random_min``, ``random_max``, ``gain`` (picked - random_mean, in
@@ -714,8 +715,10 @@ def compare_with_random(train: Any, test: Any, n: int, method: str = DEFAULT_MET
     draws = positive_int(draws, "draws")
     classes = int(max(y.max(), yt.max())) + 1
 
+    fit = probe or linear_probe
+
     def score(idx: torch.Tensor) -> float:
-        return linear_probe(x[idx], y[idx], xt, yt, num_classes=classes)
+        return fit(x[idx], y[idx], xt, yt, num_classes=classes)
 
     picked = select(x, n, method=method, seed=seed).indices
     rand = [select(x, n, method="random", seed=seed + i).indices for i in range(draws)]
