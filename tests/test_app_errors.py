@@ -20,7 +20,7 @@ from wrapssl import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data", "digits", "--image-size", "8", "--batch-size", "16", "--knn-train", "100", "--knn-test", "50",
-        "--knn-k", "5", "--no-plots", "--no-baselines"]
+        "--knn-k", "5", "--no-plots", "--no-baselines", "--labels", "none"]
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -188,7 +188,7 @@ def test_bad_cli_arguments_give_one_line(tmp_path, embeddings, capsys):
         (["plot", str(tmp_path / "missing.npz")], "missing.npz: no such file; write it with `wrapssl embed`"),
         (["plot", str(garbage)], "garbage.npz is not an embeddings file written by `wrapssl embed`"),
         (["select", str(partial), "-n", "2"], "partial.npz is not an embeddings file written by `wrapssl embed`"),
-        (["embed", str(tmp_path / "nowhere")], "weights file"),
+        (["embed", str(tmp_path / "nowhere")], "no such file or folder"),
     ]
     for argv, expected in cases:
         text = one_line_error(lambda: cli.main(argv), capsys)

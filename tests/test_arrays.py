@@ -88,7 +88,7 @@ def naive_stats(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def test_the_app_trains_on_13_bands_with_estimated_statistics(tmp_path, capsys):
     written = stacks(tmp_path / "data")
     metrics = app.main(["--data", str(tmp_path / "data"), "--image-size", "16", "--batch-size", "8", "--steps", "2",
-                        "--knn-k", "3", "--no-plots", "--out", str(tmp_path / "run")])
+                        "--knn-k", "3", "--no-plots", "--labels", "none", "--out", str(tmp_path / "run")])
     config = torch.load(tmp_path / "run" / "checkpoint-00000002.pt", weights_only=True)["config"]
     assert config["channels"] == 13
     mean, std = naive_stats(list(written.values()))
@@ -103,7 +103,7 @@ def test_the_app_takes_statistics_given_by_the_user(tmp_path):
     stacks(tmp_path / "data", bands=4)
     means, stds = "0.05,0.05,0.05,0.05", "0.03,0.03,0.03,0.03"
     app.main(["--data", str(tmp_path / "data"), "--image-size", "16", "--batch-size", "8", "--steps", "1",
-              "--knn-k", "3", "--no-plots", "--normalize", means, stds, "--out", str(tmp_path / "run")])
+              "--knn-k", "3", "--no-plots", "--labels", "none", "--normalize", means, stds, "--out", str(tmp_path / "run")])
     config = torch.load(tmp_path / "run" / "checkpoint-00000001.pt", weights_only=True)["config"]
     assert config["method.normalize"] == repr(((0.05,) * 4, (0.03,) * 4))
     reset_accelerate()
@@ -116,7 +116,7 @@ def test_the_app_trains_on_a_tensor_file(tmp_path):
     images = torch.rand(24, 5, 8, 8)
     torch.save({"images": images, "labels": torch.arange(24) % 3}, tmp_path / "bands.pt")
     metrics = app.main(["--data", str(tmp_path / "bands.pt"), "--image-size", "8", "--batch-size", "8", "--steps",
-                        "2", "--knn-k", "3", "--no-plots", "--out", str(tmp_path / "run")])
+                        "2", "--knn-k", "3", "--no-plots", "--labels", "none", "--out", str(tmp_path / "run")])
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["steps"] == 2 and metrics["knn_memory"] > 0
 
@@ -131,7 +131,7 @@ def test_wrapssl_embed_uses_the_runs_statistics(tmp_path):
 
     stacks(tmp_path / "data", per_class=6)
     app.main(["--data", str(tmp_path / "data"), "--image-size", "16", "--batch-size", "8", "--steps", "1",
-              "--knn-k", "3", "--no-plots", "--out", str(tmp_path / "run")])
+              "--knn-k", "3", "--no-plots", "--labels", "none", "--out", str(tmp_path / "run")])
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in
                  json.loads((tmp_path / "run" / "metrics.json").read_text())["args"]["normalize"])
     cli.main(["embed", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--device", "cpu",

@@ -91,7 +91,7 @@ def test_evaluate_prints_the_same_scores_as_the_library(run_folder, tmp_path, ca
 
 def test_evaluate_a_run_keeps_queries_out_of_the_memory(run_folder, capsys):
     folder, _ = run_folder
-    cli.main(["evaluate", str(folder), "-k", "20"])
+    cli.main(["evaluate", str(folder), "-k", "20", "--labels", "none"])
     scores = json.loads(capsys.readouterr().out)
     assert (scores["n_train"], scores["n_test"]) == (1297, 500)  # digits: the app's own split, disjoint
 
@@ -191,15 +191,15 @@ def test_evaluate_agrees_with_the_training_app_on_the_same_backbone(tmp_path, ca
 
     reset_accelerate()
     metrics = app.main(["--data", "digits", "--image-size", "8", "--batch-size", "16", "--steps", "3", "--knn-k",
-                        "20", "--no-plots", "--seed", "3", "--out", str(tmp_path)])
+                        "20", "--no-plots", "--labels", "none", "--seed", "3", "--out", str(tmp_path)])
     reset_accelerate()
     capsys.readouterr()
-    cli.main(["evaluate", str(tmp_path), "-k", "20"])
+    cli.main(["evaluate", str(tmp_path), "-k", "20", "--labels", "none"])
     scores = json.loads(capsys.readouterr().out)
     assert scores["n_train"] == metrics["knn_memory"] == 1297  # every training image is the memory in both
     assert scores["knn_top1"] == pytest.approx(metrics["scores"]["pretrained"]["knn"], abs=1e-6)
     assert scores["linear_top1"] == pytest.approx(metrics["scores"]["pretrained"]["linear"], abs=0.005)
     for row in ("raw_pixels", "random_init"):
         assert scores["baselines"][row]["knn"] == pytest.approx(metrics["scores"][row]["knn"], abs=1e-6), row
-    cli.main(["evaluate", str(tmp_path), "-k", "20", "--no-baselines", "--out", str(tmp_path / "s.json")])
+    cli.main(["evaluate", str(tmp_path), "-k", "20", "--no-baselines", "--labels", "none", "--out", str(tmp_path / "s.json")])
     assert "baselines" not in json.loads(capsys.readouterr().out)

@@ -44,7 +44,7 @@ def test_a_stopped_rank_ends_the_others_at_the_timeout(tmp_path):
     port = free_port()
     args = ["--data", "digits", "--image-size", "8", "--batch-size", "8", "--steps", "50", "--log-every", "1",
             "--knn-train", "50", "--knn-test", "20", "--knn-k", "5", "--no-plots", "--no-baselines",
-            "--timeout", "5", "--out", str(tmp_path / "run")]
+            "--labels", "none", "--timeout", "5", "--out", str(tmp_path / "run")]
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank),
@@ -78,7 +78,7 @@ def test_sigterm_to_a_two_process_run_checkpoints_one_step_on_both(tmp_path):
     port, out = free_port(), tmp_path / "run"
     args = ["--data", "digits", "--image-size", "8", "--batch-size", "8", "--steps", "100000", "--log-every", "2",
             "--checkpoint-every", "3", "--knn-train", "50", "--knn-test", "20", "--knn-k", "5", "--eval-every",
-            "100000", "--no-plots", "--no-baselines", "--out", str(out)]
+            "100000", "--no-plots", "--no-baselines", "--labels", "none", "--out", str(out)]
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank),

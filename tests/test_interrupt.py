@@ -20,7 +20,8 @@ from wrapssl.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["--data", "digits", "--image-size", "8", "--batch-size", "16", "--knn-train", "200", "--knn-test", "50",
-       "--knn-k", "5", "--log-every", "1", "--checkpoint-every", "4", "--no-plots", "--no-baselines"]
+       "--knn-k", "5", "--log-every", "1", "--checkpoint-every", "4", "--no-plots", "--no-baselines",
+       "--labels", "none"]
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 

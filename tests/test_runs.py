@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 # digits at 8 px, global batch 16: a step takes milliseconds; no warmup in an 8-step run (8 // 10 = 0)
 RUN = ["--data", "digits", "--image-size", "8", "--batch-size", "16", "--knn-train", "200", "--knn-test", "50",
-       "--knn-k", "5", "--log-every", "1", "--checkpoint-every", "2", "--no-plots", "--no-baselines"]
+       "--knn-k", "5", "--log-every", "1", "--checkpoint-every", "2", "--no-plots", "--no-baselines",
+       "--labels", "none"]
 
 
 def run(out: Path, *extra: str) -> dict:
@@ -56,15 +57,15 @@ def test_the_same_command_again_continues_and_trains_nothing_more(tmp_path, caps
 
 def test_more_steps_with_resume_rebuild_the_schedule(tmp_path, capsys):
     """An 4-step run extended to 8: steps 5-8 train at the lr of an 8-step cosine (not the old schedule's 0)."""
-    first = run(tmp_path, "--steps", "4")
+    first = run(tmp_path, "--steps", "4", "--baselines")  # the baselines give the report its "before"
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:  # without --resume, other settings are refused ...
-        run(tmp_path, "--steps", "8")
+        run(tmp_path, "--steps", "8", "--baselines")
     message = str(refused.value)
     assert message.startswith("error: ") and "\n" not in message
     assert "--steps 4 -> 8" in message and "--resume" in message and "another --out" in message
     assert not (tmp_path / "checkpoint-00000006.pt").exists()
-    extended = run(tmp_path, "--steps", "8", "--resume")  # ... and continued with them when asked
+    extended = run(tmp_path, "--steps", "8", "--baselines", "--resume")  # ... and continued with them when asked
     assert "schedule rebuilt for the new settings (num_train_steps 4 -> 8" in capsys.readouterr().out.replace(
         "--steps", "num_train_steps")
     base = app.DEFAULTS["lr"] * 16 / 256

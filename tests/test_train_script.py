@@ -1,11 +1,13 @@
-"""The training app (wrapssl/train.py, `wrapssl train`, `python -m wrapssl.train`, the top-level train.py):
-help with every default, clear errors, a tiny run with resume, named data sets, and a 2-process gloo launch."""
+"""The training app (wrapssl/train.py, `wrapssl train`, `python -m wrapssl.train`, the top-level train.py): help
+that shows the values used without an option, clear errors, a tiny run with resume, named data sets, and a 2-process
+gloo launch."""
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ from wrapssl.methods import available_methods
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data", "digits", "--image-size", "8", "--batch-size", "16", "--knn-train", "300", "--knn-test", "100",
-        "--knn-k", "20", "--log-every", "1", "--no-plots"]
+        "--knn-k", "20", "--log-every", "1", "--no-plots", "--labels", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +57,29 @@ def subprocess_env() -> dict:
     return env
 
 
-def test_help_shows_every_default(capsys):
+def shows(text: str, value) -> bool:
+    """Whether help text shows ``value``: a number written in any form (8e-3 for 0.008), a word, every item."""
+    if isinstance(value, (list, tuple)):
+        return all(shows(text, v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return any(float(n) == value for n in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", text))
+    return str(value) in text
+
+
+def test_help_shows_the_value_each_option_takes_when_not_given(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["train", "--help"])
     assert done.value.code == 0
     blocks = help_blocks(capsys.readouterr().out)
     assert {"--data", "--data-root", "--arch", "--method", "--batch-size", "--steps", "--grad-accum", "--out",
             "--resume", "--plots"} <= set(blocks)
-    missing = [flag for flag, text in blocks.items() if flag != "-h" and "default" not in text]
-    assert not missing, f"help of {missing} does not state the default"
-    assert "256" in blocks["--batch-size"] and "simclr" in blocks["--method"]  # the real defaults, not prose
+    taken = vars(app.parse_args([]))  # what a run without the option uses
+    # options whose value is worked out at run time (None here) describe the rule instead
+    fixed = {flag: taken[flag.lstrip("-").replace("-", "_")] for flag in blocks
+             if taken.get(flag.lstrip("-").replace("-", "_")) not in (None, [])}
+    assert {"--batch-size", "--method", "--steps", "--lr", "--knn-k"} <= set(fixed)
+    hidden = [flag for flag, value in fixed.items() if not shows(blocks[flag], value)]
+    assert not hidden, f"the help of {hidden} does not show the value used without it"
 
 
 def test_missing_fashion_mnist_says_how_to_install(train_script, tmp_path):
@@ -150,7 +165,7 @@ def test_wrapssl_train_and_python_m_run_the_same_app(tmp_path):
 def test_cifar10_by_name(tmp_path):
     write_cifar(tmp_path / "data", per_batch=8)
     metrics = app.main(["--data", "cifar10", "--data-root", str(tmp_path / "data"), "--image-size", "16",
-                        "--batch-size", "8", "--steps", "2", "--knn-k", "5", "--no-plots", "--out",
+                        "--batch-size", "8", "--steps", "2", "--knn-k", "5", "--no-plots", "--labels", "none", "--out",
                         str(tmp_path / "run")])
     config = torch.load(tmp_path / "run" / "checkpoint-00000002.pt", weights_only=True)["config"]
     assert config["dataset_size"] == 40 and config["image_size"] == 16  # the 5 train batches
@@ -160,7 +175,7 @@ def test_cifar10_by_name(tmp_path):
 def test_stl10_pretrains_on_unlabeled_and_reports_train_to_test(tmp_path):
     write_stl(tmp_path / "data", {"train": 6, "test": 4, "unlabeled": 24})
     metrics = app.main(["--data", "stl10", "--data-root", str(tmp_path / "data"), "--image-size", "16",
-                        "--batch-size", "8", "--steps", "2", "--knn-k", "3", "--no-plots", "--out",
+                        "--batch-size", "8", "--steps", "2", "--knn-k", "3", "--no-plots", "--labels", "none", "--out",
                         str(tmp_path / "run")])
     config = torch.load(tmp_path / "run" / "checkpoint-00000002.pt", weights_only=True)["config"]
     assert config["dataset_size"] == 24  # the unlabeled split
