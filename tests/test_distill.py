@@ -1,6 +1,6 @@
 """Distillation: the loss against a naive computation; the teacher frozen, outside the learner's parameters,
-state, optimiser and checkpoints, fed its own size and normalisation; teachers from weights files; a short
-Fashion-MNIST run in which a student learns what a teacher knows."""
+state, optimiser and checkpoints, fed its own size and normalisation; teachers from weights files; a fixed
+batch of Fashion-MNIST images on which the student comes to predict the teacher's features."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,6 @@ from torchvision import models
 
 from wrapssl import Learner, Views
 from wrapssl.augment import normalization
-from wrapssl.evaluate import knn_accuracy
 from wrapssl.methods.distill import distill_loss
 
 from conftest import small_cnn
@@ -171,59 +170,37 @@ def test_the_trainer_optimises_and_saves_the_student_only(tmp_path):
     assert resumed.step == 6
 
 
-# ----------------------------------------------------------------------------- a short real run
+# ----------------------------------------------------------------------------- one fixed batch of real images
 
-@pytest.mark.slow
-def test_on_fashion_mnist_the_student_learns_what_the_teacher_knows(fmnist_train):
-    """A teacher trained with labels (the test's setup) teaches a student that never sees a label: its kNN
-    accuracy rises well above its random init's, a good part of the way to the teacher's."""
-    x, y = fmnist_train
-    memory, queries = slice(0, 3072), slice(3072, 4096)
+def test_on_a_fixed_batch_the_student_comes_to_predict_the_teachers_features(fmnist_train):
+    """40 Adam steps on 32 Fashion-MNIST images: the distillation loss falls below a tenth of its start (the
+    student with its head reproduces the teacher's features) and the teacher never moves. The run in which a
+    label-trained teacher lifts the student's kNN accuracy on held-out images is in
+    benchmarks/bench_methods.py --curves."""
+    x = fmnist_train[0][:32]
+    teacher = teacher_net(1, width=32)
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    torch.manual_seed(0)
+    learner = Learner(small_cnn(1, width=16), 28, hidden_layer=-2, method="distill", teacher=teacher,
+                      teacher_layer=-2, teacher_normalize=((0.286,), (0.353,)), normalize=((0.286,), (0.353,)),
+                      hidden_size=256)
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    losses = []
     before_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        teacher = small_cnn(1, width=32)
-        opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)
-        norm = lambda im: (im.float() / 255 - 0.286) / 0.353  # noqa: E731
-        g = torch.Generator().manual_seed(0)
-        for _ in range(150):  # supervised, on the memory images only
-            i = torch.randint(0, 3072, (128,), generator=g)
-            loss = F.cross_entropy(teacher(norm(x[i])), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        teacher.eval()
-
-        torch.manual_seed(0)
-        student = small_cnn(1, width=16)
-        learner = Learner(student, 28, hidden_layer=-2, method="distill", teacher=teacher, teacher_layer=-2,
-                          teacher_normalize=((0.286,), (0.353,)), normalize=((0.286,), (0.353,)), hidden_size=256)
-
-        def knn(embed) -> float:
-            with torch.no_grad():
-                e = embed(x)
-            return knn_accuracy(e[memory], y[memory], e[queries], y[queries], k=20)
-
-        random_init = knn(learner.embed)
-        teacher_knn = knn(lambda im: teacher[:-1](norm(im)))
-        opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
-        losses = []
-        for _ in range(200):
-            loss = learner(x[torch.randint(0, 4096, (64,), generator=g)])
+        for _ in range(40):
+            loss = learner(x)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        after = knn(learner.embed)
     finally:
         torch.set_num_threads(before_threads)
-    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
-    print(f"loss {first:.3f} -> {last:.3f}; kNN random init {random_init:.3f}, student {after:.3f}, "
-          f"teacher {teacher_knn:.3f}")
-    assert all(math.isfinite(v) for v in losses) and last < 0.5 * first
-    # seeds 0-2 gained 55-63% of the gap in 200 steps
-    assert after > random_init + 0.4 * (teacher_knn - random_init)
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    print(f"loss {first:.3f} -> {last:.3f}")
+    assert all(math.isfinite(v) for v in losses) and last < 0.1 * first
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in frozen.items())
 
 
 def test_the_trainer_records_a_teacher_by_class_or_path_not_by_repr(tmp_path):

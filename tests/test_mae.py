@@ -1,6 +1,6 @@
 """MAE: masking, patches, loss and positions against naive computations; any torchvision/timm ViT through the
-Learner (the user's net unchanged, its own embeddings learn, the encoder sees only visible tokens); a short
-Fashion-MNIST run whose reconstructions beat the trivial predictor."""
+Learner (the user's net unchanged, its own embeddings learn, the encoder sees only visible tokens); a fixed
+batch of Fashion-MNIST images whose reconstructions come to beat the trivial predictor."""
 from __future__ import annotations
 
 import math
@@ -218,49 +218,47 @@ def test_image_size_must_be_tiled_by_the_patches():
         Learner(net, 30, method="mae", **DECODER)
 
 
-# ----------------------------------------------------------------------------- a short real run
+# ----------------------------------------------------------------------------- one fixed batch of real images
 
-@pytest.mark.slow
-def test_fashion_mnist_run_lowers_the_loss_and_reconstructs_better_than_the_trivial_guess(fmnist_train, tmp_path):
-    """600 AdamW steps of a 2-block ViT (7-px patches, 16 tokens) at batch 64: about 20 s on one core."""
+def test_on_a_fixed_batch_the_loss_falls_and_reconstructions_beat_the_trivial_guess(fmnist_train, tmp_path):
+    """60 AdamW steps of a 3-block ViT (7-px patches, 16 tokens) on 8 Fashion-MNIST images, new random masks
+    at every step. The 600-step run on many batches is in benchmarks/bench_methods.py --curves."""
     from wrapssl.plots import reconstruction_grid
 
-    x, _ = fmnist_train
-    train, held = x[:3840], x[3840:]
+    x = fmnist_train[0][:8]
     net = tiny_vit(patch=7, channels=1, layers=3)
     learner = Learner(net, 28, method="mae", normalize=((0.286,), (0.353,)), decoder_dim=64, decoder_depth=1,
                       decoder_heads=4)
-    opt = torch.optim.AdamW(learner.parameters(), lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(learner.parameters(), lr=3e-3, weight_decay=0.05, betas=(0.9, 0.95))
 
-    def held_out_error(zero: bool = False) -> float:
-        """Masked-patch error on held-out images, the same masks each time; ``zero``: of predicting 0, the
-        mean of every normalised patch (the best guess that ignores the visible patches)."""
+    def masked_error(zero: bool = False) -> float:
+        """Masked-patch error on the batch under masks the run never drew (the same each time); ``zero``: of
+        predicting 0, the mean of every normalised patch (the best guess that ignores the visible patches)."""
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(123)
-            views = learner.normalize(held.float() / 255)
+            views = learner.normalize(x.float() / 255)
             pred, mask = learner.method.predict(views)
             return mae_loss(torch.zeros_like(pred) if zero else pred, patchify(views, 7), mask).mean().item()
 
-    trivial, before = held_out_error(zero=True), held_out_error()
-    g = torch.Generator().manual_seed(0)
+    trivial, before = masked_error(zero=True), masked_error()
     losses = []
     before_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(600):
-            loss = learner(train[torch.randint(0, len(train), (64,), generator=g)])
+        for _ in range(60):
+            loss = learner(x)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
     finally:
         torch.set_num_threads(before_threads)
-    after = held_out_error()
-    first, last = sum(losses[:10]) / 10, sum(losses[-60:]) / 60
-    print(f"loss {first:.3f} -> {last:.3f}; held-out masked error {before:.3f} -> {after:.3f}, trivial {trivial:.3f}")
-    assert last < 0.6 * first
-    assert after < 0.9 * trivial < before  # it uses the visible patches, not only the patch mean
-    path = reconstruction_grid(learner, held[:8], tmp_path / "reconstructions.png")
+    after = masked_error()
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    print(f"loss {first:.3f} -> {last:.3f}; masked error {before:.3f} -> {after:.3f}, trivial {trivial:.3f}")
+    assert last < 0.8 * first
+    assert after < 0.95 * trivial < before  # below the patch mean: it uses the visible patches
+    path = reconstruction_grid(learner, x, tmp_path / "reconstructions.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
