@@ -4,14 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 # No torch here (nor accelerate, kornia, torchvision): `wrapssl --help` and --version answer without loading
 # them; each command imports what it needs when it runs.
-from . import __version__
+from .argparsing import VERSION, HelpFormatter, Parser, cli_words, quiet_openmp  # noqa: F401 (quiet_openmp: train.py)
 from .checks import arg_type, fraction_arg, positive_float_arg, positive_int_arg
 
 if TYPE_CHECKING:
@@ -26,42 +25,6 @@ or a Trainer checkpoint-N.pt. Outputs go into the run folder (or beside the inpu
 unless --out says otherwise."""
 EMBED_CHUNK = 4096  # images per progress-bar tick when embedding
 COSINE = arg_type(float, lambda v: -1 <= v <= 1, "a cosine in [-1, 1]")
-VERSION = f"wrapssl {__version__}"  # what --version prints
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``prog: error: ...`` and a pointer to --help, without the usage block."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every flag's default, unless its help already says it in words ("default: ...")."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default is argparse.SUPPRESS:
-            return text
-        return super()._get_help_string(action)
-
-
-# Library argument names in messages, as the command line says them (longest first).
-CLI_WORDS = {"resume='auto'": "--resume", "checkpoint_folder": "--out", "num_train_steps": "--steps",
-             "learning_rate": "--lr", "max_grad_norm=1.0": "--max-grad-norm 1.0", "max_grad_norm": "--max-grad-norm",
-             "mixed_precision='no'": "--mixed-precision no", "warmup_steps": "--warmup-steps",
-             "weight_decay": "--weight-decay", "batch_size": "--batch-size", "image_size": "--image-size",
-             "collective_timeout=": "--timeout", "max_pixels=": "--max-pixels", "num_workers": "--num-workers",
-             "gradient_accumulation_steps": "--grad-accum", "eval_every": "--eval-every", "seed": "--seed",
-             "optimizer": "--optimizer", "init": "--init", "root=DIR (--data-root DIR)": "--data-root DIR",
-             "root=that_folder (--data-root that_folder)": "--data-root that_folder"}
-_CLI_RE = re.compile("|".join(rf"(?<![\w-]){re.escape(k)}(?![\w])" if k[-1].isalnum() else
-                              rf"(?<![\w-]){re.escape(k)}" for k in sorted(CLI_WORDS, key=len, reverse=True)))
-
-
-def cli_words(text: str) -> str:
-    """A library message with its argument names replaced by the command line's flags."""
-    return _CLI_RE.sub(lambda m: CLI_WORDS[m.group(0)], text)
 
 
 def _layer(text: str | None) -> LayerSpec | None:
@@ -662,17 +625,6 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
                    help="the split of a built-in data set (default: train; all of digits)")
     p.add_argument("--data-root", help="folder holding a built-in data set's files (default: its usual place)")
     return parser
-
-
-def quiet_openmp() -> None:
-    """Let idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the environment says otherwise.
-
-    By default they spin, and on a shared CPU they starve the threads doing the work (a step can take 10-50x
-    longer); sleeping costs next to nothing on an idle machine. OpenMP reads the variable once, when torch
-    loads it, so the programs (``wrapssl``, ``python -m wrapssl.train``, train.py) call this before importing
-    torch; ``import wrapssl`` leaves the environment alone.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

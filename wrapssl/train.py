@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 if __name__ == "__main__":  # run as a program (python -m wrapssl.train): before torch loads OpenMP
-    from .cli import quiet_openmp
+    from .argparsing import quiet_openmp
     quiet_openmp()
 
 import torch
@@ -42,7 +42,7 @@ from torch.utils.data import Dataset, Subset
 from .archs import build_arch
 from .checks import (arg_type, fraction_arg, non_negative_float_arg, non_negative_int_arg, positive_float_arg,
                      positive_int_arg)
-from .cli import VERSION, HelpFormatter, Parser, cli_words
+from .argparsing import VERSION, HelpFormatter, Parser, cli_words
 from .data import (DATASETS, FASHION_MNIST_DIR, MAX_PIXELS, UnreadableDataError, dataset_name, load_dataset,
                    unreadable_files)
 from .budgets import DEFAULT_BUDGETS, parse_budgets
