@@ -26,13 +26,12 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 __all__ = ["Budget", "parse_budgets", "draw_labels", "label_budgets", "format_budgets", "report", "print_report",
-           "fitting", "ROWS", "ROW_TITLES", "DEFAULT_BUDGETS"]
+           "fitting", "ROWS", "ROW_TITLES"]
 
 ROWS = ("raw_pixels_linear", "scratch_finetuned", "pretrained_linear", "pretrained_finetuned")
 ROW_TITLES = {"raw_pixels_linear": "raw pixels, linear", "scratch_finetuned": "from scratch, fine-tuned",
               "pretrained_linear": "pretrained, linear", "pretrained_finetuned": "pretrained, fine-tuned",
               "selected_linear": "picked by select, linear", "random_linear": "random picks, linear"}
-DEFAULT_BUDGETS = ("10/class", "100/class")
 
 
 @dataclass(frozen=True)

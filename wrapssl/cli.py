@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 # No torch here (nor accelerate, kornia, torchvision): `wrapssl --help` and --version answer without loading
 # them; each command imports what it needs when it runs.
-from .argparsing import VERSION, HelpFormatter, Parser, cli_words, quiet_openmp  # noqa: F401 (quiet_openmp: train.py)
+from .argparsing import (VERSION, HelpFormatter, Parser, add_budget_args, cli_words,  # noqa: F401 (quiet_openmp:
+                         quiet_openmp)  # the top-level train.py takes it from here)
 from .checks import arg_type, fraction_arg, positive_float_arg, positive_int_arg
 
 if TYPE_CHECKING:
@@ -524,14 +525,7 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also score raw pixels and the randomly initialised net (the run's seed) on the same "
                         "protocol, under \"baselines\" (needs SOURCE)")
-    p.add_argument("--labels", nargs="+", default=["10/class", "100/class"], metavar="COUNT",
-                   help="label budgets of the few-label rows (needs SOURCE): totals (100) or per class (10/class); "
-                        "each scores raw pixels (linear), the net from scratch and the pretrained net (fine-tuned), "
-                        "the pretrained net (linear) and select's picks against random, over --draws draws; "
-                        "'none' skips them (they cost about 10 s per draw and budget for a small net on a CPU)")
-    p.add_argument("--draws", type=positive_int_arg, default=3, help="class-balanced draws per label budget")
-    p.add_argument("--finetune-steps", type=positive_int_arg, default=300,
-                   help="steps of each fine-tuning in the few-label rows")
+    add_budget_args(p)
     p.add_argument("--out", help="scores as JSON (default: <run folder>/scores.json, or beside the test "
                                  "embeddings)")
 

@@ -264,29 +264,41 @@ def linear_probe(train_emb: Any, train_labels: Any, test_emb: Any, test_labels: 
     if xt.shape[1] != x.shape[1]:
         raise ValueError(f"train_emb has {x.shape[1]} dims but test_emb has {xt.shape[1]}; "
                          "embed both with the same model")
-    epochs = positive_int(epochs, "epochs")
-    if not lr > 0 or weight_decay < 0:
-        raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
     xt, yt = xt.to(x.device), yt.to(x.device)
     c = _num_classes(num_classes, y, yt)
+    w, b, mean, std = fit_logistic(x, y, c, weight_decay, epochs, lr)
+    with torch.no_grad():
+        pred = (((xt - mean) / std) @ w + b).argmax(dim=1)
+    return (pred == yt).float().mean().item()
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-4,
+                 iterations: int = 100, lr: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """(w, b, mean, std) of the multinomial logistic regression ``logits = ((x - mean) / std) @ w + b``.
+
+    Full-batch L-BFGS from zero weights on standardised features minimises mean cross-entropy +
+    weight_decay/2 · ||w||² (bias not penalised); deterministic. ``linear_probe`` scores it.
+    """
+    iterations = positive_int(iterations, "epochs")
+    if not lr > 0 or weight_decay < 0:
+        raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+    x = x.detach().float()
     mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)  # constant features stay finite
-    x, xt = (x - mean) / std, (xt - mean) / std
-    w = torch.zeros(x.shape[1], c, device=x.device, requires_grad=True)
-    b = torch.zeros(c, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=lr, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe",
+    z = (x - mean) / std
+    w = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
+    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=lr, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-7, tolerance_change=1e-10)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * weight_decay * w.square().sum()
+        loss = F.cross_entropy(z @ w + b, y) + 0.5 * weight_decay * w.square().sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    with torch.no_grad():
-        pred = (xt @ w + b).argmax(dim=1)
-    return (pred == yt).float().mean().item()
+    return w.detach(), b.detach(), mean, std
 
 
 # ----------------------------------------------------------------------------- clustering

@@ -240,21 +240,11 @@ def _features(model: Classifier, dataset: Dataset, device: torch.device, batch_s
 
 def fit_linear_head(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3,
                     iterations: int = 100) -> None:
-    """Set ``head`` to the logistic regression of ``y`` on ``x`` (L-BFGS on standardised features, mapped back)."""
-    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-    z = (x - mean) / std
-    w = torch.zeros(x.shape[1], head.out_features, requires_grad=True)
-    b = torch.zeros(head.out_features, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe")
+    """Set ``head`` to the logistic regression of ``y`` on ``x`` (``evaluate.fit_logistic``, mapped back from
+    standardised features)."""
+    from .evaluate import fit_logistic
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ w + b, y) + 0.5 * weight_decay * w.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
+    w, b, mean, std = fit_logistic(x, y, head.out_features, weight_decay, iterations)
     with torch.no_grad():  # logits = ((x - mean) / std) @ w + b = x @ (w / std) + (b - (mean / std) @ w)
         scaled = w / std[:, None]
         head.weight.copy_(scaled.T.to(head.weight))

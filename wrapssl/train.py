@@ -42,10 +42,10 @@ from torch.utils.data import Dataset, Subset
 from .archs import build_arch
 from .checks import (arg_type, fraction_arg, non_negative_float_arg, non_negative_int_arg, positive_float_arg,
                      positive_int_arg)
-from .argparsing import VERSION, HelpFormatter, Parser, cli_words
+from .argparsing import VERSION, HelpFormatter, Parser, add_budget_args, cli_words
 from .data import (DATASETS, FASHION_MNIST_DIR, MAX_PIXELS, UnreadableDataError, dataset_name, load_dataset,
                    unreadable_files)
-from .budgets import DEFAULT_BUDGETS, parse_budgets
+from .budgets import parse_budgets
 from .distributed import CollectiveTimeoutError
 from .evaluate import ROW_NAMES, Embeddings, baseline_scores, embed_dataset, format_scores, probe_scores
 from .files import atomic_write_text
@@ -224,17 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score raw pixels and the randomly initialised net on the same protocol (kNN and "
                         "linear probe): a pretrained backbone that does not beat them has not learned anything "
                         "useful")
-    r.add_argument("--labels", nargs="+", default=list(DEFAULT_BUDGETS), metavar="COUNT",
-                   help="label budgets of the few-label report: totals (100) or per class (10/class); for each, "
-                        "--draws class-balanced draws of labelled training images score raw pixels (linear), the "
-                        "net from scratch (fine-tuned), the pretrained net (linear and fine-tuned) and images "
-                        "picked by `wrapssl select` against random picks; 'none' skips it. About 10 s per draw "
-                        "and budget for the small ResNet on 2 CPU cores")
-    r.add_argument("--draws", type=positive_int_arg, default=3,
-                   help="draws of labelled images per budget (their mean and spread are reported)")
-    r.add_argument("--finetune-steps", type=positive_int_arg, default=300,
-                   help="steps of each fine-tuning in the few-label report (batch 64; `wrapssl finetune` has the "
-                        "other settings)")
+    add_budget_args(r)
     r.add_argument("--timeout", type=positive_float_arg, default=DEFAULT_TIMEOUT,
                    help="seconds a process waits for the others at a collective operation (multi-process runs) "
                         "before the run ends with an error: a stopped or hung process cannot block the job forever. "
