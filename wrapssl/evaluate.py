@@ -617,19 +617,24 @@ def linear_probe_cv(train_emb: Any, train_labels: Any, test_emb: Any, test_label
     """
     x, y = _as_pair(train_emb, train_labels, "train_")
     c = _num_classes(num_classes, y, torch.as_tensor(test_labels).long())
-    if len(y) < 2 * folds:  # too few rows to hold any out
-        wd = 1e-4
-    else:
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        parts = order.chunk(folds)
-        best = None
-        for wd_try in weight_decays:
-            right = 0.0
-            for k in range(folds):
-                fit = torch.cat([p for j, p in enumerate(parts) if j != k])
-                right += linear_probe(x[fit], y[fit], x[parts[k]], y[parts[k]], weight_decay=wd_try,
-                                      num_classes=c) * len(parts[k])
-            if best is None or right > best[0] + 1e-9:
-                best = (right, wd_try)
-        wd = best[1]
+    wd = choose_weight_decay(x, y, c, weight_decays, folds, seed)
     return linear_probe(x, y, test_emb, test_labels, weight_decay=wd, num_classes=c), wd
+
+
+def choose_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                        weight_decays: tuple[float, ...] = PROBE_WEIGHT_DECAYS, folds: int = 3, seed: int = 0) -> float:
+    """The weight decay of ``weight_decays`` whose probe scores best held out, over ``folds`` folds of (x, y);
+    1e-4 when there are too few rows to hold any out."""
+    if len(y) < 2 * folds:
+        return 1e-4
+    parts = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).chunk(folds)
+    best = None
+    for wd in weight_decays:
+        right = 0.0
+        for k in range(folds):
+            fit = torch.cat([p for j, p in enumerate(parts) if j != k])
+            right += linear_probe(x[fit], y[fit], x[parts[k]], y[parts[k]], weight_decay=wd,
+                                  num_classes=num_classes) * len(parts[k])
+        if best is None or right > best[0] + 1e-9:
+            best = (right, wd)
+    return best[1]

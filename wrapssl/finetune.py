@@ -343,8 +343,9 @@ def finetune(backbone: Backbone | nn.Module | str | os.PathLike, train: Dataset,
     if state is not None:
         model.load_state_dict(state["model"])
     elif settings.linear_init:
+        from .evaluate import choose_weight_decay
         x, y = _features(model, Subset(train, keep), acc.device)
-        fit_linear_head(model.head, x, y)
+        fit_linear_head(model.head, x, y, choose_weight_decay(x, y, num_classes))  # as the few-label probe
         model.head.to(acc.device)
 
     backbone_params = [p for p in model.encoder.parameters() if p.requires_grad]
