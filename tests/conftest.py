@@ -16,7 +16,8 @@ from torch import nn
 
 FMNIST = Path(os.environ.get("WRAPSSL_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Up to 2 intra-op threads, shared out among pytest-xdist's workers (`-n 2` on 2 cores: one each).
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
 def small_cnn(channels: int = 3, width: int = 32, num_classes: int = 10) -> nn.Sequential:

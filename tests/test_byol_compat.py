@@ -166,24 +166,32 @@ CONTEXT = "import kornia\nimport torch\nfrom torch import nn\nfrom torchvision i
 
 
 def runnable(snippet: str) -> str:
-    """The snippet with the import changed and its sizes cut for a 2-core CPU: 64 px, 2 steps, 32 images."""
+    """The snippet with the import changed and its sizes cut for a 2-core CPU: 32 px, 2 steps, 32 images."""
     code = snippet.replace("byol_pytorch", "wrapssl.compat")
-    for big, small in (("256", "64"), ("range(100)", "range(2)"), ("100_000", "2"), ("10000", "32"),
-                       ("checkpoint_every = 1000", "checkpoint_every = 1")):
+    for big, small in (("256", "32"), ("range(100)", "range(2)"), ("100_000", "2"), ("10000", "32"),
+                       ("checkpoint_every = 1000", "checkpoint_every = 2")):
         code = code.replace(big, small)
     return code
 
 
-@pytest.fixture
-def pretrained_resnet50(tmp_path, monkeypatch):
-    """torchvision's resnet50(pretrained=True) offline: a weights file in the hub cache, written here (random)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+@pytest.fixture(scope="module")
+def resnet50_hub(tmp_path_factory):
+    """A torch hub folder whose cache holds resnet50's ImageNet weights file (random weights), written once."""
+    home = tmp_path_factory.mktemp("torch")
     url = models.ResNet50_Weights.IMAGENET1K_V1.url
-    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache = home / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.manual_seed(0)
     state = models.resnet50().state_dict()
     torch.save(state, cache / url.rsplit("/", 1)[-1])
+    return home, state
+
+
+@pytest.fixture
+def pretrained_resnet50(resnet50_hub, tmp_path, monkeypatch):
+    """torchvision's resnet50(pretrained=True) offline, run from an empty folder; the state it loads."""
+    home, state = resnet50_hub
+    monkeypatch.setenv("TORCH_HOME", str(home))
     monkeypatch.chdir(tmp_path)
     return state
 

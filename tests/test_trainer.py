@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +21,6 @@ from wrapssl.ema import cosine_momentum
 from wrapssl.methods import BYOLMethod
 from wrapssl.trainer import NonFiniteLossError, Trainer, latest_checkpoint, load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 HEADS = dict(projection_size=16, projection_hidden_size=32)  # tiny heads keep every step cheap
 QUIET = dict(progress=False, log_with=("csv",), plot=False)
 
@@ -315,48 +313,48 @@ def test_resume_after_crash_at_epoch_end_is_bit_exact(tmp_path, uninterrupted):
     assert [int(r.split(",")[0]) for r in rows if ",loss," in r] == list(range(1, 9))  # no step logged twice
 
 
-KILLED_RUN = textwrap.dedent("""
-    import os, sys, time
-    import torch
-    sys.path.insert(0, {tests!r})
-    from test_trainer import images, make
-    from wrapssl.data import TensorImages
-    torch.set_num_threads(1)  # as in the test process: thread counts change float rounding
+class _Stalling(TensorImages):
+    """Hangs once ``marker`` exists, so the parent can SIGKILL the run right there."""
 
-    class Stalling(TensorImages):
-        '''Hangs once the marker checkpoint exists, so the parent can SIGKILL us right there.'''
-        def __getitem__(self, i):
-            if os.path.exists(sys.argv[2]):
-                time.sleep(3600)
-            return super().__getitem__(i)
+    def __init__(self, x: torch.Tensor, marker: Path):
+        super().__init__(x)
+        self.marker = marker
 
-    make(sys.argv[1], data=Stalling(images()))()
-""")
+    def __getitem__(self, i):
+        if self.marker.exists():
+            time.sleep(3600)
+        return super().__getitem__(i)
+
+
+def _run_until_killed(folder: Path, marker: Path) -> None:
+    """A forked child: a fresh Accelerate singleton, one thread as in the test process (thread counts change
+    float rounding), then the run that the parent kills."""
+    reset_accelerate()
+    torch.set_num_threads(1)
+    make(folder, data=_Stalling(images(), marker))()
 
 
 def test_sigkill_then_resume_is_bit_exact(tmp_path, uninterrupted):
     """A run killed with SIGKILL after its step-4 checkpoint resumes to the uninterrupted run's exact weights."""
-    script = tmp_path / "run.py"
-    script.write_text(KILLED_RUN.format(tests=str(REPO / "tests")))
     folder, marker = tmp_path / "ck", tmp_path / "ck" / "checkpoint-00000004.pt"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(folder), str(marker)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # forked: a process of its own to kill, without a new interpreter's imports
+    proc = multiprocessing.get_context("fork").Process(target=_run_until_killed, args=(folder, marker))
+    proc.start()
     try:
         deadline = time.time() + 120
         while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended before its checkpoint:\n{proc.stdout.read().decode()[-3000:]}")
+            if not proc.is_alive():
+                pytest.fail(f"the run ended before its checkpoint (exit code {proc.exitcode})")
             if time.time() > deadline:
                 pytest.fail("no checkpoint within 120 s")
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.join(timeout=30)
     finally:
-        if proc.poll() is None:
+        if proc.is_alive():
             os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+            proc.join()
+    assert proc.exitcode == -signal.SIGKILL
     assert not (folder / "backbone.pt").exists()
     resumed = make(folder, resume="auto")
     assert resumed.step == 4 and resumed.samples_in_epoch == 32
