@@ -33,7 +33,7 @@ setup(
         "logging": ["tensorboard"],
         "timm": ["timm"],
         "arrays": ["tifffile"],  # multispectral .tif stacks in image folders
-        "test": ["pytest", "matplotlib>=3.5", "scikit-learn>=1.2", "tensorboard", "timm", "tifffile"],
+        "test": ["pytest", "pytest-xdist", "matplotlib>=3.5", "scikit-learn>=1.2", "tensorboard", "timm", "tifffile"],
         "bench": ["byol-pytorch==0.9.1", "lightly==1.6.0", "psutil"],
     },
     entry_points={"console_scripts": ["wrapssl=wrapssl.cli:main"]},
