@@ -1,5 +1,7 @@
 """Hidden-layer capture: names, indices, callables, pooling, early exit, closing."""
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -137,11 +139,15 @@ def test_wrapped_but_open_net_still_runs_normally_and_keeps_no_activation():
     net = small_cnn().eval()
     x = torch.rand(2, 3, 16, 16)
     expected = net(x)
+    seen = []  # weak references to every output of the hidden layer: alive only while someone holds them
+    watch = net[-2].register_forward_hook(lambda m, args, out: seen.append(weakref.ref(out)))
     with Learner(net, image_size=16, hidden_layer=-2, projection_hidden_size=32, projection_size=8) as learner:
         torch.testing.assert_close(net(x), expected)  # user's own forward is not intercepted
         learner.train()
-        learner(torch.rand(4, 3, 16, 16))
-        assert learner.encoder._captured is None and learner.target_encoder._captured is None
+        learner(torch.rand(4, 3, 16, 16)).backward()
+        gc.collect()
+        assert len(seen) > 1 and all(ref() is None for ref in seen)  # online and target activations: none kept
+    watch.remove()
     assert not net[-2]._forward_hooks
 
 
