@@ -147,8 +147,9 @@ def test_the_app_trains_on_a_brace_pattern_and_lists_unreadable_samples(tmp_path
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
     cli.main(["shards", str(folder), str(tmp_path / "s" / "f-%02d.tar"), "--per-shard", "8"])
     assert "wrapssl train --data '" + str(tmp_path / "s" / "f-{00..05}.tar") + "'" in capsys.readouterr().out
-    metrics = app.main(["--data", str(tmp_path / "s" / "f-{00..05}.tar"), "--image-size", "8", "--batch-size", "4",
-                        "--steps", "12", "--no-plots", "--out", str(tmp_path / "run")])
+    with pytest.warns(RuntimeWarning, match=r"unreadable data .* f-05.tar/broken"):
+        metrics = app.main(["--data", str(tmp_path / "s" / "f-{00..05}.tar"), "--image-size", "8", "--batch-size",
+                            "4", "--steps", "12", "--no-plots", "--out", str(tmp_path / "run")])
     assert metrics["steps"] == 12
     assert list(metrics["unreadable_files"]) == ["f-05.tar/broken"]
     assert "1 of 41 files could not be read" in capsys.readouterr().out
