@@ -85,3 +85,39 @@ def test_two_machines_of_one_process_match_one_machine_of_two(tmp_path):
         assert [c["config"]["num_processes"] for c in ck] == [2, 2] and len(ck[1]["rng"]) == 2
     c2, c1 = (torch.load(f / "checkpoint-00000004.pt", weights_only=True)["learner"] for f in (two, one))
     assert same(c2, c1)  # the heads, any EMA target and the BN buffers too
+
+
+@pytest.mark.slow
+def test_two_processes_stream_tar_shards_and_a_locked_out_is_refused_on_every_rank(tmp_path):
+    from wrapssl.data import TensorImages
+    from wrapssl.runs import RunLock
+    from wrapssl.shards import write_shards
+
+    images = torch.randint(0, 256, (128, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    write_shards(TensorImages(images), str(tmp_path / "s" / "t-%02d.tar"), 16)  # 8 shards for 2 x 2 readers
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("WORLD_SIZE", None)
+    app = ["--data", str(tmp_path / "s" / "t-{00..07}.tar"), *RUN, "--num-workers", "2", "--steps", "10"]
+    cmd = launch("--num_machines", "1", "--num_processes", "2", "--main_process_port", str(free_port()))
+
+    held = RunLock.acquire(tmp_path / "locked")  # this process trains into it, as far as anyone can tell
+    try:
+        refused = subprocess.run(cmd + [*app, "--out", str(tmp_path / "locked")], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=240)
+    finally:
+        held.release()
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode != 0 and len(errors) == 2  # each rank says it in one line, none hangs
+    assert all(f"is being trained by process {os.getpid()}" in e for e in errors)
+    assert not (tmp_path / "locked" / "metrics.csv").exists()
+
+    done = subprocess.run(cmd + [*app, "--out", str(tmp_path / "run")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 10 and len(set(metrics["weights_sha256"])) == 1
+    data = torch.load(tmp_path / "run" / "checkpoint-00000010.pt", weights_only=True)["data"]
+    # 128 samples, 4 readers (2 ranks x 2 workers), batches of 8: a reader yields 4 batches, a rank 8, so an
+    # epoch is 8 steps of 2 x 8 images and step 10 is 2 steps into epoch 1
+    assert (data["epoch"], data["samples_in_epoch"]) == (1, 2 * 16)
