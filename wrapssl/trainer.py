@@ -71,7 +71,9 @@ class Trainer:
     Args:
         hidden_layer: as in ``Learner`` (default: the Learner's, the net's own pre-logits).
         dataset: any dataset of images or (image, label) items, uint8 or float in [0, 1],
-            an image tensor, or a data set name ("fashion-mnist", "digits") / an image folder path.
+            an image tensor, or a data set name ("fashion-mnist", "digits") / an image folder path, or
+            tar shards ("shards/train-{000000..000099}.tar", a glob or a list; ``shards.TarShards``),
+            streamed to the processes and workers in epochs of a known length.
             Workers only decode; random augmentation runs inside the Learner on the device.
         method: a registered method name or a ``Method``. Other keywords (``**method_kwargs``,
             merged over ``byol_kwargs``) go to the ``Learner``, which passes the ones it does
