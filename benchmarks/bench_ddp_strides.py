@@ -9,8 +9,8 @@ warns "Grad strides do not match bucket view strides". "channels_last" converts 
 ``torch.channels_last`` before wrapping (what the Trainer now does on multi-process runs that feed
 channels_last views): buckets, parameters and gradients agree. Timed steps alternate between the two
 in one run; the median of the paired ratios (neighbouring samples) is reported, for wall time and for
-rank 0's CPU time (less sensitive to other jobs on a shared machine). Whether each variant warns is checked in a fresh pair of
-processes of its own (torch warns once per process).
+rank 0's CPU time (less sensitive to other jobs on a shared machine). Whether each variant warns is
+checked in a fresh pair of processes of its own (torch warns once per process).
 
     python benchmarks/bench_ddp_strides.py                 # small ResNet, 28 px, batch 128 per process
     python benchmarks/bench_ddp_strides.py --arch resnet18 --image-size 64 --batch 32

@@ -243,8 +243,8 @@ def net_section(name: str, args) -> dict:
 def main_job(args, budget: float) -> dict:
     """The app's default run with --mixed-precision bf16, as a subprocess: wall time and its scores."""
     out = Path(tempfile.mkdtemp(prefix="bench_gpu_main_"))
-    cmd = [sys.executable, "-m", "wrapssl.train", "--mixed-precision", "bf16", "--num-workers", "4", "--out",
-           str(out)] + (["--steps", "20", "--knn-train", "500", "--knn-test", "200", "--no-plots"] if args.smoke else [])
+    cmd = [sys.executable, "-m", "wrapssl.train", "--mixed-precision", "bf16", "--num-workers", "4", "--out", str(out)]
+    cmd += ["--steps", "20", "--knn-train", "500", "--knn-test", "200", "--no-plots"] if args.smoke else []
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start = time.perf_counter()
     try:
@@ -326,8 +326,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.nets = ["resnet18", "vit_tiny_patch16_224"] if args.nets == list(NETS) else args.nets
-        args.image_size, args.batch, args.hidden, args.out = (32 if args.image_size == 224 else args.image_size,
-                                                               min(args.batch, 8), 64, 32)
+        args.image_size = 32 if args.image_size == 224 else args.image_size
+        args.batch, args.hidden, args.out = min(args.batch, 8), 64, 32
         args.steps, args.reps = 1, 2
     args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     args.device_type = args.device

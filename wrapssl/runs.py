@@ -26,7 +26,8 @@ from typing import Any, Mapping
 
 from .checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 
-__all__ = ["SCHEDULE_SETTINGS", "RunConflictError", "RunLockedError", "RunLock", "changed_settings", "describe_changes", "choose_checkpoint"]
+__all__ = ["SCHEDULE_SETTINGS", "RunConflictError", "RunLockedError", "RunLock", "changed_settings",
+           "describe_changes", "choose_checkpoint"]
 
 # Settings a resumed run may change: the learning-rate schedule, the optimiser's hyperparameters and the
 # EMA momentum are rebuilt from the new values at the step reached.
