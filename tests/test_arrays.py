@@ -103,7 +103,8 @@ def test_the_app_takes_statistics_given_by_the_user(tmp_path):
     stacks(tmp_path / "data", bands=4)
     means, stds = "0.05,0.05,0.05,0.05", "0.03,0.03,0.03,0.03"
     app.main(["--data", str(tmp_path / "data"), "--image-size", "16", "--batch-size", "8", "--steps", "1",
-              "--knn-k", "3", "--no-plots", "--labels", "none", "--normalize", means, stds, "--out", str(tmp_path / "run")])
+              "--knn-k", "3", "--no-plots", "--labels", "none", "--normalize", means, stds,
+              "--out", str(tmp_path / "run")])
     config = torch.load(tmp_path / "run" / "checkpoint-00000001.pt", weights_only=True)["config"]
     assert config["method.normalize"] == repr(((0.05,) * 4, (0.03,) * 4))
     reset_accelerate()

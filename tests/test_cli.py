@@ -212,5 +212,6 @@ def test_evaluate_agrees_with_the_training_app_on_the_same_backbone(tmp_path, ca
     assert scores["linear_top1"] == pytest.approx(metrics["scores"]["pretrained"]["linear"], abs=0.005)
     for row in ("raw_pixels", "random_init"):
         assert scores["baselines"][row]["knn"] == pytest.approx(metrics["scores"][row]["knn"], abs=1e-6), row
-    cli.main(["evaluate", str(tmp_path), "-k", "20", "--no-baselines", "--labels", "none", "--out", str(tmp_path / "s.json")])
+    cli.main(["evaluate", str(tmp_path), "-k", "20", "--no-baselines", "--labels", "none",
+              "--out", str(tmp_path / "s.json")])
     assert "baselines" not in json.loads(capsys.readouterr().out)

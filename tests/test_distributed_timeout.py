@@ -34,8 +34,9 @@ def _rank(rank: int, port: int, args: list[str], err: str, stop_after_step: int 
     from wrapssl import train as app
     from wrapssl.trainer import Trainer
 
-    os.environ.update({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     sys.stderr = open(err, "w", buffering=1)  # pytest's capture objects stay with the parent
     sys.stdout = open(os.devnull, "w")
     code = 1

@@ -164,7 +164,8 @@ TIMM = [
 # timm cannot build swinv2_cr on the meta device (it reads a weight at build) nor run vitamin there (it makes a
 # CPU tensor in its forward): their values are compared instead
 TIMM_FAST = ["swinv2_cr_tiny_ns_224", "vitamin_small_224", "resnet18", "convnext_atto", "mobilenetv3_small_050",
-             "efficientnet_b0", "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224", "levit_128s", "mambaout_femto"]
+             "efficientnet_b0", "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
+             "swin_tiny_patch4_window7_224", "levit_128s", "mambaout_femto"]
 
 
 # timm's pre-logits come before a norm of the head (NormLinear), before an MLP head (MetaFormer's), or average
