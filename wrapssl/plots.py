@@ -706,6 +706,7 @@ def budget_curve_figure(result: Mapping[str, Any], title: str = "What pretrainin
     rows = list(dict.fromkeys(rows))
     fig = Figure(figsize=(7, 4.4), layout="constrained")
     ax = fig.subplots()
+    ends: list[tuple[float, float, str]] = []
     for row in rows:
         points = sorted((b["labels"], b["rows"][row]) for b in budgets if row in b["rows"])
         x = np.array([p[0] for p in points], dtype=float)
@@ -715,8 +716,8 @@ def budget_curve_figure(result: Mapping[str, Any], title: str = "What pretrainin
         colour, dash, marker = BUDGET_STYLES.get(row, ("C4", "-", "o"))
         ax.plot(x, mean, linestyle=dash, marker=marker, color=colour, linewidth=2, label=ROW_TITLES.get(row, row))
         ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
-        ax.annotate(f"{mean[-1]:.1f}%", (x[-1], mean[-1]), textcoords="offset points", xytext=(5, -3),
-                    color=colour, fontsize="small")
+        ends.append((mean[-1], x[-1], colour))
+    _label_ends(ax, ends)
     ax.set_xscale("log")
     ticks = sorted({b["labels"] for b in budgets})
     ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
@@ -729,6 +730,20 @@ def budget_curve_figure(result: Mapping[str, Any], title: str = "What pretrainin
     ax.margins(x=0.15, y=0.08)
     ax.legend(loc="lower right", fontsize="small")
     return fig
+
+
+def _label_ends(ax: Any, ends: list[tuple[float, float, str]]) -> None:
+    """Each line's last value as text beside its end, moved apart where values are too close to read."""
+    if not ends:
+        return
+    values = [v for v, _, _ in ends]
+    gap = max(0.6, (max(values) - min(values)) * 0.045)  # in points of accuracy
+    placed: list[float] = []
+    for value, x, colour in sorted(ends, key=lambda e: e[0]):
+        y = max(value, placed[-1] + gap) if placed else value
+        placed.append(y)
+        ax.annotate(f"{value:.1f}%", (x, value), xytext=(x * 1.06, y), textcoords="data", va="center",
+                    color=colour, fontsize="small")
 
 
 def budget_curve(result: Mapping[str, Any], path: PathLike, title: str = "What pretraining buys with few labels"
