@@ -124,14 +124,15 @@ def label_budgets(memory: Dataset, queries: Dataset, budgets: Sequence[Budget], 
                   pretrained: Any = None, scratch: nn.Module | None = None, embeddings: tuple[Any, Any] | None = None,
                   raw: tuple[Any, Any] | None = None, image_size: int | None = None, settings: Any = None,
                   rows: Sequence[str] = ROWS, extra: Callable[[Budget, int, list[int]], dict[str, float]] | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, device: str | torch.device | None = None) -> dict[str, Any]:
     """Score every row of ``rows`` at every budget over ``draws`` class-balanced draws of ``memory``'s labels.
 
     ``pretrained``: a ``Backbone`` (the fine-tuned rows copy its net; the net itself is never changed);
     ``scratch``: the same architecture at its random start; ``embeddings``: the pretrained
     representation of (memory, queries), else computed; ``raw``: raw-pixel Embeddings of both, else
     computed at ``image_size``. ``settings``: the ``FinetuneSettings`` of the fine-tuned rows.
-    ``extra(budget, draw, indices)`` may add rows of its own per draw. Returns JSON-able results.
+    ``extra(budget, draw, indices)`` may add rows of its own per draw. The fine-tunings run in this process
+    alone (on ``device``), also under ``accelerate launch``, where the others wait. Returns JSON-able results.
     """
     from .backbone import Backbone
     from .evaluate import embed_dataset, raw_pixels
@@ -167,13 +168,14 @@ def label_budgets(memory: Dataset, queries: Dataset, budgets: Sequence[Budget], 
                 row["scratch_finetuned"] = finetune(
                     net, subset, queries, settings=settings, backbone_lr_ratio=1.0, linear_init=False,
                     image_size=image_size or (pretrained.info.image_size if pretrained is not None else None),
-                    progress=False, seed=settings.seed + draw).test_accuracy
+                    progress=False, seed=settings.seed + draw, local=True, device=device).test_accuracy
             if "pretrained_finetuned" in rows and pretrained is not None:
                 copy_of = Backbone(copy.deepcopy(pretrained.net), pretrained.hidden_layer, pretrained.info,
                                    pretrained.folder)
                 row["pretrained_finetuned"] = finetune(copy_of, subset, queries, settings=settings,
                                                        image_size=image_size, progress=False,
-                                                       seed=settings.seed + draw).test_accuracy
+                                                       seed=settings.seed + draw, local=True,
+                                                       device=device).test_accuracy
             if extra is not None:
                 row.update(extra(budget, draw, idx))
             for k, v in row.items():

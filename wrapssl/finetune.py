@@ -304,7 +304,7 @@ def finetune(backbone: Backbone | nn.Module | str | os.PathLike, train: Dataset,
              settings: FinetuneSettings | None = None, out: str | os.PathLike | None = None,
              classes: Sequence[str] | None = None, hidden_layer: LayerSpec | None = None,
              image_size: int | None = None, resume: bool | None = None, progress: bool = True,
-             **overrides: Any) -> FinetuneResult:
+             local: bool = False, device: str | torch.device | None = None, **overrides: Any) -> FinetuneResult:
     """Fine-tune ``backbone`` with a new linear head on the labelled items of ``train``; score it on ``test``.
 
     ``backbone``: a run folder or weights file (read with ``load_backbone``), a ``Backbone``, or a
@@ -313,7 +313,9 @@ def finetune(backbone: Backbone | nn.Module | str | os.PathLike, train: Dataset,
     (``classifier.safetensors``, with its metadata) and ``finetune.json`` (the test accuracy)
     are written there; re-running continues a run with the same settings, other settings raise
     ``FinetuneConflictError`` unless ``resume=True`` (continue with these) — ``resume=False``
-    refuses any earlier checkpoint. Runs on every process of ``accelerate launch``.
+    refuses any earlier checkpoint. Runs on every process of ``accelerate launch``; ``local=True`` trains in
+    this process alone, on ``device`` (default: CUDA when there is one), whatever the launcher started: what
+    one rank does while the others wait (the training app's few-label report).
     """
     from .accelerator import make_accelerator
     from .data import as_dataset, collate
@@ -333,7 +335,8 @@ def finetune(backbone: Backbone | nn.Module | str | os.PathLike, train: Dataset,
     side = _image_size(train, bb, image_size)
     folder = Path(out) if out is not None else None
 
-    acc = make_accelerator({}, 1, settings.mixed_precision, (), folder or Path("."))
+    acc = _Local(device, settings.mixed_precision) if local else \
+        make_accelerator({}, 1, settings.mixed_precision, (), folder or Path("."))
     batch = min(settings.batch_size, max(1, len(keep) // acc.num_processes))
     torch.manual_seed(settings.seed)  # the same head on every process
     model = Classifier(bb.net, bb.hidden_layer, num_classes, bb.info.normalize, side, bb.info.channels)
@@ -403,6 +406,34 @@ def finetune(backbone: Backbone | nn.Module | str | os.PathLike, train: Dataset,
                          config, time.perf_counter() - started)
     acc.wait_for_everyone()
     return FinetuneResult(classifier, score, step, folder, time.perf_counter() - started)
+
+
+class _Local:
+    """What ``finetune`` uses of an Accelerator, for one process alone (no process group, no DDP)."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, device: str | torch.device | None, mixed_precision: str | None):
+        self.device = torch.device(device) if device is not None else \
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "no")
+
+    def prepare(self, *objects: Any) -> Any:
+        return objects
+
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def autocast(self) -> Any:
+        import contextlib
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else \
+            contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def wait_for_everyone(self) -> None:
+        pass
 
 
 def _config(settings: FinetuneSettings, bb: Backbone, num_classes: int, side: int, global_batch: int,
