@@ -23,6 +23,7 @@ setup(
         "kornia>=0.9,<0.10",    # augment/ops.py overrides kornia internals: tested on 0.9.0; 0.7.0-0.8.2 fail its tests
         "accelerate>=0.29",     # GradientAccumulationPlugin(sync_each_batch=...)
         "einops>=0.7",          # patch layouts of the masked-image method (issue 14)
+        "safetensors>=0.4",     # backbone.safetensors with its metadata (also accelerate's dependency)
         "numpy",
         "pillow",
         "tqdm",
