@@ -89,3 +89,19 @@ def fresh_accelerate():
     torch.set_num_threads(before)
     torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     reset_accelerate()
+
+
+def run_in_own_session(cmd: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``cmd`` run in its own session, so that a hang ends with the whole process
+    group (a launcher and its ranks), not only the launcher."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, stdout, stderr

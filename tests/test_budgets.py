@@ -168,25 +168,17 @@ def test_two_processes_end_with_the_few_label_report(tmp_path):
     """Under `accelerate launch` with 2 processes, rank 0 scores the label budgets alone (no collective inside:
     the fine-tunings run locally) while rank 1 waits; the run ends with the rows."""
     import os
-    import signal
-    import subprocess
     import sys
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            "-m", "wrapssl.train", "--data", "digits", "--steps", "2", "--batch-size", "8", "--knn-k", "20",
            "--labels", "2/class", "--draws", "1", "--finetune-steps", "2", "--no-plots", "--out", str(out)]
+    from conftest import run_in_own_session
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # a hang ends with the launcher's children too
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    code, stdout, stderr = run_in_own_session(cmd, tmp_path, env, timeout=240)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
     rows = metrics["label_budgets"]["budgets"][0]["rows"]

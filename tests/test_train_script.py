@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -201,16 +200,9 @@ def test_accelerate_launch_m_two_processes_end_with_identical_weights(tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            "-m", "wrapssl.train", *TINY, "--batch-size", "8", "--steps", "3", "--grad-accum", "2",
            "--out", str(out)]
-    # in its own session, so that a hang ends with the launcher's two children, not only the launcher
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    from conftest import run_in_own_session
+    code, stdout, stderr = run_in_own_session(cmd, tmp_path, subprocess_env(), timeout=300)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["steps"] == 3
     assert metrics["images_seen"] == 3 * 8 * 2 * 2  # steps x batch x processes x accumulation
