@@ -240,7 +240,7 @@ def report(memory: Dataset, queries: Dataset, budgets: Sequence[Budget], backbon
             "labelled training images")
     if not fits:
         return None
-    log(f"scoring label budgets ({', '.join(map(str, fits))}; {draws} class-balanced draws each) ...")
+    log(f"scoring label budgets ({', '.join(map(str, fits))}; {_draws(draws)} of labelled images each) ...")
     rows = ROWS if baselines else ("pretrained_linear", "pretrained_finetuned")
     result = label_budgets(memory, queries, fits, draws=draws, seed=seed, pretrained=backbone,
                            scratch=random_init(backbone, seed) if baselines else None, embeddings=embeddings,
@@ -262,10 +262,16 @@ def report(memory: Dataset, queries: Dataset, budgets: Sequence[Budget], backbon
     return result
 
 
+def _draws(n: int) -> str:
+    """'1 class-balanced draw', '3 class-balanced draws'."""
+    return f"{n} class-balanced draw{'s' if n != 1 else ''}"
+
+
 def print_report(result: dict[str, Any], test_images: int, log: Callable[[str], None] = print) -> None:
     """The few-label table, and the picks against random, as a user reads them."""
     draws = result["protocol"]["draws"]
-    log(f"test accuracy with few labels (mean ± standard deviation over {draws} draws; {test_images} test images):")
+    log(f"test accuracy with few labels (mean ± standard deviation over {_draws(draws)}; {test_images} test "
+        "images):")
     log(format_budgets(result))
     method = (result.get("selection") or {}).get("method")
     for n, found in ((result.get("selection") or {}).get("budgets") or {}).items():
