@@ -408,37 +408,39 @@ class TarShards(IterableDataset):
         left = len(self) // readers // self.batch_size * self.batch_size - done
         start = done % max(1, sum(self.counts[s] for s in mine))
         while left > 0:
-            buffer: list[tuple[int, dict[str, bytes]]] = []
-            good, read = 0, 0
-            for entry in self._pass(mine, start):
-                buffer.append(entry)
-                read += 1
-                while len(buffer) >= self.shuffle_buffer:
-                    item = self._take(buffer, rng)
-                    if item is not None:
-                        good, left = good + 1, left - 1
-                        yield item
-                        if left == 0:
-                            return
-            while buffer:  # the pass is over: drain
-                item = self._take(buffer, rng)
+            good, read = 0, [0]
+            for index, members in self._shuffled(self._pass(mine, start), rng, read):
+                item = self._decode_or_mark(index, members)
                 if item is not None:
                     good, left = good + 1, left - 1
                     yield item
                     if left == 0:
                         return
             if good == 0:
-                what = "could be read" if read else "could be opened"
+                what = "could be read" if read[0] else "could be opened"
                 raise UnreadableDataError(f"no sample of the shards {', '.join(self.paths[s].name for s in mine)} "
                                           f"{what}; dataset.unreadable() says why")
             start = 0
 
-    def _take(self, buffer: list[tuple[int, dict[str, bytes]]], rng: random.Random) -> tuple[torch.Tensor, int] | None:
-        """A random sample out of the buffer, decoded (None if it is unreadable)."""
+    def _shuffled(self, entries: Iterator[tuple[int, dict[str, bytes]]], rng: random.Random, read: list[int]
+                  ) -> Iterator[tuple[int, dict[str, bytes]]]:
+        """``entries`` through a shuffle buffer: once full, each new entry lets out a random one; then it drains.
+        ``read[0]`` counts the entries taken in."""
+        buffer: list[tuple[int, dict[str, bytes]]] = []
+        for entry in entries:
+            buffer.append(entry)
+            read[0] += 1
+            if len(buffer) >= self.shuffle_buffer:
+                yield self._pop_random(buffer, rng)
+        while buffer:
+            yield self._pop_random(buffer, rng)
+
+    @staticmethod
+    def _pop_random(buffer: list[tuple[int, dict[str, bytes]]], rng: random.Random) -> tuple[int, dict[str, bytes]]:
+        """Remove and return a random entry of ``buffer`` (swapped to the end first: O(1))."""
         i = rng.randrange(len(buffer))
         buffer[i], buffer[-1] = buffer[-1], buffer[i]
-        index, members = buffer.pop()
-        return self._decode_or_mark(index, members)
+        return buffer.pop()
 
     def _pass(self, mine: list[int], start: int) -> Iterator[tuple[int, dict[str, bytes]]]:
         """(global index, members) of the samples of the shards ``mine`` in order, from their sample ``start``."""
