@@ -123,27 +123,27 @@ def _linear(train: Any, test: Any, idx: list[int]) -> float:
 def label_budgets(memory: Dataset, queries: Dataset, budgets: Sequence[Budget], *, draws: int = 3, seed: int = 0,
                   pretrained: Any = None, scratch: nn.Module | None = None, embeddings: tuple[Any, Any] | None = None,
                   raw: tuple[Any, Any] | None = None, image_size: int | None = None, settings: Any = None,
-                  rows: Sequence[str] = ROWS, extra: Callable[[Budget, int, list[int]], dict[str, float]] | None = None,
-                  log: Callable[[str], None] = print, device: str | torch.device | None = None) -> dict[str, Any]:
+                  rows: Sequence[str] = ROWS, log: Callable[[str], None] = print,
+                  device: str | torch.device | None = None) -> dict[str, Any]:
     """Score every row of ``rows`` at every budget over ``draws`` class-balanced draws of ``memory``'s labels.
 
     ``pretrained``: a ``Backbone`` (the fine-tuned rows copy its net; the net itself is never changed);
     ``scratch``: the same architecture at its random start; ``embeddings``: the pretrained
     representation of (memory, queries), else computed; ``raw``: raw-pixel Embeddings of both, else
     computed at ``image_size``. ``settings``: the ``FinetuneSettings`` of the fine-tuned rows.
-    ``extra(budget, draw, indices)`` may add rows of its own per draw. The fine-tunings run in this process
+    The fine-tunings run in this process
     alone (on ``device``), also under ``accelerate launch``, where the others wait. Returns JSON-able results.
     """
     from .backbone import Backbone
     from .evaluate import embed_dataset, raw_pixels
-    from .finetune import FinetuneSettings, _labels_of, finetune
+    from .finetune import FinetuneSettings, dataset_labels, finetune
 
     if draws < 1:
         raise ValueError(f"draws must be at least 1, got {draws}")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; choose among {list(ROWS)}")
-    labels = _labels_of(memory, range(len(memory)))
+    labels = dataset_labels(memory)
     settings = settings or FinetuneSettings()
     if "pretrained_linear" in rows and embeddings is None:
         log("label budgets: embedding the training and test images with the pretrained net ...")
@@ -176,16 +176,14 @@ def label_budgets(memory: Dataset, queries: Dataset, budgets: Sequence[Budget], 
                                                        image_size=image_size, progress=False,
                                                        seed=settings.seed + draw, local=True,
                                                        device=device).test_accuracy
-            if extra is not None:
-                row.update(extra(budget, draw, idx))
             for k, v in row.items():
                 scores.setdefault(k, []).append(float(v))
             log(f"label budget {budget}, draw {draw + 1}/{draws}: " +
                 ", ".join(f"{ROW_TITLES.get(k, k)} {100 * v:.1f}%" for k, v in row.items()))
         results.append({"budget": str(budget), "labels": len(idx),
                         "rows": {k: _summary(v) for k, v in scores.items()}})
-    return {"protocol": {"draws": draws, "seed": seed, "test_images": int((torch.as_tensor(
-        _labels_of(queries, range(len(queries)))) >= 0).sum()), "linear": "wrapssl.evaluate.linear_probe_cv",
+    return {"protocol": {"draws": draws, "seed": seed, "test_images": int((dataset_labels(queries) >= 0).sum()),
+                         "linear": "wrapssl.evaluate.linear_probe_cv",
         "finetune": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}},
         "budgets": results}
 

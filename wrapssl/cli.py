@@ -403,11 +403,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from torch.utils.data import Subset
 
     from .budgets import draw_labels, parse_budgets
-    from .finetune import FinetuneSettings, _labels_of, finetune
+    from .finetune import FinetuneSettings, dataset_labels, finetune
 
     backbone, recorded = load_backbone(args.source, args.arch, _layer(args.hidden_layer))
     train, test, classes = _finetune_sets(args, recorded, backbone)
-    labels = _labels_of(train, range(len(train)))
+    labels = dataset_labels(train)
     try:
         if args.picks:
             chosen, how = _picked(args.picks, len(train)), f"the {args.picks} picks"

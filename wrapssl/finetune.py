@@ -153,11 +153,6 @@ def _labelled(dataset: Dataset) -> list[int]:
     return torch.nonzero(dataset_labels(dataset) >= 0).flatten().tolist()
 
 
-def _labels_of(dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
-    """The labels of ``indices``."""
-    return dataset_labels(dataset)[list(indices)]
-
-
 def check_labels(labels: torch.Tensor, what: str = "the labelled images") -> int:
     """The class count of ``labels``; ValueError naming the fix for no labels or a single class."""
     if labels.numel() == 0:
@@ -181,10 +176,12 @@ class _StepBatches:
     def __iter__(self) -> Iterator[list[int]]:
         global_batch = self.batch * self.world
         per_epoch = max(1, self.n // global_batch)
+        order, drawn = None, None
         for step in range(self.start, self.steps):
             epoch, k = divmod(step, per_epoch)
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(self.n, generator=g)
+            if epoch != drawn:  # one shuffle per epoch
+                order, drawn = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                    self.seed * 1_000_003 + epoch)), epoch
             chunk = order[k * global_batch:(k + 1) * global_batch]
             yield chunk[self.rank * self.batch:(self.rank + 1) * self.batch].tolist()
 
@@ -205,17 +202,15 @@ def _shift(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def _augment(images: torch.Tensor, settings: FinetuneSettings, image_size: int, seed: int) -> torch.Tensor:
-    """Light views for fine-tuning (``settings.augment``, and flips), drawn from their own seed (the step's), so a
-    resumed run sees the same views."""
-    from .augment import RandomResizedCrop
-
-    gen = torch.Generator().manual_seed(seed)
-    if settings.augment == "crop":
-        crop = RandomResizedCrop(image_size, scale=settings.crop_scale, flip_p=0.5 if settings.flip else 0.0)
+def _augment(images: torch.Tensor, settings: FinetuneSettings, seed: int, crop: nn.Module | None = None
+             ) -> torch.Tensor:
+    """Light views for fine-tuning (``settings.augment``: ``crop`` is its random resized crop, built once; and
+    flips), drawn from their own seed (the step's), so a resumed run sees the same views."""
+    if crop is not None:
         with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
             torch.manual_seed(seed)
             return crop(images)
+    gen = torch.Generator().manual_seed(seed)
     if settings.augment == "shift":
         images = _shift(images, gen)
     if settings.flip:
@@ -324,12 +319,13 @@ def finetune(backbone: Backbone | nn.Module | str | os.PathLike, train: Dataset,
     started = time.perf_counter()
     bb = _as_backbone(backbone, hidden_layer, image_size)
     train = as_dataset(train, None, "train")
-    keep = _labelled(train)
-    labels = _labels_of(train, keep)
+    all_labels = dataset_labels(train)
+    keep = torch.nonzero(all_labels >= 0).flatten().tolist()
+    labels = all_labels[keep]
     num_classes = max(check_labels(labels), len(classes or ()))
     if test is not None:
         test = as_dataset(test, None, "test")
-        test_labels = _labels_of(test, _labelled(test))
+        test_labels = dataset_labels(test)
         if test_labels.numel() and int(test_labels.max()) >= num_classes:
             num_classes = int(test_labels.max()) + 1
     side = _image_size(train, bb, image_size)
@@ -372,6 +368,9 @@ def finetune(backbone: Backbone | nn.Module | str | os.PathLike, train: Dataset,
     from tqdm.auto import tqdm
     bar = tqdm(total=settings.steps, initial=start, desc="fine-tuning", dynamic_ncols=True,
                disable=not (progress and acc.is_main_process))
+    from .augment import RandomResizedCrop
+    crop = RandomResizedCrop(side, scale=settings.crop_scale, flip_p=0.5 if settings.flip else 0.0) \
+        if settings.augment == "crop" else None
     step = start
     model.train()
     try:
@@ -380,7 +379,7 @@ def finetune(backbone: Backbone | nn.Module | str | os.PathLike, train: Dataset,
                 group["lr"] = settings.lr * group["scale"] * settings.lr_factor(step)
             x = images.to(acc.device, non_blocking=True).float().div_(255) if images.dtype == torch.uint8 \
                 else images.to(acc.device).float()
-            x = _augment(x, settings, side, settings.seed * 1_000_003 + step * 64 + acc.process_index)
+            x = _augment(x, settings, settings.seed * 1_000_003 + step * 64 + acc.process_index, crop)
             with acc.autocast():
                 loss = F.cross_entropy(model(x), y.to(acc.device), label_smoothing=settings.label_smoothing)
             acc.backward(loss)

@@ -702,8 +702,7 @@ def budget_curve_figure(result: Mapping[str, Any], title: str = "What pretrainin
     budgets = list(result.get("budgets") or [])
     if not budgets:
         raise ValueError("the result holds no label budgets; run label_budgets with at least one budget")
-    rows = [r for r in (*BUDGET_STYLES, *ROW_TITLES) if any(r in b["rows"] for b in budgets)]
-    rows = list(dict.fromkeys(rows))
+    rows = [r for r in dict.fromkeys((*BUDGET_STYLES, *ROW_TITLES)) if any(r in b["rows"] for b in budgets)]
     fig = Figure(figsize=(7, 4.4), layout="constrained")
     ax = fig.subplots()
     ends: list[tuple[float, float, str]] = []

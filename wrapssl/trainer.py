@@ -421,9 +421,7 @@ class Trainer:
             norm = self.learner.normalize
             mean, std = (norm.mean.flatten().tolist(), norm.std.flatten().tolist()) if norm.enabled else (None, None)
             info = BackboneInfo(hidden_layer=layer_to_json(self.learner.hidden_layer), image_size=self.image_size,
-                                channels=self.channels, mean=mean, std=std)
-            for key, value in self.backbone_info.items():
-                setattr(info, key, value)
+                                channels=self.channels, mean=mean, std=std, **self.backbone_info)
             save_backbone(self.net, self.folder, info)
         return path
 
