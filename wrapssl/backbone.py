@@ -256,8 +256,9 @@ class Embedder(nn.Module):
     """Images → representations: the net up to its hidden layer, in eval mode, without gradients.
 
     Takes uint8 (0-255) or float images in [0, 1], grey repeated for RGB nets, normalised with
-    ``normalize`` (ImageNet's by default, as a Learner trains); ``embed`` is the same as calling it,
-    so an Embedder goes wherever a Learner's ``embed`` does (``embed_dataset``, health, the CLI).
+    ``normalize`` (ImageNet's by default, as a Learner trains); calling it is ``embed``, so an
+    Embedder goes wherever a Learner's ``embed`` does (``embed_dataset``, the CLI); ``features`` is the
+    same with gradients, for training on top (``finetune.Classifier``).
     """
 
     def __init__(self, net: nn.Module, hidden_layer: LayerSpec | None = None,
@@ -279,16 +280,20 @@ class Embedder(nn.Module):
     def net(self) -> nn.Module:
         return self.encoder.net
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The representations (B, D) of ``images`` as the net is now (its train/eval mode, with gradients)."""
         from .augment import to_float
 
         x = to_float(images, self.channels)
-        with torch.no_grad(), eval_mode(self.encoder.net):
-            return self.encoder(self.normalize.to(x.device)(x))
+        return self.encoder(self.normalize.to(x.device)(x))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(images)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """The representations (B, D) of ``images``."""
-        return self(images)
+        """The representations (B, D) of ``images``, in eval mode, without gradients."""
+        with torch.no_grad(), eval_mode(self.encoder.net):
+            return self.features(images)
 
     def close(self) -> None:
         """Remove the hook from the net (the net works as before)."""

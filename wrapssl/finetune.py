@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .backbone import Backbone, BackboneInfo, _guess_shape, load_backbone
-from .hidden import Encoder, LayerSpec, eval_mode, input_channels
+from .backbone import Backbone, BackboneInfo, Embedder, _guess_shape, load_backbone
+from .hidden import LayerSpec, eval_mode, input_channels
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "Classifier", "finetune", "load_classifier", "accuracy",
            "FinetuneConflictError"]
@@ -102,34 +102,19 @@ class FinetuneResult:
     seconds: float
 
 
-class Classifier(nn.Module):
+class Classifier(Embedder):
     """A backbone up to its representation, and a linear head: images in [0, 1] or uint8 → logits.
 
-    The net's own classifier (past the hidden layer) never runs; the head replaces it.
+    The net's own classifier (past the hidden layer) never runs; the head replaces it. ``embed`` and
+    ``features`` give the representation, as an ``Embedder``'s.
     """
 
     def __init__(self, net: nn.Module, hidden_layer: LayerSpec, num_classes: int,
                  normalize: tuple[Sequence[float], Sequence[float]] | None, image_size: int,
                  channels: int | None = None):
-        super().__init__()
-        from .augment import normalization
-
-        self.channels = channels or input_channels(net)
+        super().__init__(net, hidden_layer, normalize, channels, image_size)
         self.image_size = image_size
-        self.encoder = Encoder(net, hidden_layer)
-        self.normalize = normalization(self.channels, normalize)
         self.head = nn.Linear(self.encoder.probe_width(self.channels, image_size), num_classes)
-
-    @property
-    def net(self) -> nn.Module:
-        return self.encoder.net
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The representation (B, D) of images in [0, 1] or uint8."""
-        from .augment import to_float
-
-        x = to_float(images, self.channels)
-        return self.encoder(self.normalize(x))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
