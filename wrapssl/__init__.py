@@ -18,7 +18,7 @@ _EXPORTS = {
     "view_transform": "augment", "byol_views": "augment", "simclr_views": "augment",
     "multicrop_views": "augment", "set_crop_scale": "augment", "Embeddings": "evaluate",
     "embed_dataset": "evaluate", "knn_accuracy": "evaluate", "linear_probe": "evaluate",
-    "load_backbone": "backbone", "Embedder": "backbone", "load_classifier": "finetune",
+    "load_backbone": "backbone", "Embedder": "backbone", "load_classifier": "finetune_runs",
     "FinetuneSettings": "finetune", "label_budgets": "budgets",
 }
 # fine-tuning itself: ``from wrapssl.finetune import finetune`` (the module shares the name)
@@ -47,7 +47,8 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
     from .archs import build_arch, load_weights
     from .backbone import Embedder, load_backbone
     from .budgets import label_budgets
-    from .finetune import FinetuneSettings, load_classifier
+    from .finetune import FinetuneSettings
+    from .finetune_runs import load_classifier
     from .augment import Views, byol_views, multicrop_views, set_crop_scale, simclr_views, view_transform
     from .compat import BYOL, BYOLTrainer, MockDataset
     from .evaluate import Embeddings, embed_dataset, knn_accuracy, linear_probe

@@ -18,7 +18,7 @@ from torch import nn
 
 from .hidden import ClassifierInput, Encoder, LayerSpec, eval_mode, input_channels
 
-__all__ = ["BackboneInfo", "Backbone", "Embedder", "save_backbone", "read_backbone_info", "load_backbone", "random_init",
+__all__ = ["BackboneInfo", "Backbone", "Embedder", "Classifier", "save_backbone", "read_backbone_info", "load_backbone", "random_init",
            "layer_to_json", "layer_from_json"]
 
 FORMAT = "wrapssl.backbone"
@@ -304,3 +304,21 @@ class Embedder(nn.Module):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class Classifier(Embedder):
+    """A backbone up to its representation, and a linear head: images in [0, 1] or uint8 → logits.
+
+    The net's own classifier (past the hidden layer) never runs; the head replaces it. ``embed`` and
+    ``features`` give the representation, as an ``Embedder``'s.
+    """
+
+    def __init__(self, net: nn.Module, hidden_layer: LayerSpec, num_classes: int,
+                 normalize: tuple[Sequence[float], Sequence[float]] | None, image_size: int,
+                 channels: int | None = None):
+        super().__init__(net, hidden_layer, normalize, channels, image_size)
+        self.image_size = image_size
+        self.head = nn.Linear(self.encoder.probe_width(self.channels, image_size), num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
