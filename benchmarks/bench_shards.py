@@ -31,8 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from common import command, machine, markdown_table, median, save_json
-from wrapssl.data import ImageFolder, _pil_to_tensor, collate
-from wrapssl.shards import TarShards, _tar_samples, reading_pattern, write_shards
+from wrapssl.data import ImageFolder, TarShards, collate, reading_pattern, write_shards
+from wrapssl.data.decode import _pil_to_tensor
+from wrapssl.data.shard_files import _tar_samples
 
 
 def make_images(folder: Path, n: int, side: int = 256) -> None:
