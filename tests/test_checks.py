@@ -4,7 +4,7 @@ import argparse
 import numpy as np
 import pytest
 
-from wrapssl.checks import positive_int, positive_int_arg
+from wrapssl.checks import int_at_least, non_negative_int, positive_int, positive_int_arg
 from wrapssl.evaluate import knn_accuracy
 from wrapssl.select import near_duplicates
 
@@ -23,6 +23,31 @@ def test_refuses_everything_else_naming_the_argument(value):
 
 def test_none_only_when_allowed():
     assert positive_int(None, "eval_every", allow_none=True) is None
+
+
+@pytest.mark.parametrize("value", [0, 5, np.int32(2)])
+def test_non_negative_int_accepts_zero_and_up(value):
+    out = non_negative_int(value, "n_local")
+    assert out == int(value) and type(out) is int
+
+
+@pytest.mark.parametrize("value", [-1, False, 0.0, "0"])
+def test_non_negative_int_refuses_the_rest(value):
+    with pytest.raises(ValueError, match=r"^n_local must be a whole number >= 0, got "):
+        non_negative_int(value, "n_local")
+
+
+@pytest.mark.parametrize("minimum", [-3, 0, 2, 10])
+def test_int_at_least_draws_the_line_at_its_minimum(minimum):
+    for value in range(minimum - 2, minimum + 3):  # the naive rule, value by value
+        if value >= minimum:
+            assert int_at_least(value, "n_clusters", minimum) == value
+        else:
+            with pytest.raises(ValueError, match=f"^n_clusters must be an int >= {minimum}, got {value}$"):
+                int_at_least(value, "n_clusters", minimum)
+    assert int_at_least(None, "n_clusters", minimum, allow_none=True) is None
+    with pytest.raises(ValueError, match="^n_clusters must be at least two clusters, got True$"):
+        int_at_least(True, "n_clusters", minimum, what="at least two clusters")
 
 
 def test_callers_in_different_rooms_give_the_same_message():

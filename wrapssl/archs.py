@@ -13,7 +13,8 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
-from .hidden import LayerSpec, input_channels
+from .encoder import LayerSpec
+from .nnutil import input_channels
 from .prelogits import find_pre_logits
 
 __all__ = ["SmallResNet", "build_arch", "available_archs", "adapt_input_channels", "read_state_dict",

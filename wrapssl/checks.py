@@ -7,18 +7,30 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["positive_int", "positive_float", "non_negative_float", "positive_int_arg", "non_negative_int_arg",
+__all__ = ["positive_int", "non_negative_int", "int_at_least", "positive_float", "non_negative_float", "positive_int_arg", "non_negative_int_arg",
            "positive_float_arg", "non_negative_float_arg", "fraction_arg", "arg_type"]
+
+
+def int_at_least(value: Any, name: str, minimum: int, allow_none: bool = False, what: str | None = None
+                 ) -> int | None:
+    """``value`` as an int if it is an integer >= ``minimum`` (or None when ``allow_none``), else a ValueError
+    naming it: "<name> must be <what>, got <value>" (``what`` defaults to "an int >= <minimum>")."""
+    if value is None and allow_none:
+        return None
+    # bool is an int subclass, but True as a batch size is a mistake, not a 1
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be {what or f'an int >= {minimum}'}, got {value!r}")
+    return int(value)
 
 
 def positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
     """``value`` as an int if it is an integer >= 1 (or None when ``allow_none``), else a ValueError naming it."""
-    if value is None and allow_none:
-        return None
-    # bool is an int subclass, but True as a batch size is a mistake, not a 1
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    return int_at_least(value, name, 1, allow_none, "a positive int")
+
+
+def non_negative_int(value: Any, name: str, allow_none: bool = False) -> int | None:
+    """``value`` as an int if it is an integer >= 0 (or None when ``allow_none``), else a ValueError naming it."""
+    return int_at_least(value, name, 0, allow_none, "a whole number >= 0")
 
 
 def _real(value: Any) -> float | None:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hidden import ClassifierInput, LayerSpec, copy_module, eval_mode, on_meta, size_hint, with_context
+from .encoder import ClassifierInput, LayerSpec
+from .nnutil import meta_probe, size_hint, with_context
 
 # A classifier is a Linear, or a 1x1 convolution over feature maps (SqueezeNet's).
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -87,16 +88,22 @@ def find_pre_logits(net: nn.Module, channels: int, image_size: int) -> LayerSpec
         return TimmPreLogits()
     shape = (2, channels, image_size, image_size)
     try:
-        with torch.no_grad(), on_meta(net), eval_mode(net):
-            order = _finish_order(net, torch.zeros(shape, device="meta"))
-    except Exception:
-        copy = copy_module(net)
-        device = next(iter([*copy.parameters(), *copy.buffers()]), torch.empty(0)).device
-        try:
-            with torch.no_grad(), eval_mode(copy):
-                order = _finish_order(copy, torch.zeros(shape, device=device))
-        except Exception as e:
-            raise with_context(e, f"could not run {type(net).__name__} on images of shape {shape} to find its "
-                                  f"classifier: {e}\nCheck image_size and channels{size_hint(net, image_size)}")
+        order = meta_probe(net, _finish_order, shape)
+    except Exception as e:
+        raise with_context(e, f"could not run {type(net).__name__} on images of shape {shape} to find its "
+                              f"classifier: {e}\nCheck image_size and channels{size_hint(net, image_size)}")
     found = _classifier_in(order)
     return found if found is not None else -1
+
+
+def classifier_prefix(net: nn.Module, channels: int, image_size: int) -> str | None:
+    """The state-dict prefix (e.g. ``"fc."``) of the final classifier that ``net``'s pre-logits never run, so that
+    weights saved for another number of classes can skip it; None when the net has no such classifier."""
+    layer = find_pre_logits(net, channels, image_size)
+    name = None
+    if isinstance(layer, ClassifierInput):
+        name = layer.classifier
+    elif isinstance(layer, TimmPreLogits):
+        head = net.get_classifier()
+        name = next((n for n, m in net.named_modules() if m is head and n), None)
+    return f"{name}." if name else None
