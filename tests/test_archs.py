@@ -11,7 +11,7 @@ from torch import nn
 from torchvision import models
 
 from wrapssl.archs import SmallResNet, adapt_input_channels, available_archs, build_arch, load_weights, read_state_dict
-from wrapssl.hidden import ClassifierInput, Encoder
+from wrapssl.encoder import ClassifierInput, Encoder
 from wrapssl.prelogits import find_pre_logits
 
 
@@ -285,6 +285,30 @@ def test_weights_come_from_backbones_checkpoints_and_other_trainers(tmp_path):
         net = load_weights(SmallResNet(1), tmp_path / name)
         assert _same(net.state_dict(), source.state_dict()), name
     assert _same(read_state_dict(tmp_path), source.state_dict())
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_the_prefixes_of_ddp_and_compile_are_stripped_from_every_key(prefix):
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    state = {f"{prefix}{k}": v for k, v in source.state_dict().items()}
+    given = dict(state)
+    net = load_weights(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), state)
+    assert _same(net.state_dict(), source.state_dict()) and state == given  # the caller's dict is left alone
+
+
+def test_a_prefix_only_some_keys_have_is_part_of_their_names():
+    class Wrapper(nn.Module):  # a net whose own child is called "module"
+        def __init__(self):
+            super().__init__()
+            self.module, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    torch.manual_seed(0)
+    source = Wrapper()
+    net = load_weights(Wrapper(), dict(source.state_dict()))
+    assert _same(net.state_dict(), source.state_dict())
+    with pytest.raises(ValueError, match=r"key\(s\) of the file are not in the net: module\.module\.weight"):
+        load_weights(Wrapper(), {"module.module.weight": source.module.weight, **source.state_dict()})
 
 
 def test_mismatched_weights_name_the_keys_and_the_fix(tmp_path):

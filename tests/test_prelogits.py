@@ -19,6 +19,7 @@ from torch import nn
 from torchvision import models
 
 from wrapssl import Learner
+from wrapssl.prelogits import classifier_prefix
 
 from test_archs import one_thread  # noqa: F401  (autouse: one intra-op thread for these small forwards)
 
@@ -215,3 +216,40 @@ def test_timm_families_on_the_meta_device(name, size, kwargs):
     learner = Learner(net, image_size=size, **TINY)  # finds its width with a forward on the meta device
     assert heads and not any(calls), "a classifier ran"
     assert own.ndim == 2 and learner.feature_dim == own.shape[1]
+
+
+# ----------------------------------------------------------------------------- the classifier to skip
+
+@pytest.mark.parametrize("name", FAST)
+def test_classifier_prefix_names_the_torchvision_classifier(name):
+    kwargs, size = torchvision_kwargs(name)
+    net = on_meta(lambda: models.get_model(name, **kwargs))
+    name_of = {m: n for n, m in net.named_modules()}
+    assert classifier_prefix(net, 3, size) == name_of[last_classifier(net)] + "."
+
+
+@pytest.mark.parametrize("name,size,kwargs", [t for t in TIMM if t[0] in ("resnet18", "vit_tiny_patch16_224",
+                                                                          "convnext_atto")], ids=lambda v: str(v))
+def test_classifier_prefix_names_the_timm_classifier(name, size, kwargs):
+    timm = pytest.importorskip("timm")
+    net = on_meta(lambda: timm.create_model(name, pretrained=False, num_classes=7, **kwargs))
+    heads = [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and m.out_features == 7]
+    assert classifier_prefix(net, 3, size) == heads[-1] + "."
+
+
+def test_classifier_prefix_lets_weights_for_other_classes_load(tmp_path):
+    from wrapssl.archs import load_weights
+
+    torch.manual_seed(0)
+    saved = models.resnet18(num_classes=1000)
+    net = models.resnet18(num_classes=7)
+    prefix = classifier_prefix(net, 3, 32)
+    load_weights(net, saved.state_dict(), ignore=[prefix])
+    assert torch.equal(net.layer4[1].conv2.weight, saved.layer4[1].conv2.weight) and net.fc.out_features == 7
+
+
+def test_a_net_without_a_classifier_has_no_prefix():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert classifier_prefix(net, 3, 16) is None
+    net.append(nn.Linear(4, 3)).append(nn.LayerNorm(3))  # a norm after the Linear: the Linear is the body's
+    assert classifier_prefix(net, 3, 16) is None

@@ -10,9 +10,11 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
+from .checks import positive_int
 from .encoder import LayerSpec
 from .nnutil import input_channels
 from .prelogits import find_pre_logits
@@ -101,8 +103,7 @@ def adapt_input_channels(net: nn.Module, channels: int) -> nn.Module:
     repeated to RGB (same initial function, one third of the stem's work); any other count
     gets the same response to an image whose channels are all equal.
     """
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    channels = positive_int(channels, "channels")
     found = _first_conv(net)
     if found is None:
         raise ValueError(f"{type(net).__name__} has no Conv2d to adapt to {channels} channel(s); "
@@ -132,10 +133,11 @@ def _tensors_only(state: object) -> bool:
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys without the prefix that DDP ("module.") or torch.compile ("_orig_mod.") put before every one."""
+    """``state`` (changed in place) without the prefix that DDP ("module.") or torch.compile ("_orig_mod.") put
+    before every key; a prefix that only some keys have is part of their names and stays."""
     for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+        if state and all(k.startswith(prefix) for k in state):
+            consume_prefix_in_state_dict_if_present(state, prefix)
     return state
 
 
@@ -272,10 +274,8 @@ def build_arch(name: str = "small_resnet", channels: int = 3, num_classes: int =
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"arch name must be a non-empty string, got {name!r}")
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be a positive int (the images' channel count), got {channels!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    channels = positive_int(channels, "channels (the images' channel count)")
+    num_classes = positive_int(num_classes, "num_classes")
     state = read_state_dict(weights) if weights is not None else None
     key = name.strip()
     timm_name = key[5:] if key.lower().startswith("timm:") else None

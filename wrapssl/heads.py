@@ -7,6 +7,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .checks import positive_int
+
 _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
@@ -45,8 +47,7 @@ class Simplicial(nn.Module):
 
     def __init__(self, simplex_dim: int = 8, temperature: float = 0.1):
         super().__init__()
-        if isinstance(simplex_dim, bool) or not isinstance(simplex_dim, int) or simplex_dim < 1:
-            raise ValueError(f"simplex_dim must be a positive int, got {simplex_dim!r}")
+        simplex_dim = positive_int(simplex_dim, "simplex_dim")
         if not temperature > 0:
             raise ValueError(f"the simplicial temperature must be > 0, got {temperature!r}")
         self.simplex_dim, self.temperature = simplex_dim, float(temperature)
@@ -59,7 +60,6 @@ class Simplicial(nn.Module):
 def simplicial_embedding(dim: int, num_simplices: int = 32, simplex_dim: int = 8,
                          temperature: float = 0.1) -> nn.Sequential:
     """Linear to ``num_simplices · simplex_dim`` features, BatchNorm, then ``Simplicial``."""
-    if isinstance(num_simplices, bool) or not isinstance(num_simplices, int) or num_simplices < 1:
-        raise ValueError(f"num_simplices must be a positive int, got {num_simplices!r}")
+    num_simplices = positive_int(num_simplices, "num_simplices")
     width = num_simplices * simplex_dim
     return nn.Sequential(nn.Linear(dim, width), nn.BatchNorm1d(width), Simplicial(simplex_dim, temperature))

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..checks import positive_int
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -135,8 +137,7 @@ def estimate_normalization(images_or_dataset: torch.Tensor | Dataset, max_images
     images are taken evenly spaced over the whole set. Pass the result as
     ``Learner(normalize=...)`` for data that is not RGB.
     """
-    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-        raise ValueError(f"max_images must be a positive int, got {max_images!r}")
+    max_images = positive_int(max_images, "max_images")
     data = images_or_dataset
     if isinstance(data, torch.Tensor) and data.ndim != 4:
         raise ValueError(f"images must have shape (N,C,H,W), got {tuple(data.shape)}")

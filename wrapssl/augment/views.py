@@ -7,6 +7,7 @@ import torch
 from kornia import augmentation as K
 from torch import nn
 
+from ..checks import int_at_least, non_negative_int, positive_int
 from .ops import ColorJitter, RandomGaussianBlur, RandomGrayscale, RandomOp, RandomResizedCrop, RandomSolarize
 
 
@@ -34,8 +35,7 @@ def view_transform(size: int, scale: tuple[float, float] = (0.08, 1.0), flip_p: 
     for ``channels=1`` the jitter acts through brightness and contrast only and there is no
     grayscale (both as torchvision on grey images); other channel counts get neither.
     """
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be a positive int (the images' channel count), got {channels!r}")
+    channels = positive_int(channels, "channels (the images' channel count)")
     ops: list[nn.Module] = [RandomResizedCrop(size, scale=scale, flip_p=flip_p)]
     if jitter_p > 0 and channels in (1, 3):
         ops.append(ColorJitter(*jitter, p=jitter_p))
@@ -104,10 +104,8 @@ def simclr_views(image_size: int, strength: float = 1.0, channels: int = 3,
     ``local_size`` (default 96/224 of ``image_size``) over ``local_scale`` of the area, with the same
     colour recipe; the global views come first (``Views.n_global``).
     """
-    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
-        raise ValueError(f"n_views must be a whole number >= 1 (2 is SimCLR's pair), got {n_views!r}")
-    if isinstance(n_local, bool) or not isinstance(n_local, int) or n_local < 0:
-        raise ValueError(f"n_local must be a whole number >= 0, got {n_local!r}")
+    n_views = int_at_least(n_views, "n_views", 1, what="a whole number >= 1 (2 is SimCLR's pair)")
+    n_local = non_negative_int(n_local, "n_local")
     s = strength
     one = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur_p=0.5, channels=channels)
     local_size = local_size or max(8, round(image_size * 96 / 224))
