@@ -249,7 +249,7 @@ def mae_curve(x: torch.Tensor) -> tuple[bool, str]:
     from torchvision.models import VisionTransformer
 
     from wrapssl.archs import adapt_input_channels
-    from wrapssl.methods.mae import mae_loss, patchify
+    from wrapssl.losses.mae import mae_loss, patchify
 
     train, held = x[:3840], x[3840:]
     torch.manual_seed(0)

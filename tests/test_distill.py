@@ -122,7 +122,7 @@ def test_a_teacher_from_a_weights_file_with_another_classifier(tmp_path):
     with torch.no_grad():
         expected = pre_logits(grey, normalization(1)(images))
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
-    assert learner.method.teacher_encoder.net.training is False
+    assert learner.method.teacher.net.training is False
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

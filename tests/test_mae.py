@@ -12,8 +12,8 @@ from torchvision.models import VisionTransformer
 
 from wrapssl import Learner
 from wrapssl.archs import adapt_input_channels
-from wrapssl.methods.mae import (MAE, mae_loss, patchify, random_masking, sincos_positions, take,
-                                 unpatchify)
+from wrapssl.losses.mae import mae_loss, patchify, unpatchify
+from wrapssl.methods.mae import MAE, random_masking, sincos_positions, take
 
 from conftest import small_cnn
 

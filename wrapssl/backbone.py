@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .hidden import ClassifierInput, Encoder, LayerSpec, eval_mode, input_channels
+from .hidden import ClassifierInput, Encoder, LayerSpec, eval_mode, input_channels, size_hint, with_context
 
 __all__ = ["BackboneInfo", "Backbone", "Embedder", "Classifier", "save_backbone", "read_backbone_info", "load_backbone", "random_init",
            "layer_to_json", "layer_from_json"]
@@ -256,48 +256,78 @@ class Embedder(nn.Module):
     """Images → representations: the net up to its hidden layer, in eval mode, without gradients.
 
     Takes uint8 (0-255) or float images in [0, 1], grey repeated for RGB nets, normalised with
-    ``normalize`` (ImageNet's by default, as a Learner trains); calling it is ``embed``, so an
-    Embedder goes wherever a Learner's ``embed`` does (``embed_dataset``, the CLI); ``features`` is the
-    same with gradients, for training on top (``finetune.Classifier``).
+    ``normalize`` (ImageNet's by default, as a Learner trains; a ``Normalize`` module is used as
+    it is); calling it is ``embed``, so an Embedder goes wherever a Learner's ``embed`` does
+    (``embed_dataset``, the CLI, ``health.embedding_health``); ``features`` is the same with
+    gradients, for training on top (``finetune.Classifier``). ``Learner.embed`` is one, over the
+    Learner's own hooked encoder.
+
+    ``net``: the net, hooked here at ``hidden_layer`` (None: its pre-logits) and pooled with
+    ``pooling``, fed images in ``channels_last`` memory format as ``Encoder`` takes it (False:
+    contiguous); or an ``Encoder`` already hooked (shared: ``close`` leaves its hook to its
+    owner). ``resize``: resize images to ``image_size`` first (the Learner's views are that size).
     """
 
     def __init__(self, net: nn.Module, hidden_layer: LayerSpec | None = None,
-                 normalize: tuple[Sequence[float], Sequence[float]] | None | str = "imagenet",
-                 channels: int | None = None, image_size: int = 224):
+                 normalize: tuple[Sequence[float], Sequence[float]] | None | str | nn.Module = "imagenet",
+                 channels: int | None = None, image_size: int = 224, *, pooling: str = "mean",
+                 channels_last: bool | None = False, resize: bool = False):
         super().__init__()
         from .augment import normalization
         from .augment.inputs import IMAGENET_MEAN, IMAGENET_STD
 
-        self.channels = channels or input_channels(net)
-        if hidden_layer is None:
+        shared = isinstance(net, Encoder)
+        if shared and hidden_layer is not None:
+            raise ValueError("an Encoder is hooked at its own layer already: pass hidden_layer=None with it")
+        self.channels = channels or input_channels(net.net if shared else net)
+        self.image_size, self.resize, self._owns_encoder = image_size, bool(resize), not shared
+        if not shared and hidden_layer is None:
             from .prelogits import find_pre_logits
             hidden_layer = find_pre_logits(net, self.channels, image_size)
-        self.encoder = Encoder(net, hidden_layer)
-        stats = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else normalize
-        self.normalize = normalization(self.channels, stats)  # type: ignore[arg-type]
+        self.encoder = net if shared else Encoder(net, hidden_layer, pooling, channels_last=channels_last)
+        if isinstance(normalize, nn.Module):
+            self.normalize = normalize
+        else:
+            stats = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else normalize
+            self.normalize = normalization(self.channels, stats)  # type: ignore[arg-type]
 
     @property
     def net(self) -> nn.Module:
         return self.encoder.net
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] with the net's channel count → (B, D): normalised, in the net's memory format,
+        through the hooked encoder; an error of the net is raised again, of its own type, with what it got."""
+        batch = self.encoder.input_format(self.normalize.to(x.device)(x))
+        try:
+            return self.encoder(batch)
+        except Exception as e:
+            hint = ("; a net that reshapes feature maps with .view() needs contiguous images: pass "
+                    "channels_last=False" if not batch.is_contiguous() else "")
+            size = batch.shape[-1]
+            raise with_context(e, f"{type(self.net).__name__} failed on images of shape {tuple(batch.shape)}: {e}\n"
+                                  f"Check that the net takes {self.channels}-channel images of size {size}"
+                                  f"{hint}{size_hint(self.net, size)}")
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The representations (B, D) of ``images`` as the net is now (its train/eval mode, with gradients)."""
-        from .augment import to_float
+        from .augment import resize, to_float
 
         x = to_float(images, self.channels)
-        return self.encoder(self.normalize.to(x.device)(x))
+        return self.encode(resize(x, self.image_size) if self.resize else x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(images)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The representations (B, D) of ``images``, in eval mode, without gradients."""
-        with torch.no_grad(), eval_mode(self.encoder.net):
+        with torch.no_grad(), eval_mode(self.encoder):
             return self.features(images)
 
     def close(self) -> None:
-        """Remove the hook from the net (the net works as before)."""
-        self.encoder.close()
+        """Remove the hook from the net (the net works as before); a shared Encoder is its owner's to close."""
+        if self._owns_encoder:
+            self.encoder.close()
 
     def __enter__(self) -> "Embedder":
         return self

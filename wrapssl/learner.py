@@ -1,21 +1,24 @@
 """Learner: wraps a user's net into a self-supervised objective. Knows no method by name."""
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .augment import (IMAGENET_MEAN, IMAGENET_STD, Views, normalization, resize, runs_on_grey, set_crop_scale,
-                      to_float)
+from .augment import IMAGENET_MEAN, IMAGENET_STD, Views, normalization, runs_on_grey, set_crop_scale, to_float
+from .backbone import Embedder
 from .checks import positive_int
 from .ema import EMA, cosine_momentum, make_target
-from .hidden import Encoder, LayerSpec, eval_mode, input_channels, size_hint, with_context
+from .hidden import Encoder, LayerSpec, input_channels, size_hint, with_context
 from .methods import Method, get_method
-from .methods.base import EncoderSpec
+from .methods.base import NEEDS, EncoderSpec
 from .prelogits import find_pre_logits
+from .teacher import Teacher, build_teacher
+from .vit import vit_tokens
 
 
 FLOAT_INPUTS = ("unit", "standardized", "auto")
@@ -154,9 +157,13 @@ class Learner(nn.Module):
         target_net = make_target(net) if self.method.uses_target else None
         self.hidden_layer = find_pre_logits(net, channels, image_size) if hidden_layer is None else hidden_layer
         self.encoder = Encoder(net, self.hidden_layer, pooling, feature_layout, channels_last)
+        self.__dict__["teacher"] = None  # a frozen teacher, when the method needs one: never a submodule
         try:
             self.feature_dim = self.encoder.probe_width(channels, image_size)
-            self.method.setup(EncoderSpec(self.feature_dim, image_size, channels, net))
+            self.method.setup(self._serve(net))
+            # the one way images become representations (embed, return_embedding, evaluation, health)
+            self.__dict__["embedder"] = Embedder(self.encoder, normalize=self.normalize, channels=channels,
+                                                 image_size=image_size, resize=True)
 
             if views is None:
                 views = (Views([augment_fn, augment_fn2 or augment_fn]) if augment_fn is not None
@@ -180,9 +187,26 @@ class Learner(nn.Module):
                     if encoder is not None:
                         encoder.compile(**options)
         except BaseException:
-            self.encoder.close()  # a failed constructor leaves the user's net (and a teacher) unhooked
-            self.method.close()
+            self.close()  # a failed constructor leaves the user's net (and a teacher) unhooked
             raise
+
+    embedder: Embedder  # images → representations through the Learner's own hooked encoder (un-augmented)
+    teacher: Teacher | None  # the frozen teacher the method asked for, if it did
+
+    def _serve(self, net: nn.Module) -> EncoderSpec:
+        """What the method declared in ``needs``, built here: token access to the user's ViT, a frozen teacher."""
+        name = getattr(self.method, "name", type(self.method).__name__)
+        needs = set(self.method.needs)
+        if needs - set(NEEDS):
+            raise ValueError(f"method {name!r} needs {sorted(needs - set(NEEDS))}, which the Learner cannot serve; "
+                             f"it serves {', '.join(NEEDS)}")
+        tokens = vit_tokens(net, self.image_size, name) if "tokens" in needs else None
+        if "teacher" in needs:
+            if self.method.teacher_request is None:
+                raise ValueError(f"method {name!r} needs a teacher but sets no teacher_request")
+            self.__dict__["teacher"] = build_teacher(self.method.teacher_request, self.channels, self.image_size,
+                                                     net)
+        return EncoderSpec(self.feature_dim, self.image_size, self.channels, tokens, self.teacher)
 
     @property
     def net(self) -> nn.Module:
@@ -201,21 +225,18 @@ class Learner(nn.Module):
         return standardized_to_unit(images, self.normalize.mean, self.normalize.std,
                                     only_outside_unit=self.float_input == "auto")
 
-    def _to_float(self, images: torch.Tensor, channels: int) -> torch.Tensor:
-        """``to_float``; its error for float images outside [0, 1] also names ``float_input``."""
+    @staticmethod
+    @contextlib.contextmanager
+    def _naming_float_input(images: torch.Tensor) -> Iterator[None]:
+        """Inside, an error for float images outside [0, 1] (``to_float``'s) also names ``float_input``."""
         try:
-            return to_float(images, channels)
+            yield
         except ValueError as e:
-            if images.is_floating_point() and images.numel() and torch.isfinite(images).all() \
-                    and not 0 <= images.min() <= images.max() <= 1:
+            if isinstance(images, torch.Tensor) and images.is_floating_point() and images.numel() \
+                    and torch.isfinite(images).all() and not 0 <= images.min() <= images.max() <= 1:
                 raise ValueError(f"{e}; for images standardised with the normalisation statistics, pass "
                                  "Learner(float_input='standardized')") from None
             raise
-
-    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Checked, resized, normalised images for an embedding (no augmentation)."""
-        x = self._to_float(self._unstandardize(images), self.channels)
-        return self.encoder.input_format(self.normalize(resize(x, self.image_size)))
 
     def _run(self, encoder: Encoder, batch: torch.Tensor) -> torch.Tensor:
         """``encoder(batch)``; an error of the net is raised again with what the Learner gave it."""
@@ -249,7 +270,9 @@ class Learner(nn.Module):
                 return_projection: bool = True):
         """The loss for a batch of images; with ``return_embedding``, ``(projection, embedding)``."""
         if return_embedding:
-            emb = self._run(self.encoder, self._prepare(images))
+            images = self._unstandardize(images)
+            with self._naming_float_input(images):
+                emb = self.embedder.features(images)
             return (self.method.projector(emb), emb) if return_projection else emb
         if self.training and not self._mode_checked:
             self._warn_if_frozen()
@@ -257,7 +280,8 @@ class Learner(nn.Module):
         # grey images for a 3-channel net go through the views at one channel when the recipe allows it
         grey = (self.channels == 3 and isinstance(images, torch.Tensor) and images.ndim == 4
                 and images.shape[1] == 1 and runs_on_grey(self.views))
-        x = self._to_float(images, 1 if grey else self.channels)
+        with self._naming_float_input(images):
+            x = to_float(images, 1 if grey else self.channels)
         if self.training and x.shape[0] < 2:
             raise ValueError(f"training needs a batch of at least 2 images (batch norm and the losses "
                              f"compare samples), got {x.shape[0]}; increase batch_size or use drop_last=True")
@@ -290,14 +314,17 @@ class Learner(nn.Module):
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """The representation (B, D) of un-augmented images; no gradient, BN statistics untouched."""
-        with eval_mode(self.encoder):
-            return self._run(self.encoder, self._prepare(images))
+        """The representation (B, D) of un-augmented images (``self.embedder``); no gradient, BN statistics
+        untouched."""
+        images = self._unstandardize(images)
+        with self._naming_float_input(images):
+            return self.embedder.embed(images)
 
-    def update_moving_average(self) -> None:
-        """One EMA step of the target (a no-op for methods without one); advances the step count."""
+    def update_moving_average(self, momentum: float | None = None) -> None:
+        """One EMA step of the target at ``momentum`` (None: ``current_momentum``, the cosine schedule; a no-op
+        for methods without a target); advances the step count by one."""
         if self._ema is not None:
-            self._ema.update(self.current_momentum)
+            self._ema.update(self.current_momentum if momentum is None else momentum)
         self.step += 1
 
     def get_extra_state(self) -> dict:
@@ -309,8 +336,10 @@ class Learner(nn.Module):
     def close(self) -> None:
         """Remove every hook; ``net(x)`` then behaves exactly as before wrapping."""
         self.encoder.close()
-        if self.target_encoder is not None:
+        if getattr(self, "target_encoder", None) is not None:
             self.target_encoder.close()
+        if self.teacher is not None:
+            self.teacher.close()
         self.method.close()
 
     def __enter__(self) -> "Learner":

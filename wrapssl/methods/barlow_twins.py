@@ -3,30 +3,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
-from .. import distributed
 from ..augment import Views, byol_views
 from ..heads import mlp
+from ..losses import BarlowTwinsLoss
 from .base import Method, mean_over_pairs, register_method
-
-
-def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Zero mean, unit (biased) variance per dimension over the batch: a BatchNorm without affine."""
-    mean = z.mean(0, keepdim=True)
-    var = z.var(0, unbiased=False, keepdim=True)
-    return (z - mean) / torch.sqrt(var + eps)
-
-
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch.Tensor:
-    """Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij², C the cross-correlation over the global batch."""
-    a = standardize(distributed.gather(z1.float()))
-    b = standardize(distributed.gather(z2.float()))
-    c = a.T @ b / a.shape[0]
-    diag = torch.diagonal(c)
-    on = (1 - diag).pow(2).sum()
-    off = c.pow(2).sum() - diag.pow(2).sum()
-    return on + lambd * off
 
 
 @register_method("barlow_twins")
@@ -51,6 +31,7 @@ class BarlowTwins(Method):
         if len(projector_dims) < 1:
             raise ValueError("projector_dims needs at least one width, e.g. (8192, 8192, 8192)")
         self.lambd, self.projector_dims = float(lambd), tuple(int(d) for d in projector_dims)
+        self.criterion = BarlowTwinsLoss(self.lambd)
 
     def build(self, dim: int) -> None:
         self.projector = mlp([dim, *self.projector_dims])
@@ -59,4 +40,4 @@ class BarlowTwins(Method):
         return byol_views(image_size, channels)
 
     def loss(self, online, target, step=0):
-        return mean_over_pairs(online, lambda a, b: barlow_twins_loss(a, b, self.lambd), "Barlow Twins")
+        return mean_over_pairs(online, self.criterion, "Barlow Twins")

@@ -1,32 +1,53 @@
-"""The Method interface and the registry of methods by name."""
+"""The Method interface, what a method may ask the Learner for, and the registry of methods by name."""
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..augment import RandomResizedCrop, Views, sequence
-from ..vit import ViTTokens, vit_tokens
+
+if TYPE_CHECKING:  # served by the Learner; a method imports neither
+    from ..teacher import Teacher
+    from ..vit import ViTTokens
 
 _REGISTRY: dict[str, type["Method"]] = {}
+
+NEEDS = ("tokens", "teacher")  # what a method may declare in ``Method.needs``
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """The frozen teacher a method asks for; the Learner builds it (``wrapssl.teacher.build_teacher``).
+
+    ``source``: a trained ``nn.Module``, or a path to its weights with ``arch`` naming its
+    architecture (a ``build_arch`` name). ``layer``: its representation layer as ``hidden_layer``
+    takes it (None: its pre-logits), pooled with ``pooling``; ``image_size`` (None: the student's)
+    and ``normalize`` ((mean, std), or None for none) are the input it takes.
+    """
+
+    source: nn.Module | str | os.PathLike = field(repr=False)
+    arch: str | None = None
+    layer: Any = None
+    image_size: int | None = None
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None
+    pooling: str = "mean"
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """What a method may know of the Learner's encoder when it builds its heads."""
+    """What the Learner tells a method when it builds its heads, and what it serves on the method's request."""
 
     dim: int          # width of the pooled representation
     image_size: int   # side of the views
     channels: int     # channels of the views the net gets
-    net: nn.Module = field(repr=False)
-
-    def tokens(self, method: str) -> ViTTokens:
-        """Token-level access to the user's ViT; a TypeError naming ``method`` for any other net."""
-        return vit_tokens(self.net, self.image_size, method)
+    tokens: "ViTTokens | None" = field(default=None, repr=False)   # with "tokens" in needs: the user's ViT
+    teacher: "Teacher | None" = field(default=None, repr=False)    # with "teacher" in needs: frozen, hooked
 
 
 class Method(nn.Module):
@@ -50,19 +71,24 @@ class Method(nn.Module):
     optimiser step the coming forward belongs to (a no-op unless overridden,
     e.g. to freeze part of a head early in training).
 
-    Methods that are not two-branch joint embeddings override up to three more hooks:
-    ``setup(spec)`` (instead of ``build``) sees the view size and may ask for the ViT's
-    tokens (``spec.tokens(name)``, masked image modeling); ``online(encode, views)`` replaces
-    "projector on the pooled representation" for a batch of views; ``targets(views)`` gives
-    targets from a frozen teacher the method owns (distillation), and ``close()`` lets go of it.
+    Methods that are not two-branch joint embeddings declare what else they need in ``needs``,
+    and the Learner serves it in ``setup(spec)`` (which replaces ``build``): ``"tokens"`` puts
+    token-level access to the user's ViT in ``spec.tokens`` (masked image modeling; other nets
+    get a clear error); ``"teacher"`` builds the frozen teacher that ``teacher_request`` describes
+    and puts it in ``spec.teacher`` (distillation). ``online(encode, views)`` replaces "projector
+    on the pooled representation" for a batch of views; ``targets(views)`` gives targets from that
+    teacher. A method never touches the user's net, hooks or devices itself.
 
     Class attributes a subclass sets:
         uses_target: keep an EMA copy of encoder + projector.
         momentum: the EMA decay at step 0 (cosine to 1.0 when total steps are known).
+        needs: what the Learner must serve in ``setup`` (a subset of ``NEEDS``).
     """
 
     uses_target: bool = False
     momentum: float = 0.99
+    needs: frozenset[str] = frozenset()
+    teacher_request: TeacherRequest | None = None  # with "teacher" in needs: the teacher to build
 
     projector: nn.Module
 
@@ -87,7 +113,7 @@ class Method(nn.Module):
         return None
 
     def close(self) -> None:
-        """Let go of what the method holds on nets other than the user's (a teacher's hooks)."""
+        """Let go of anything the method holds outside itself (the Learner closes what it served)."""
 
     def default_views(self, image_size: int, channels: int = 3) -> Views:
         """The default augmentation recipe of this method."""

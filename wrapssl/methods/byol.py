@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..augment import Views, byol_views
 from ..heads import mlp
+from ..losses import RegressionLoss
 from .base import Method, register_method
-
-
-def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """2 − 2·cos(p, z) per sample: the normalised MSE of BYOL."""
-    return 2 - 2 * F.cosine_similarity(p, z, dim=-1)
 
 
 @register_method("byol")
@@ -34,6 +29,7 @@ class BYOL(Method):
         super().__init__()
         self.projection_size, self.projection_hidden_size = projection_size, projection_hidden_size
         self.uses_target = bool(use_momentum)
+        self.criterion = RegressionLoss()
 
     def build(self, dim: int) -> None:
         self.projector = mlp([dim, self.projection_hidden_size, self.projection_size])
@@ -48,4 +44,4 @@ class BYOL(Method):
         target = target if target is not None else [z.detach() for z in online[:n]]
         # every online view predicts every other global view's target
         pairs = [(i, j) for i in range(len(preds)) for j in range(n) if i != j]
-        return sum(regression_loss(preds[i], target[j]).mean() for i, j in pairs) * 2 / len(pairs)
+        return sum(self.criterion(preds[i], target[j]) for i, j in pairs) * 2 / len(pairs)

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
 from ..augment import Views, multicrop_views
 from ..heads import mlp
+from ..losses import DINOLoss, KoLeoLoss
 from .base import Method, register_method
 
 
@@ -36,28 +36,6 @@ class DINOHead(nn.Module):
             # cannot move the output
             w = w.detach() + 0 * w
         return F.linear(x, F.normalize(w, dim=1))
-
-
-def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
-              student_temp: float, teacher_temp: float) -> torch.Tensor:
-    """Mean cross-entropy H(teacher_i, student_j) over all pairs with j ≠ i (teacher on global views only)."""
-    log_p = torch.stack([F.log_softmax(s.float() / student_temp, dim=-1) for s in student])    # (V, n, K)
-    q = torch.stack([F.softmax((t.float() - center) / teacher_temp, dim=-1) for t in teacher])  # (G, n, K)
-    # Σ_{j≠i} log p_j = Σ_j log p_j − log p_i: all pairs at the cost of one sum
-    others = log_p.sum(0, keepdim=True) - log_p[:len(teacher)]
-    n_pairs = len(teacher) * (len(student) - 1)
-    return -(q * others).sum(-1).mean(-1).sum() / n_pairs
-
-
-def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """KoLeo entropy estimate (Sablayrolles et al., 2019; DINOv2): −mean log of each L2-normalised row's distance
-    to its nearest other row. Minimising it spreads the batch's features evenly over the sphere."""
-    x = F.normalize(x.float(), dim=-1, eps=eps)
-    with torch.no_grad():  # the neighbour is chosen without gradient; the distance to it carries one
-        cos = x @ x.T
-        cos.fill_diagonal_(-2.0)
-        nearest = cos.argmax(dim=1)
-    return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()
 
 
 @register_method("dino")
@@ -117,7 +95,14 @@ class DINO(Method):
         self.center_momentum, self.n_local, self.local_size = float(center_momentum), n_local, local_size
         self.freeze_last_layer_steps = int(freeze_last_layer_steps)
         self.koleo_weight = float(koleo_weight)
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.criterion = DINOLoss(out_dim, self.student_temp, self.center_momentum)  # owns the center buffer
+        self.koleo = KoLeoLoss()
+        self.register_load_state_dict_pre_hook(_center_moved)
+
+    @property
+    def center(self) -> torch.Tensor:
+        """The teacher's center (1, out_dim), a buffer of ``criterion``."""
+        return self.criterion.center
 
     def build(self, dim: int) -> None:
         self.projector = DINOHead(dim, self.out_dim, self.hidden_size, self.bottleneck_size)
@@ -135,13 +120,6 @@ class DINO(Method):
         progress = step / self.warmup_teacher_temp_steps
         return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * progress
 
-    @torch.no_grad()
-    def update_center(self, teacher: list[torch.Tensor]) -> None:
-        """EMA of the center towards the mean teacher output over the global batch."""
-        t = torch.cat(teacher).float()
-        batch_mean = distributed.all_reduce_sum(t.sum(0, keepdim=True)) / (t.shape[0] * distributed.world_size())
-        self.center.lerp_(batch_mean.to(self.center.dtype), 1 - self.center_momentum)
-
     def online(self, encode, views):
         if not self.koleo_weight:
             return super().online(encode, views)
@@ -151,16 +129,16 @@ class DINO(Method):
     def loss(self, online, target, step=0):
         if target is None:
             raise ValueError("DINO needs the teacher's outputs; keep uses_target=True")
-        if len(online) < 2 or len(online) < len(target):
-            raise ValueError(f"DINO needs at least two views and a student output for every teacher view, "
-                             f"got {len(online)} student and {len(target)} teacher views")
         representations = None
         if isinstance(online[0], tuple):  # (projection, representation) per view: online() with KoLeo on
             online, representations = [o for o, _ in online], [r for _, r in online]
-        teacher = [t.detach() for t in target]
-        loss = dino_loss(online, teacher, self.center, self.student_temp, self.teacher_temperature(step))
+        loss = self.criterion(online, target, self.teacher_temperature(step))  # moves the center in training
         if representations is not None and self.koleo_weight:
-            loss = loss + self.koleo_weight * sum(koleo_loss(r) for r in representations[:len(teacher)])
-        if self.training:
-            self.update_center(teacher)
+            loss = loss + self.koleo_weight * sum(self.koleo(r) for r in representations[:len(target)])
         return loss
+
+
+def _center_moved(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the loss owned the center keep loading: ``center`` → ``criterion.center``."""
+    if prefix + "center" in state_dict and prefix + "criterion.center" not in state_dict:
+        state_dict[prefix + "criterion.center"] = state_dict.pop(prefix + "center")

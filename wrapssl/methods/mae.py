@@ -2,21 +2,13 @@
 from __future__ import annotations
 
 import torch
-from einops import rearrange, repeat
+from einops import repeat
 from torch import nn
 
 from ..augment import Views
+from ..losses import MAELoss
+from ..losses.mae import patchify, unpatchify
 from .base import EncoderSpec, Method, crop_and_flip, register_method
-
-
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) images → (B, N, p·p·C) patches in row-major grid order, each patch's pixels row by row."""
-    return rearrange(images, "b c (h p) (w q) -> b (h w) (p q c)", p=patch, q=patch)
-
-
-def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int]) -> torch.Tensor:
-    """The inverse of ``patchify``: (B, N, p·p·C) → (B, C, H, W)."""
-    return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch, q=patch)
 
 
 def random_masking(batch: int, n: int, keep: int, device: torch.device | str = "cpu"
@@ -33,21 +25,6 @@ def random_masking(batch: int, n: int, keep: int, device: torch.device | str = "
 def take(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """tokens[b, index[b]] for every sample b: (B, T, D) with (B, K) → (B, K, D)."""
     return tokens[torch.arange(tokens.shape[0], device=tokens.device)[:, None], index]
-
-
-def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Each patch's pixels standardised by its own mean and (unbiased) variance: MAE's ``norm_pix_loss`` target."""
-    mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + eps).sqrt()
-
-
-def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
-    """Per-sample mean squared error over the masked patches only: pred, target (B, N, p·p·C), mask (B, N)."""
-    if norm_pix:
-        target = normalize_patches(target)
-    per_patch = (pred.float() - target.float()).square().mean(dim=-1)
-    mask = mask.to(per_patch.dtype)
-    return (per_patch * mask).sum(dim=1) / mask.sum(dim=1)
 
 
 def sincos_positions(dim: int, grid: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
@@ -121,6 +98,8 @@ class MAE(Method):
     800-1600 epochs with 40 of warm-up; MAE needs long runs.
     """
 
+    needs = frozenset({"tokens"})  # the Learner serves token-level access to the user's ViT in setup
+
     def __init__(self, mask_ratio: float = 0.75, norm_pix_loss: bool = True, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16):
         super().__init__()
@@ -132,9 +111,10 @@ class MAE(Method):
                              f"({decoder_heads}), and decoder_depth ({decoder_depth}) positive, e.g. 512, 8, 16")
         self.mask_ratio, self.norm_pix_loss = float(mask_ratio), bool(norm_pix_loss)
         self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_dim, decoder_depth, decoder_heads
+        self.criterion = MAELoss(self.norm_pix_loss, reduction="none")  # per image: one row per view image
 
     def setup(self, spec: EncoderSpec) -> None:
-        self.vit = spec.tokens(self.name)  # references to the user's modules: not registered a second time here
+        self.vit = spec.tokens  # served by the Learner: references to the user's modules, not registered here
         n = self.vit.num_patches
         self.keep = min(n - 1, max(1, round(n * (1 - self.mask_ratio))))
         self.decoder = MAEDecoder(self.vit.dim, self.vit.grid, self.vit.num_prefix,
@@ -155,7 +135,7 @@ class MAE(Method):
 
     def online(self, encode, views):
         pred, mask = self.predict(views)
-        return mae_loss(pred, patchify(views, self.vit.patch_size), mask, self.norm_pix_loss)
+        return self.criterion(pred, patchify(views, self.vit.patch_size), mask)
 
     def loss(self, online, target, step=0):
         return torch.cat(online).mean()

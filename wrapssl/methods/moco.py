@@ -5,24 +5,11 @@ Chen, Xie & He, 2021, arXiv:2104.02057.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import distributed
 from ..augment import Views, byol_views
 from ..heads import mlp
+from ..losses import InfoNCELoss
 from .base import Method, register_method
-
-
-def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE: query i must pick key i among the keys of the global batch (cosine logits / τ).
-
-    Keys are gathered from every process (with gradients when they carry any);
-    the label of local query i is its position ``rank·n + i`` in the gathered keys.
-    """
-    q = F.normalize(query.float(), dim=1)
-    k = distributed.gather(F.normalize(key.float(), dim=1))
-    labels = distributed.rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
-    return F.cross_entropy(q @ k.T / temperature, labels)
 
 
 @register_method("moco")
@@ -53,6 +40,7 @@ class MoCo(Method):
         if projection_layers < 2:
             raise ValueError(f"projection_layers must be at least 2, got {projection_layers}")
         self.temperature = float(temperature)
+        self.criterion = InfoNCELoss(self.temperature)
         self.projection_size, self.projection_hidden_size = projection_size, projection_hidden_size
         self.projection_layers, self.prediction_hidden_size = projection_layers, prediction_hidden_size
 
@@ -72,5 +60,5 @@ class MoCo(Method):
         queries = self.predictor(torch.cat(online)).chunk(len(online))
         # every online view queries every other global view's key: ctr(q1,k2) + ctr(q2,k1) for two views
         pairs = [(i, j) for i in range(len(queries)) for j in range(len(target)) if i != j]
-        total = sum(info_nce(queries[i], target[j], self.temperature) for i, j in pairs)
+        total = sum(self.criterion(queries[i], target[j]) for i, j in pairs)
         return total * (2 * self.temperature) * 2 / len(pairs)

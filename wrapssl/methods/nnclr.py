@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from .. import distributed
 from ..augment import Views, byol_views
 from ..heads import mlp
+from ..losses import InfoNCELoss
 from .base import Method, register_method
-from .moco import info_nce
 
 
 @register_method("nnclr")
@@ -46,6 +46,7 @@ class NNCLR(Method):
         if queue_size < 1:
             raise ValueError(f"queue_size must be positive (the paper uses 98304), got {queue_size}")
         self.temperature, self.queue_size = float(temperature), int(queue_size)
+        self.criterion = InfoNCELoss(self.temperature)
         self.projection_size, self.projection_hidden_size = projection_size, projection_hidden_size
         self.prediction_hidden_size = prediction_hidden_size
         self.register_buffer("queue", torch.zeros(self.queue_size, projection_size))
@@ -85,8 +86,8 @@ class NNCLR(Method):
         have_queue = self.queue_len > 0
         neighbours = [torch.where(have_queue, self.nearest_neighbours(z), F.normalize(z, dim=1)) for z in online]
         pairs = [(i, j) for i in range(len(online)) for j in range(len(online)) if i != j]
-        tau = self.temperature
-        total = sum(info_nce(neighbours[i], preds[j], tau) + info_nce(preds[j], neighbours[i], tau) for i, j in pairs)
+        nce = self.criterion
+        total = sum(nce(neighbours[i], preds[j]) + nce(preds[j], neighbours[i]) for i, j in pairs)
         loss = total / (2 * len(pairs))
         if self.training:
             self.enqueue(online[0].detach())

@@ -1,38 +1,11 @@
 """SimCLR: A Simple Framework for Contrastive Learning (Chen et al., 2020, arXiv:2002.05709)."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from .. import distributed
 from ..augment import Views, simclr_views
 from ..heads import mlp
+from ..losses import NTXentLoss
+from ..losses.ntxent import nt_xent  # noqa: F401  temporary re-export; removed at integration
 from .base import Method, register_method
-
-
-def nt_xent(views: list[torch.Tensor], temperature: float) -> torch.Tensor:
-    """NT-Xent: each sample must pick its other views among all views of the global batch.
-
-    ``views`` holds V tensors (n, d), row i of each being one image. Anchors are
-    this process's V·n rows; candidates are the V·N rows of the global batch
-    (negatives from every process), minus the anchor itself. With V > 2 an
-    anchor's loss averages over its V−1 positives. V = 2 is SimCLR's loss.
-    """
-    n_views, n = len(views), views[0].shape[0]
-    local = [F.normalize(v.float(), dim=1) for v in views]
-    everyone = [distributed.gather(z) for z in local]
-    big_n = everyone[0].shape[0]
-    logits = torch.cat(local) @ torch.cat(everyone).T / temperature      # (V·n, V·N)
-    device = logits.device
-    # column of image i of view v in the global batch: v·N + rank·n + i
-    offsets = torch.arange(n_views, device=device) * big_n
-    image = distributed.rank() * n + torch.arange(n, device=device)
-    same_image = offsets[None, :] + image.repeat(n_views)[:, None]   # (V·n, V): every view of the anchor's image
-    own = (offsets[:, None] + image[None, :]).reshape(-1)             # (V·n,): the anchor itself
-    pos_sum = logits.gather(1, same_image).sum(1) - logits.gather(1, own[:, None]).squeeze(1)
-    self_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, own[:, None], True)
-    lse = logits.masked_fill(self_mask, float("-inf")).logsumexp(1)
-    return (lse - pos_sum / (n_views - 1)).mean()
 
 
 @register_method("simclr")
@@ -61,6 +34,7 @@ class SimCLR(Method):
             raise ValueError(f"SimCLR needs n_views >= 1 global views and at least two views in all, got "
                              f"n_views={n_views!r}, n_local={n_local!r}")
         self.temperature = float(temperature)
+        self.criterion = NTXentLoss(self.temperature)
         self.projection_size, self.projection_hidden_size = projection_size, projection_hidden_size
         self.n_views, self.n_local, self.local_size = n_views, n_local, local_size
         self.local_scale = tuple(local_scale)
@@ -75,4 +49,4 @@ class SimCLR(Method):
     def loss(self, online, target, step=0):
         if len(online) < 2:
             raise ValueError(f"SimCLR needs at least two views, got {len(online)}")
-        return nt_xent(online, self.temperature)
+        return self.criterion(online)

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..augment import Views, simclr_views
 from ..heads import mlp
+from ..losses import NegativeCosineLoss
 from .base import Method, register_method
 
 
@@ -24,6 +24,7 @@ class SimSiam(Method):
     def __init__(self, projection_size: int = 2048, prediction_hidden_size: int = 512):
         super().__init__()
         self.projection_size, self.prediction_hidden_size = projection_size, prediction_hidden_size
+        self.criterion = NegativeCosineLoss()
 
     def build(self, dim: int) -> None:
         d = self.projection_size
@@ -39,5 +40,4 @@ class SimSiam(Method):
         z1, z2 = online[0], online[1]
         p1, p2 = self.predictor(torch.cat([z1, z2])).chunk(2)
         # symmetric negative cosine, each side against the other's stop-gradient projection
-        return -(F.cosine_similarity(p1, z2.detach(), dim=-1).mean()
-                 + F.cosine_similarity(p2, z1.detach(), dim=-1).mean()) / 2
+        return (self.criterion(p1, z2.detach()) + self.criterion(p2, z1.detach())) / 2

@@ -11,34 +11,9 @@ from torch import nn
 from .. import distributed
 from ..augment import Views, multicrop_views
 from ..heads import mlp
+from ..losses import SwAVLoss
+from ..losses.swav import sinkhorn
 from .base import Method, register_method
-
-
-@torch.no_grad()
-def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
-             valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Soft codes (n, K) whose rows sum to 1 and whose prototypes share the global batch equally.
-
-    ``scores`` (n, K) are cosine similarities of this process's samples to K
-    prototypes. Sinkhorn–Knopp alternates normalising prototype sums (summed
-    over every process) and sample sums. ``valid`` (n,) bool marks which rows
-    take part (the rest get zero codes), for a partly filled queue.
-    """
-    # scores are cosines ≤ 1: shifting by the bound keeps exp in range and cancels in the normalisation
-    q = torch.exp((scores.float() - 1) / epsilon).T                       # (K, n)
-    if valid is not None:
-        q = q * valid[None, :].to(q.dtype)
-        n_total = distributed.all_reduce_sum(valid.sum().to(q.dtype))
-    else:
-        n_total = scores.shape[0] * distributed.world_size()
-    k = q.shape[0]
-    tiny = torch.finfo(q.dtype).tiny
-    q = q / distributed.all_reduce_sum(q.sum())
-    for _ in range(iterations):
-        # each prototype gets 1/K of the mass, then each sample 1/B
-        q = q / distributed.all_reduce_sum(q.sum(1, keepdim=True)).clamp_min(tiny) / k
-        q = q / q.sum(0, keepdim=True).clamp_min(tiny) / n_total
-    return (q * n_total).T
 
 
 @register_method("swav")
@@ -82,6 +57,7 @@ class SwAV(Method):
         self.projection_size, self.projection_hidden_size = projection_size, projection_hidden_size
         self.n_local, self.local_size, self.crops_for_assign = n_local, local_size, crops_for_assign
         self.queue_length, self.freeze_prototypes_steps = queue_length, freeze_prototypes_steps
+        self.criterion = SwAVLoss(self.temperature, self.sinkhorn_epsilon, sinkhorn_iterations, crops_for_assign)
         if queue_length:
             self.register_buffer("queue", torch.zeros(crops_for_assign, queue_length, projection_size))
             self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
@@ -115,22 +91,17 @@ class SwAV(Method):
         w = w.float()
         z = [F.normalize(v.float(), dim=1) for v in online]
         scores = [v @ w.T for v in z]
-        log_p = torch.stack([F.log_softmax(s / self.temperature, dim=1) for s in scores])  # (V, n, K)
-        total_log_p = log_p.sum(0)
         n_assign = self.crops_for_assign
-        loss = 0.0
-        for i in range(n_assign):
-            codes = self._codes(scores[i].detach(), i, w.detach())
-            # every other view predicts view i's code
-            loss = loss - (codes * (total_log_p - log_p[i])).sum(1).mean() / (len(online) - 1)
+        # without a queue the loss makes the codes itself (Sinkhorn on this batch's scores)
+        codes = [self._codes(scores[i].detach(), i, w.detach()) for i in range(n_assign)] if self.queue_length \
+            else None
+        loss = self.criterion(scores, codes)
         if self.queue_length and self.training:
             self._enqueue([v.detach() for v in z[:n_assign]])
-        return loss / n_assign
+        return loss
 
     def _codes(self, scores: torch.Tensor, i: int, w: torch.Tensor) -> torch.Tensor:
-        """Sinkhorn codes for view ``i``'s scores, with the queued projections in the problem when on."""
-        if not self.queue_length:
-            return sinkhorn(scores, self.sinkhorn_epsilon, self.sinkhorn_iterations)
+        """Sinkhorn codes for view ``i``'s scores with the queued projections in the problem."""
         # the queue is the same on every process: each brings its share, so the global problem holds it once
         world, rank = distributed.world_size(), distributed.rank()
         start, end = rank * self.queue_length // world, (rank + 1) * self.queue_length // world

@@ -3,36 +3,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-import torch.nn.functional as F
-
-from .. import distributed
 from ..augment import Views, byol_views
 from ..heads import mlp
+from ..losses import VICRegLoss
 from .base import Method, mean_over_pairs, register_method
-
-
-def _variance(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """Mean hinge on each dimension's std reaching 1."""
-    return F.relu(1 - torch.sqrt(z.var(0) + eps)).mean()
-
-
-def _covariance(z: torch.Tensor) -> torch.Tensor:
-    """Sum of squared off-diagonal covariances, divided by the dimension."""
-    z = z - z.mean(0)
-    cov = z.T @ z / (z.shape[0] - 1)
-    diag = torch.diagonal(cov)
-    return (cov.pow(2).sum() - diag.pow(2).sum()) / z.shape[1]
-
-
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, var_weight: float = 25.0,
-                cov_weight: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
-    """λ·MSE(z1, z2) + μ·variance hinge + ν·covariance penalty, statistics over the global batch."""
-    a, b = distributed.gather(z1.float()), distributed.gather(z2.float())
-    invariance = F.mse_loss(a, b)
-    variance = (_variance(a, eps) + _variance(b, eps)) / 2
-    covariance = _covariance(a) + _covariance(b)
-    return sim_weight * invariance + var_weight * variance + cov_weight * covariance
 
 
 @register_method("vicreg")
@@ -58,6 +32,7 @@ class VICReg(Method):
             raise ValueError("projector_dims needs at least one width, e.g. (8192, 8192, 8192)")
         self.sim_weight, self.var_weight, self.cov_weight = float(sim_weight), float(var_weight), float(cov_weight)
         self.projector_dims, self.eps = tuple(int(d) for d in projector_dims), float(eps)
+        self.criterion = VICRegLoss(self.sim_weight, self.var_weight, self.cov_weight, self.eps)
 
     def build(self, dim: int) -> None:
         self.projector = mlp([dim, *self.projector_dims])
@@ -66,5 +41,4 @@ class VICReg(Method):
         return byol_views(image_size, channels)
 
     def loss(self, online, target, step=0):
-        return mean_over_pairs(online, lambda a, b: vicreg_loss(a, b, self.sim_weight, self.var_weight,
-                                                                self.cov_weight, self.eps), "VICReg")
+        return mean_over_pairs(online, self.criterion, "VICReg")
