@@ -9,7 +9,8 @@ from torch import nn
 from torchvision import models
 
 from wrapssl import Learner
-from wrapssl.hidden import ClassifierInput, Encoder, copy_module, eval_mode, input_channels, pool
+from wrapssl.encoder import ClassifierInput, Encoder, pool
+from wrapssl.nnutil import copy_module, eval_mode, input_channels
 
 from conftest import small_cnn
 

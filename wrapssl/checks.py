@@ -7,8 +7,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["positive_int", "non_negative_int", "int_at_least", "positive_float", "non_negative_float", "positive_int_arg", "non_negative_int_arg",
-           "positive_float_arg", "non_negative_float_arg", "fraction_arg", "arg_type"]
+__all__ = ["positive_int", "non_negative_int", "int_at_least", "positive_float", "non_negative_float",
+           "positive_int_arg", "non_negative_int_arg", "positive_float_arg", "non_negative_float_arg", "fraction_arg",
+           "arg_type"]
 
 
 def int_at_least(value: Any, name: str, minimum: int, allow_none: bool = False, what: str | None = None

@@ -1,5 +1,8 @@
-"""The encoder: the user's net up to its hidden layer (by name, index, callable or the classifier's input),
-hooked with an early exit, pooled to (B, D); its width probe and input memory format."""
+"""The encoder: the user's net up to its hidden layer, taken by a hook with an early exit and pooled to (B, D).
+
+The layer is found by name, child index, callable or as the classifier's input (``ClassifierInput``);
+the encoder also probes its width without touching the net and picks the input memory format.
+"""
 from __future__ import annotations
 
 import difflib
