@@ -1,4 +1,4 @@
-"""Cosine geometry shared by the selection rooms: unit rows, row blocks, neighbour similarities, cheap cosine bounds.
+"""What the selection rooms share: unit rows, the counts they take, row blocks, neighbour cosines, cosine bounds.
 
 Every selection works on L2-normalised rows; the distance between two rows is
 the Euclidean distance of the unit vectors, sqrt(2 - 2·cos).
@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..checks import int_at_least
 
 # Float32 dot products of unit vectors are off by ~1e-6, so a distance near 0 can be off by
 # ~1e-3 after the square root; pruning bounds keep this much slack so they never drop a true update.
@@ -40,16 +41,15 @@ def unpack(embeddings: Any, files: Sequence[str] | None) -> tuple[Any, Sequence[
 
 def check_n(n: Any, size: int) -> int:
     """``n`` as an int in [1, size], else a ValueError."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= size:
-        raise ValueError(f"n must be an int in [1, {size}] (the number of rows), got {n!r}")
+    what = f"an int in [1, {size}] (the number of rows)"
+    if int_at_least(n, "n", 1, what=what) > size:
+        raise ValueError(f"n must be {what}, got {n!r}")
     return int(n)
 
 
 def check_clusters(n_clusters: Any) -> int:
     """``n_clusters`` as an int >= 2, else a ValueError that says what it stands for."""
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2:
-        raise ValueError(f"n_clusters must be an int >= 2 (roughly the number of classes), got {n_clusters!r}")
-    return int(n_clusters)
+    return int_at_least(n_clusters, "n_clusters", 2, what="an int >= 2 (roughly the number of classes)")
 
 
 def chunk_rows(cols: int, budget: int = 1 << 23) -> int:
