@@ -144,3 +144,17 @@ def test_module_device():
     assert module_device(nn.Linear(2, 2, device="meta")).type == "meta"
     bn = nn.BatchNorm1d(2, affine=False, device="meta")  # buffers only
     assert module_device(bn).type == "meta"
+
+
+@pytest.mark.parametrize("layer", ["1", 1, "classifier", "callable"])
+def test_the_encoders_width_probe_leaves_the_net_bit_identical(layer):
+    from wrapssl.encoder import ClassifierInput, Encoder
+
+    net = bn_net()
+    net[1].eval()
+    spec = {"classifier": ClassifierInput("6", ("3",)), "callable": lambda n, x: n[:2](x)}.get(layer, layer)
+    encoder = Encoder(net, spec)
+    before = snapshot(net)
+    assert encoder.probe_width(3, 9) == 4  # the BatchNorm's 4 channels, averaged over space; the Linear's input
+    assert_same(before, snapshot(net))
+    encoder.close()
