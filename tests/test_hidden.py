@@ -1,5 +1,4 @@
 """Hidden-layer capture: names, indices, callables, pooling, early exit, closing."""
-import copy
 import gc
 import weakref
 
@@ -10,7 +9,6 @@ from torchvision import models
 
 from wrapssl import Learner
 from wrapssl.encoder import ClassifierInput, Encoder, pool
-from wrapssl.nnutil import copy_module, eval_mode, input_channels
 
 from conftest import small_cnn
 
@@ -340,47 +338,3 @@ def test_nets_that_cannot_run_on_meta_tensors_are_probed_on_a_copy():
     x = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(learner.embed(x), net.body(x))
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def test_eval_mode_restores_every_flag_through_train():
-    """Mixed flags come back; modules that were training get train(True), which is where caches are dropped."""
-    class Cache(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cache = {}
-
-        def train(self, mode=True):
-            super().train(mode)
-            if mode:
-                self.cache = {}
-            return self
-
-    net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(Cache(), nn.BatchNorm1d(2)))
-    net[1][1].eval()
-    flags = [m.training for m in net.modules()]
-    with eval_mode(net):
-        assert not any(m.training for m in net.modules())
-        net[1][0].cache["cpu"] = torch.ones(1)
-    assert [m.training for m in net.modules()] == flags
-    assert net[1][0].cache == {}
-
-
-def test_copy_module_copies_modules_that_cache_non_leaf_tensors():
-    lin = nn.Linear(3, 3)
-    lin.cache = {"cpu": lin.weight * 2}  # computed with gradients, as timm's LeViT caches its attention biases
-    with pytest.raises(RuntimeError):
-        copy.deepcopy(lin)
-    twin = copy_module(lin)
-    assert twin.cache["cpu"].grad_fn is None and torch.equal(twin.cache["cpu"], lin.cache["cpu"])
-    assert twin.weight is not lin.weight and torch.equal(twin.weight, lin.weight)
-
-
-@pytest.mark.parametrize("channels", [1, 2, 4, 13])
-def test_input_channels_come_from_the_first_convolution(channels):
-    assert input_channels(small_cnn(channels=channels)) == channels
-    vit = models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
-    vit.conv_proj = nn.Conv2d(channels, 8, 8, 8)  # the patch embedding is a convolution
-    assert input_channels(vit) == channels
-    assert input_channels(nn.Sequential(nn.Flatten(), nn.Linear(12, 2))) == 3  # no convolution: RGB

@@ -1,14 +1,19 @@
 """The small torch helpers: a shape probe that leaves the net as it was, a private RNG stream, the eval-mode
-warning, the module's device."""
+warning and context, copies, the module's device, its input channels."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
+from torchvision import models
 
-from wrapssl.nnutil import meta_probe, module_device, private_rng, warn_if_frozen
+from wrapssl.nnutil import (copy_module, eval_mode, input_channels, meta_probe, module_device, private_rng,
+                            warn_if_frozen, with_context)
+
+from conftest import small_cnn
 
 
 def bn_net() -> nn.Sequential:
@@ -158,3 +163,65 @@ def test_the_encoders_width_probe_leaves_the_net_bit_identical(layer):
     assert encoder.probe_width(3, 9) == 4  # the BatchNorm's 4 channels, averaged over space; the Linear's input
     assert_same(before, snapshot(net))
     encoder.close()
+
+
+def test_eval_mode_restores_every_flag_through_train():
+    """Mixed flags come back; modules that were training get train(True), which is where caches are dropped."""
+    class Cache(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cache = {}
+
+        def train(self, mode=True):
+            super().train(mode)
+            if mode:
+                self.cache = {}
+            return self
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(Cache(), nn.BatchNorm1d(2)))
+    net[1][1].eval()
+    flags = [m.training for m in net.modules()]
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+        net[1][0].cache["cpu"] = torch.ones(1)
+    assert [m.training for m in net.modules()] == flags
+    assert net[1][0].cache == {}
+
+
+def test_copy_module_copies_modules_that_cache_non_leaf_tensors():
+    lin = nn.Linear(3, 3)
+    lin.cache = {"cpu": lin.weight * 2}  # computed with gradients, as timm's LeViT caches its attention biases
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(lin)
+    twin = copy_module(lin)
+    assert twin.cache["cpu"].grad_fn is None and torch.equal(twin.cache["cpu"], lin.cache["cpu"])
+    assert twin.weight is not lin.weight and torch.equal(twin.weight, lin.weight)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4, 13])
+def test_input_channels_come_from_the_first_convolution(channels):
+    assert input_channels(small_cnn(channels=channels)) == channels
+    vit = models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+    vit.conv_proj = nn.Conv2d(channels, 8, 8, 8)  # the patch embedding is a convolution
+    assert input_channels(vit) == channels
+    assert input_channels(nn.Sequential(nn.Flatten(), nn.Linear(12, 2))) == 3  # no convolution: RGB
+
+
+class NeedsTwoArguments(Exception):
+    """An exception type with a constructor of its own, which a message alone cannot build."""
+
+    def __init__(self, code: int, detail: str):
+        super().__init__(f"{code}: {detail}")
+
+
+@pytest.mark.parametrize("error", [ValueError("bad"), RuntimeError("bad"), KeyError("bad"),
+                                   NeedsTwoArguments(7, "bad"), OSError(2, "bad")])
+def test_with_context_keeps_the_exception_type_and_its_cause(error):
+    out = with_context(error, "while probing the net")
+    assert type(out) is type(error)
+    if out is error:  # a constructor of its own: the context is a note on the original
+        assert error.__notes__ == ["while probing the net"]
+    else:
+        assert out.__cause__ is error and "while probing the net" in str(out)
+    with pytest.raises(type(error), match="while probing the net|bad"):
+        raise out
