@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import help_blocks
-from wrapssl import cli
+from wrapssl import cli, commands
 from wrapssl.archs import build_arch
 from wrapssl.data import load_dataset
 from wrapssl.evaluate import Embeddings, embed_dataset, evaluate
@@ -45,9 +45,9 @@ def test_embed_matches_embedding_the_net_directly(run_folder, tmp_path, capsys):
 
 def test_embed_chunks_agree_with_one_pass(run_folder, tmp_path, monkeypatch):
     folder, _ = run_folder
-    monkeypatch.setattr(cli, "EMBED_CHUNK", 7)  # 30 images in chunks of 7, 7, 7, 7, 2
+    monkeypatch.setattr(commands, "EMBED_CHUNK", 7)  # 30 images in chunks of 7, 7, 7, 7, 2
     cli.main(["embed", str(folder), "--out", str(tmp_path / "a.npz"), "--limit", "30", "--batch-size", "5"])
-    monkeypatch.setattr(cli, "EMBED_CHUNK", 4096)
+    monkeypatch.setattr(commands, "EMBED_CHUNK", 4096)
     cli.main(["embed", str(folder), "--out", str(tmp_path / "b.npz"), "--limit", "30"])
     a, b = Embeddings.load_npz(tmp_path / "a.npz"), Embeddings.load_npz(tmp_path / "b.npz")
     torch.testing.assert_close(a.embeddings, b.embeddings)
@@ -198,7 +198,7 @@ def test_python_m_wrapssl_is_the_command(tmp_path):
 def test_evaluate_agrees_with_the_training_app_on_the_same_backbone(tmp_path, capsys):
     """One protocol everywhere: `wrapssl evaluate RUN` gives the app's own scores, baselines included."""
     from conftest import reset_accelerate
-    from wrapssl import train as app
+    from wrapssl import app
 
     reset_accelerate()
     metrics = app.main(["--data", "digits", "--image-size", "8", "--batch-size", "16", "--steps", "3", "--knn-k",

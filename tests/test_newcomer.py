@@ -39,7 +39,7 @@ def run(data, tmp_path_factory) -> dict:
     """A tiny finished `wrapssl train --no-baselines --no-plots` run on the labelled folder: its folder and what it printed."""
     import torch
 
-    from wrapssl import train as app
+    from wrapssl import app
 
     out = tmp_path_factory.mktemp("runs") / "run"
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -205,25 +205,28 @@ print(json.dumps(results))
 def test_help_and_version_answer_without_loading_torch():
     import wrapssl
 
-    asked = [["--version"], ["train", "--version"], ["--help"]]
+    asked = [["--version"], ["train", "--version"], ["--help"], ["train", "--help"]]
     done = _python(RUNNER, json.dumps(asked))
     assert done.returncode == 0, done.stderr
-    (version, code_v, _), (train_version, code_t, _), (help_text, code_h, loaded) = json.loads(done.stdout)
+    (version, code_v, _), (train_version, code_t, _), (help_text, code_h, _), (train_help, code_th, loaded) = \
+        json.loads(done.stdout)
     assert version == train_version == f"wrapssl {wrapssl.__version__}\n" and code_v == code_t == 0
     assert help_text.startswith("usage: wrapssl") and "train" in help_text and code_h == 0
+    assert train_help.startswith("usage: wrapssl train") and "--num-train-steps" in train_help and code_th == 0
     assert loaded == []  # the heavy libraries load when a command runs, not for --help or --version
 
 
 def test_the_training_app_prints_its_version(capsys):
     import wrapssl
-    from wrapssl import train as app
+    from wrapssl import app
 
     with pytest.raises(SystemExit) as done:
         app.main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"wrapssl {wrapssl.__version__}\n"
 
 
-def test_python_m_runs_from_the_folder_that_holds_a_checkout_named_wrapssl(tmp_path):
+def test_the_script_of_a_checkout_runs_from_the_folder_that_holds_it(tmp_path):
+    """`python wrapssl/train.py` beside a clone named wrapssl runs the clone's app (its package beside the script)."""
     import os
     import shutil
     import subprocess
@@ -233,21 +236,13 @@ def test_python_m_runs_from_the_folder_that_holds_a_checkout_named_wrapssl(tmp_p
 
     repo = Path(__file__).resolve().parents[1]
     checkout = tmp_path / "wrapssl"  # as `git clone ... wrapssl` makes it: no __init__.py at its top
-    (checkout / "wrapssl").mkdir(parents=True)
+    checkout.mkdir()
     shutil.copy(repo / "train.py", checkout / "train.py")
-    # a stand-in for the package beside train.py, so that the check does not wait for torch to load
-    (checkout / "wrapssl" / "__init__.py").write_text('__version__ = "0"\n')
-    (checkout / "wrapssl" / "cli.py").write_text("def quiet_openmp():\n    pass\n")
-    (checkout / "wrapssl" / "train.py").write_text("def main():\n    print('the app of', __name__)\n")
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ))
-
-    done = run("-m", "wrapssl.train")
-    assert (done.returncode, done.stdout) == (0, "the app of wrapssl.train\n"), done.stderr[-800:]
-    done = run("-m", "wrapssl", "--version")
-    assert (done.returncode, done.stdout) == (0, f"wrapssl {wrapssl.__version__}\n"), done.stderr[-800:]
+    (checkout / "wrapssl").symlink_to(repo / "wrapssl", target_is_directory=True)
+    for flag, expected in (("--version", f"wrapssl {wrapssl.__version__}\n"), ("--help", "usage: wrapssl train")):
+        done = subprocess.run([sys.executable, os.path.join("wrapssl", "train.py"), flag], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ))
+        assert done.returncode == 0 and done.stdout.startswith(expected), done.stderr[-800:]
 
 
 def test_the_first_steps_give_an_estimate_of_the_runs_time(run):

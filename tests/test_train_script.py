@@ -1,8 +1,9 @@
-"""The training app (wrapssl/train.py, `wrapssl train`, `python -m wrapssl.train`, the top-level train.py): help
-that shows the values used without an option, clear errors, a tiny run with resume, named data sets, and a 2-process
-gloo launch."""
+"""The training app (wrapssl/app.py, `wrapssl train`, `python -m wrapssl train`, the top-level train.py): flags named
+after the settings they set, help that shows the values used without an option, clear errors, a tiny run with
+resume, named data sets, and a 2-process gloo launch."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -17,8 +18,9 @@ import torch
 
 from conftest import help_blocks, reset_accelerate
 from test_torchvision_formats import write_cifar, write_stl
-from wrapssl import cli
-from wrapssl import train as app
+from wrapssl import app, cli, recipes
+from wrapssl.pretrain import make_trainer, trainer_fields
+from wrapssl.rundata import load_data
 from wrapssl.archs import build_arch
 from wrapssl.methods import available_methods
 
@@ -71,15 +73,45 @@ def test_help_shows_the_value_each_option_takes_when_not_given(capsys):
         cli.main(["train", "--help"])
     assert done.value.code == 0
     blocks = help_blocks(capsys.readouterr().out)
-    assert {"--data", "--data-root", "--arch", "--method", "--batch-size", "--steps", "--grad-accum", "--out",
-            "--resume", "--plots"} <= set(blocks)
+    assert {"--data", "--data-root", "--arch", "--method", "--batch-size", "--num-train-steps",
+            "--gradient-accumulation-steps", "--checkpoint-folder", "--resume", "--plot"} <= set(blocks)
     taken = vars(app.parse_args([]))  # what a run without the option uses
     # options whose value is worked out at run time (None here) describe the rule instead
     fixed = {flag: taken[flag.lstrip("-").replace("-", "_")] for flag in blocks
              if taken.get(flag.lstrip("-").replace("-", "_")) not in (None, [])}
-    assert {"--batch-size", "--method", "--steps", "--lr", "--knn-k"} <= set(fixed)
+    assert {"--batch-size", "--method", "--num-train-steps", "--learning-rate", "--eval-k"} <= set(fixed)
     hidden = [flag for flag, value in fixed.items() if not shows(blocks[flag], value)]
     assert not hidden, f"the help of {hidden} does not show the value used without it"
+
+
+def test_every_flag_is_named_after_the_setting_it_sets():
+    """A flag is a Trainer setting or an app setting of the same name (--num-train-steps: num_train_steps), so a
+    message that names a setting names a flag; the short forms users know set the same settings."""
+    parser = app.build_parser()
+    flags = {a.dest: a.option_strings for a in parser._actions if a.dest not in ("help", "version")}
+    settings = trainer_fields() | {f.name for f in dataclasses.fields(app.AppSettings)}
+    assert set(flags) <= settings, set(flags) - settings
+    assert {f.name for f in dataclasses.fields(app.AppSettings)} <= set(flags)
+    for dest, options in flags.items():
+        assert options[0] == "--" + dest.replace("_", "-"), (dest, options)
+    short = app.parse_args(["--steps", "7", "--lr", "0.5", "--grad-accum", "2", "--out", "o", "--timeout", "9",
+                            "--knn-k", "3", "--no-plots"])
+    full = app.parse_args(["--num-train-steps", "7", "--learning-rate", "0.5", "--gradient-accumulation-steps", "2",
+                           "--checkpoint-folder", "o", "--collective-timeout", "9", "--eval-k", "3", "--no-plot"])
+    assert vars(short) == vars(full)
+    assert (full.num_train_steps, full.learning_rate, full.gradient_accumulation_steps, full.checkpoint_folder,
+            full.collective_timeout, full.eval_k, full.plot) == (7, 0.5, 2, "o", 9.0, 3, False)
+
+
+def test_the_parsers_names_are_the_registries():
+    """The parser builds without torch from copies of the registries' names; they must not drift apart."""
+    from wrapssl import data, optim, trainer
+
+    assert sorted(recipes.METHODS) == sorted(available_methods())
+    assert recipes.OPTIMIZERS == optim.OPTIMIZERS and recipes.DATASETS == data.DATASETS
+    assert (recipes.FASHION_MNIST_DIR, recipes.MAX_PIXELS) == (data.FASHION_MNIST_DIR, data.MAX_PIXELS)
+    assert recipes.DEFAULT_TIMEOUT == trainer.DEFAULT_TIMEOUT
+    assert set(recipes.DATA) == set(data.DATASETS) and set(recipes.METHOD) == set(available_methods())
 
 
 def test_missing_fashion_mnist_says_how_to_install(train_script, tmp_path):
@@ -152,10 +184,10 @@ def test_the_run_folder_gets_its_plots(tmp_path):
 
 
 def test_wrapssl_train_and_python_m_run_the_same_app(tmp_path):
-    """`wrapssl train ...` in-process and `python -m wrapssl.train ...` in a new process end with the same weights."""
+    """`wrapssl train ...` in-process and `python -m wrapssl train ...` in a new process end with the same weights."""
     run = [*TINY, "--steps", "2", "--checkpoint-every", "10"]
     assert cli.main(["train", *run, "--out", str(tmp_path / "a")]) == 0
-    done = subprocess.run([sys.executable, "-m", "wrapssl.train", *run, "--out", str(tmp_path / "b")],
+    done = subprocess.run([sys.executable, "-m", "wrapssl", "train", *run, "--out", str(tmp_path / "b")],
                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "(random init) ->" in done.stdout and "raw pixels" in done.stdout  # the summary line
@@ -194,11 +226,11 @@ def test_named_data_without_files_says_where_to_get_them(tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_m_two_processes_end_with_identical_weights(tmp_path):
-    """`accelerate launch -m wrapssl.train` with 2 gloo processes on CPU (with accumulation): same weights everywhere."""
+    """`accelerate launch -m wrapssl train`, 2 gloo processes on CPU (with accumulation): same weights everywhere."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "wrapssl.train", *TINY, "--batch-size", "8", "--steps", "3", "--grad-accum", "2",
+           "-m", "wrapssl", "train", *TINY, "--batch-size", "8", "--steps", "3", "--grad-accum", "2",
            "--out", str(out)]
     from conftest import run_in_own_session
     code, stdout, stderr = run_in_own_session(cmd, tmp_path, subprocess_env(), timeout=300)
@@ -218,7 +250,7 @@ def test_min_crop_reaches_the_global_crops_only(tmp_path):
 
     args = app.parse_args([*TINY, "--method", "dino", "--min-crop", "0.3", "--method-arg", "n_local=2",
                            "--method-arg", "out_dim=32", "--method-arg", "hidden_size=32"])
-    trainer, _ = app.make_trainer(args, "digits", app.load_data(args), tmp_path)
+    trainer, _ = make_trainer(args, "digits", load_data(args), tmp_path)
     assert crop_scales(trainer.learner.views) == [[(0.3, 1.0)]] * 2 + [[(0.05, 0.4)]] * 2  # locals keep theirs
 
 
@@ -227,14 +259,14 @@ def test_compile_and_deterministic_flags_reach_the_trainer(tmp_path, monkeypatch
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda *a, **k: calls.append(k) or real_compile(*a, **k))
     args = app.parse_args([*TINY, "--compile", "--deterministic"])
-    data = app.load_data(args)
+    data = load_data(args)
     before = torch.are_deterministic_algorithms_enabled()
     try:
-        app.make_trainer(args, "digits", data, tmp_path)
+        make_trainer(args, "digits", data, tmp_path)
         assert calls and torch.are_deterministic_algorithms_enabled()
         calls.clear()
         reset_accelerate()
-        app.make_trainer(app.parse_args(TINY), "digits", data, tmp_path / "p")
+        make_trainer(app.parse_args(TINY), "digits", data, tmp_path / "p")
         assert not calls
     finally:
         torch.use_deterministic_algorithms(before)
@@ -277,12 +309,11 @@ def test_report_scores_the_baselines_on_the_same_protocol(tmp_path, capsys):
 
 @pytest.mark.parametrize("method", [m for m in available_methods() if m not in ("mae", "distill")])
 def test_every_methods_app_settings_build_and_train(method):
-    """The app's per-method settings (wrapssl.train.method_defaults) are keywords the method takes, and a step
+    """The app's per-method settings (wrapssl.recipes.method_defaults) are keywords the method takes, and a step
     with them gives a finite loss and gradients on the backbone."""
     from wrapssl import Learner
-    from wrapssl.train import method_defaults
 
-    lr, kwargs = method_defaults(method, steps=100)
+    lr, kwargs = recipes.method_defaults(method, steps=100)
     assert 0 < lr <= 1e-2
     torch.manual_seed(0)
     net, hidden = build_arch("small_resnet", channels=3, num_classes=10)
@@ -295,6 +326,15 @@ def test_every_methods_app_settings_build_and_train(method):
 
 
 def test_the_learning_rate_defaults_to_the_methods_and_the_flag_overrides_it():
-    assert app.parse_args([]).lr == app.DEFAULTS["lr"] == app.method_defaults("simclr")[0]
-    assert app.parse_args(["--method", "byol"]).lr == app.method_defaults("byol")[0] != app.DEFAULTS["lr"]
-    assert app.parse_args(["--method", "byol", "--lr", "0.1"]).lr == 0.1
+    assert app.parse_args([]).learning_rate == recipes.method_defaults("simclr")[0] == 8e-3
+    assert app.parse_args(["--method", "byol"]).learning_rate == recipes.method_defaults("byol")[0] == 2e-3
+    assert app.parse_args(["--method", "byol", "--lr", "0.1"]).learning_rate == 0.1
+    assert app.parse_args(["--method", "byol", "--learning-rate", "0.2"]).learning_rate == 0.2
+
+
+def test_dino_and_swav_schedules_are_shares_of_the_planned_steps():
+    """The recipe's step-dependent settings, against the rule written out: 30% and 5% of the steps, at least 1."""
+    for steps in (1, 7, 19, 100, 1000, 3333):
+        assert recipes.method_defaults("dino", steps)[1]["warmup_teacher_temp_steps"] == max(1, steps * 3 // 10)
+        assert recipes.method_defaults("swav", steps)[1]["freeze_prototypes_steps"] == max(1, steps // 20)
+    assert recipes.method_defaults("dino")[1]["warmup_teacher_temp_steps"] == 300  # the default run's 1000 steps

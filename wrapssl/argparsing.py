@@ -1,14 +1,15 @@
-"""The command line's shared parts: one-line argparse errors, help with defaults, --version, the library's
-argument names in the flags' words, and the OpenMP setting the programs make before torch loads.
+"""The command line's shared parts: one-line argparse errors, help with defaults, --version, KEY=VALUE flags,
+the few-label report's flags, and the OpenMP setting the programs make before torch loads.
 
-Both programs (`wrapssl`, in cli.py, and `wrapssl train`, in train.py) import it; neither imports the other at
+Both programs (`wrapssl`, in cli.py, and `wrapssl train`, in app.py) import it; neither imports the other at
 module level, so no import circle remains. No torch here: `--help` and `--version` answer fast.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import os
-import re
+from typing import Any, Sequence
 
 from . import __version__
 
@@ -33,33 +34,30 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-# Library argument names in messages, as the command line says them (longest first).
-CLI_WORDS = {"resume='auto'": "--resume", "checkpoint_folder": "--out", "num_train_steps": "--steps",
-             "learning_rate": "--lr", "max_grad_norm=1.0": "--max-grad-norm 1.0", "max_grad_norm": "--max-grad-norm",
-             "mixed_precision='no'": "--mixed-precision no", "warmup_steps": "--warmup-steps",
-             "weight_decay": "--weight-decay", "batch_size": "--batch-size", "image_size": "--image-size",
-             "collective_timeout=": "--timeout", "max_pixels=": "--max-pixels", "num_workers": "--num-workers",
-             "gradient_accumulation_steps": "--grad-accum", "eval_every": "--eval-every", "seed": "--seed",
-             "optimizer": "--optimizer", "init": "--init", "root=DIR (--data-root DIR)": "--data-root DIR",
-             "root=that_folder (--data-root that_folder)": "--data-root that_folder"}
-_CLI_RE = re.compile("|".join(rf"(?<![\w-]){re.escape(k)}(?![\w])" if k[-1].isalnum() else
-                              rf"(?<![\w-]){re.escape(k)}" for k in sorted(CLI_WORDS, key=len, reverse=True)))
-
-
-def cli_words(text: str) -> str:
-    """A library message with its argument names replaced by the command line's flags."""
-    return _CLI_RE.sub(lambda m: CLI_WORDS[m.group(0)], text)
-
-
 def quiet_openmp() -> None:
     """Let idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the environment says otherwise.
 
     By default they spin, and on a shared CPU they starve the threads doing the work (a step can take 10-50x
     longer); sleeping costs next to nothing on an idle machine. OpenMP reads the variable once, when torch
-    loads it, so the programs (``wrapssl``, ``python -m wrapssl.train``, train.py) call this before importing
+    loads it, so the programs (``wrapssl``, ``python -m wrapssl``, train.py) call this before importing
     torch; ``import wrapssl`` leaves the environment alone.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def key_values(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+    """KEY=VALUE strings (a repeatable ``flag``) as keyword arguments, values parsed as Python literals when they
+    are; ValueError naming the flag otherwise."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def add_budget_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
