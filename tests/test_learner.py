@@ -260,6 +260,26 @@ def test_crop_scale_sets_the_global_crops_of_the_default_views():
         Learner(small_cnn(), image_size=16, views=wrapssl.byol_views(16), crop_scale=(0.3, 1.0))
 
 
+def test_embed_gives_the_numbers_of_an_embedder_and_health_reads_either():
+    from wrapssl.backbone import Embedder
+    from wrapssl.health import embedding_health, health
+
+    net = small_cnn()
+    learner = Learner(net, image_size=16, hidden_layer=-2, **SMALL).train()
+    x = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)  # another size: resized to 16 first
+    twin = copy.deepcopy(net)
+    with Embedder(twin, hidden_layer=-2, image_size=16, resize=True) as embedder:
+        torch.testing.assert_close(learner.embed(x), embedder.embed(x))
+        # naive: resize, ImageNet normalisation, the net up to its pool, in eval mode
+        small = F.interpolate(x.float() / 255, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+        with torch.no_grad():
+            expected = copy.deepcopy(net).eval()[:-1](learner.normalize(small))
+        torch.testing.assert_close(embedder.embed(x), expected)
+        for got in (embedding_health(learner, x, batch_size=4), embedding_health(embedder, x, batch_size=4)):
+            assert (got.rank, got.std, got.dim) == pytest.approx((health(expected).rank, health(expected).std, 64))
+    assert learner.training and all(m.training for m in net.modules())
+
+
 def test_user_method_instance():
     class Cosine(wrapssl.Method):
         uses_target = False

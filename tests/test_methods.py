@@ -534,3 +534,52 @@ def test_one_view_is_a_clear_error(method):
     z = [torch.randn(4, 32 if method in ("barlow_twins", "vicreg") else d)]
     with pytest.raises(ValueError, match="two views"):
         m.loss(z, z if m.uses_target else None)
+
+
+# ----------------------------------------------------------------------------- what a method needs, the Learner serves
+
+def test_no_method_imports_the_nets_hooks_or_architectures():
+    """Methods declare needs; the Learner serves them. A method file imports none of the rooms that reach the
+    user's net (outside ``if TYPE_CHECKING:``, which only names types)."""
+    import ast
+    from pathlib import Path
+
+    import wrapssl.methods
+
+    forbidden = {"archs", "hidden", "encoder", "prelogits", "vit", "teacher", "nnutil"}
+    for path in Path(wrapssl.methods.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and id(node) not in typing_only:
+                names = {(node.module or "").split(".")[-1]} | {a.name for a in node.names}
+                assert not names & forbidden, f"{path.name} imports {names & forbidden}"
+
+
+def _needy(needs: set[str]):
+    class Needy(SimCLR):
+        pass
+    Needy.needs = frozenset(needs)
+    return Needy(projection_size=8, projection_hidden_size=16)
+
+
+def test_the_learner_serves_token_access_and_refuses_unknown_needs():
+    seen = []
+
+    class Tokens(SimCLR):
+        needs = frozenset({"tokens"})
+
+        def setup(self, spec):
+            seen.append(spec)
+            self.build(spec.dim)
+
+    with pytest.raises(TypeError, match="needs a vision transformer"):
+        Learner(small_cnn(), 16, hidden_layer=-2, method=Tokens(projection_size=8, projection_hidden_size=16))
+    Learner(tiny_vit(16), 16, method=Tokens(projection_size=8, projection_hidden_size=16))
+    spec = seen[-1]
+    assert spec.tokens.num_patches == 16 and spec.teacher is None and not hasattr(spec, "net")
+    with pytest.raises(ValueError, match="cannot serve"):
+        Learner(small_cnn(), 16, hidden_layer=-2, method=_needy({"gpu"}))
+    with pytest.raises(ValueError, match="teacher_request"):
+        Learner(small_cnn(), 16, hidden_layer=-2, method=_needy({"teacher"}))

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from .backbone import Embedder
 __all__ = ["rankme", "normalized_std", "Health", "health", "probe_images", "embedding_health", "COLLAPSE_RANK",
            "COLLAPSE_STD", "HEALTH_IMAGES"]
 
@@ -111,7 +113,8 @@ def probe_images(dataset: Any, n: int = HEALTH_IMAGES) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embedding_health(learner: Any, images: torch.Tensor, batch_size: int = 256) -> Health:
-    """The health of ``learner.embed`` on ``images`` (no augmentation, no gradient, BN statistics untouched)."""
-    chunks = [learner.embed(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+def embedding_health(embedder: "Embedder", images: torch.Tensor, batch_size: int = 256) -> Health:
+    """The health of an ``Embedder``'s representations of ``images`` (no augmentation, no gradient, BN statistics
+    untouched). A ``Learner`` serves too: its ``embed`` is its Embedder's, after reading ``float_input``."""
+    chunks = [embedder.embed(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return health(torch.cat(chunks).float().cpu())
