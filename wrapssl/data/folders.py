@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..checks import int_at_least
 from .decode import MAX_PIXELS, _pair, _pil_limit_off, _pil_to_tensor, _resize_tensor, _source_channels
 from .values import _array_image, _read_array
 
@@ -44,10 +45,8 @@ class ImageFolder(Dataset):
                  max_pixels: int | None = MAX_PIXELS) -> None:
         self.root = Path(root).expanduser()
         self.image_size = _pair(image_size)
-        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
-                                       or max_pixels < 1):
-            raise ValueError(f"max_pixels must be a positive int or None (no limit), got {max_pixels!r}")
-        self.max_pixels = max_pixels
+        self.max_pixels = int_at_least(max_pixels, "max_pixels", 1, allow_none=True,
+                                       what="a positive int or None (no limit)")
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
         if not self.root.exists():

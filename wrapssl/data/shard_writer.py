@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 from PIL import Image
 
+from ..checks import positive_int
 from ..files import atomic_open, atomic_write_text
 from .folders import ImageFolder
 from .shard_files import INDEX_NAME, _read_index, expand_braces
@@ -69,8 +70,7 @@ def write_shards(source: Any, pattern: str, per_shard: int, progress: bool = Fal
     ``pattern``, ``per_shard`` samples each, with a ``.cls`` label where there is one and ``shards.json``
     (samples per shard, class names) beside them. Each shard appears complete or not at all; existing
     shards are never overwritten. Returns the shard paths."""
-    if isinstance(per_shard, bool) or not isinstance(per_shard, int) or per_shard < 1:
-        raise ValueError(f"per_shard must be an int >= 1, got {per_shard!r}")
+    per_shard = positive_int(per_shard, "per_shard")
     n = len(source)
     if n == 0:
         raise ValueError("the source holds no images")

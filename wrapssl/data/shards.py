@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..checks import int_at_least
 from .adapters import TensorImages
 from .decode import MAX_PIXELS, _pair, _pil_limit_off, _pil_to_tensor, _source_channels
 from .folders import UnreadableDataError
@@ -61,8 +62,7 @@ class TarShards(IterableDataset):
     def __init__(self, spec: str | os.PathLike | Sequence[str | os.PathLike],
                  image_size: int | Sequence[int] | None = None, channels: int | None = None,
                  shuffle_buffer: int = 1000, max_pixels: int | None = MAX_PIXELS) -> None:
-        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be an int >= 1 (1: no shuffling), got {shuffle_buffer!r}")
+        shuffle_buffer = int_at_least(shuffle_buffer, "shuffle_buffer", 1, what="an int >= 1 (1: no shuffling)")
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
         self.paths = shard_paths(spec)

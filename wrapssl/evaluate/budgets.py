@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..checks import positive_int
 from .embeddings import embed_dataset
 from .metrics import linear_probe_cv
 from .report import raw_pixels
@@ -139,8 +140,7 @@ def label_budgets(memory: Dataset, queries: Dataset, budgets: Sequence[Budget], 
     from ..backbone import Backbone
     from ..finetune import FinetuneSettings, dataset_labels, finetune
 
-    if draws < 1:
-        raise ValueError(f"draws must be at least 1, got {draws}")
+    draws = positive_int(draws, "draws")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; choose among {list(ROWS)}")
