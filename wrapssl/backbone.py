@@ -16,7 +16,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .hidden import ClassifierInput, Encoder, LayerSpec, eval_mode, input_channels, size_hint, with_context
+from .encoder import ClassifierInput, Encoder, LayerSpec
+from .nnutil import eval_mode, input_channels, size_hint, with_context
 
 __all__ = ["BackboneInfo", "Backbone", "Embedder", "Classifier", "save_backbone", "read_backbone_info", "load_backbone", "random_init",
            "layer_to_json", "layer_from_json"]

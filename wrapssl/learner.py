@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -13,9 +12,10 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD, Views, normalization, runs_on_
 from .backbone import Embedder
 from .checks import positive_int
 from .ema import EMA, cosine_momentum, make_target
-from .hidden import Encoder, LayerSpec, input_channels, size_hint, with_context
+from .encoder import Encoder, LayerSpec
 from .methods import Method, get_method
 from .methods.base import NEEDS, EncoderSpec
+from .nnutil import input_channels, size_hint, warn_if_frozen, with_context
 from .prelogits import find_pre_logits
 from .teacher import Teacher, build_teacher
 from .vit import vit_tokens
@@ -275,7 +275,8 @@ class Learner(nn.Module):
                 emb = self.embedder.features(images)
             return (self.method.projector(emb), emb) if return_projection else emb
         if self.training and not self._mode_checked:
-            self._warn_if_frozen()
+            self._mode_checked = True  # warned once at most
+            warn_if_frozen(self.net, stacklevel=2)
         images = self._unstandardize(images)
         # grey images for a 3-channel net go through the views at one channel when the recipe allows it
         grey = (self.channels == 3 and isinstance(images, torch.Tensor) and images.ndim == 4
@@ -300,17 +301,6 @@ class Learner(nn.Module):
                 target = self._encode_target(_first_views(batches, self.views.n_global))
         online = self._encode_online(batches)
         return self.method(online, target, step=self.step)
-
-    def _warn_if_frozen(self) -> None:
-        """Warn once if the Learner trains while BatchNorm or dropout layers of the net are in eval mode."""
-        self._mode_checked = True
-        kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-        frozen = [n for n, m in self.net.named_modules() if isinstance(m, kinds) and not m.training]
-        if frozen:
-            warnings.warn(f"the Learner is training, but {len(frozen)} BatchNorm/dropout layer(s) of the net are in "
-                          f"eval mode (e.g. {frozen[0]!r}): their statistics stay frozen. Call learner.train() (or "
-                          "net.train()) before training; to freeze BatchNorm on purpose, use "
-                          "torchvision.ops.FrozenBatchNorm2d", RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ from torch import nn
 
 from .augment import resize
 from .backbone import Embedder
-from .hidden import POOLINGS, LayerSpec, eval_mode, input_channels
+from .encoder import POOLINGS, LayerSpec
+from .nnutil import eval_mode, input_channels
 from .methods.base import TeacherRequest
 
 __all__ = ["Teacher", "build_teacher", "teacher_from_file"]
@@ -56,20 +57,13 @@ def teacher_from_file(path, arch: str, channels: int, image_size: int,
     """The net of ``arch`` with the weights at ``path`` (its classifier's weights left out when the representation
     is its pre-logits, so a file with any number of classes loads), frozen; and its representation layer."""
     from .archs import build_arch
+    from .prelogits import classifier_prefix
 
     net, default = build_arch(arch, channels=channels, image_size=image_size)
-    ignore = _classifier_keys(net, default) if layer is None else []
+    prefix = classifier_prefix(net, channels, image_size) if layer is None else None
+    ignore = [prefix] if prefix else []
     net, _ = build_arch(arch, channels=channels, image_size=image_size, weights=path, ignore=ignore)
     return net.eval().requires_grad_(False), default if layer is None else layer
-
-
-def _classifier_keys(net: nn.Module, layer: LayerSpec) -> list[str]:
-    """State-dict prefixes of the classifier that a pre-logits teacher never runs."""
-    name = getattr(layer, "classifier", None)
-    if name is None and callable(getattr(net, "get_classifier", None)):  # timm
-        head = net.get_classifier()
-        name = next((n for n, m in net.named_modules() if m is head and n), None)
-    return [f"{name}."] if name else []
 
 
 def build_teacher(request: TeacherRequest, channels: int, image_size: int, student: nn.Module) -> Teacher:
