@@ -29,7 +29,7 @@ from wrapssl import Learner  # noqa: E402
 from wrapssl.archs import SmallResNet  # noqa: E402
 from wrapssl.data import load_dataset  # noqa: E402
 from wrapssl.evaluate import baseline_scores, embed_dataset, format_scores, probe_scores  # noqa: E402
-from wrapssl.hidden import ClassifierInput  # noqa: E402
+from wrapssl.encoder import ClassifierInput  # noqa: E402
 from wrapssl.optim import WarmupCosine, build_optimizer  # noqa: E402
 
 SIZE, CROP = 28, (0.25, 1.0)  # the app's Fashion-MNIST settings
