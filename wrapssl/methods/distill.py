@@ -32,7 +32,8 @@ class Distill(Method):
     ``teacher``: a trained ``nn.Module``, or a path to its weights (a state dict file, a
     wrapssl ``backbone.pt`` or run folder, a Trainer checkpoint) with ``teacher_arch`` naming
     the architecture (``build_arch``: "resnet50", "timm:vit_small_patch14_dinov2", ...; its
-    classifier's weights are not needed). The teacher is frozen: run in eval mode without
+    classifier's weights are not needed). The method only asks for it (``needs``, a
+    ``TeacherRequest``); the Learner builds it (``wrapssl.teacher``). It is frozen: run in eval mode without
     gradients, never in ``learner.parameters()`` or the Learner's ``state_dict`` (checkpoints
     stay small; pass the teacher again to resume). It is moved to the device of the images.
     ``teacher_layer``: its representation layer, as ``Learner(hidden_layer=...)`` (default:
