@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -357,3 +358,53 @@ def test_reconstruction_grid_shows_the_image_its_mask_and_the_reconstruction(tmp
     assert_png(plots.reconstruction_grid(learner, images, tmp_path / "mae.png"))
     with pytest.raises(ValueError, match="method='mae'"):
         plots.reconstruction_grid_figure(make_learner(), images)
+
+
+class HideLeftHalf(torch.nn.Module):
+    """A stand-in for a masked-image learner: hides the left half and predicts standardised 0 there (the mean)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.channels, self.image_size = 3, 16
+        self.method = SimpleNamespace(reconstruct=self.reconstruct)  # what the plot calls: learner.method.reconstruct
+        self.normalize = wrapssl.augment.Normalize(mean, std)
+        self.seen_training = None
+
+    def reconstruct(self, x):
+        self.seen_training = self.training
+        masked = torch.zeros_like(x, dtype=torch.bool)
+        masked[..., :8] = True
+        return masked, torch.where(masked, torch.zeros_like(x), x)
+
+
+def test_reconstruction_grid_takes_any_learner_like_object_and_undoes_its_normalisation():
+    mean, std = (0.2, 0.5, 0.8), (0.5, 0.25, 0.1)
+    stand_in = HideLeftHalf(mean, std)
+    images = sample_images(2, 3, size=16)
+    fig = plots.reconstruction_grid_figure(stand_in, images, n=2)
+    assert stand_in.seen_training is False and stand_in.training  # reconstructed in eval mode, mode restored
+    axes = np.array(fig.axes).reshape(3, 2)
+    for c in range(2):
+        recon = np.asarray(axes[2, c].get_images()[0].get_array())
+        expected = images[c].permute(1, 2, 0).numpy() / 255
+        expected[:, :8] = mean  # a standardised 0 is the mean in [0, 1]
+        np.testing.assert_allclose(recon, expected, atol=1e-6)
+
+
+def test_plots_is_a_leaf_that_imports_no_learner_trainer_or_data():
+    """Every import in wrapssl/plots stays below it: no Learner, Trainer, methods, data loaders or app."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(plots.__file__).parent
+    above = ("learner", "trainer", "methods", "data", "compat", "app", "cli", "train", "finetune", "backbone")
+    found = []
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2 and node.module:  # from ..x import y
+                found.append(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("wrapssl"):
+                found.append((node.module.split(".") + [""])[1])
+            elif isinstance(node, ast.Import):
+                found += [a.name.split(".")[1] for a in node.names if a.name.startswith("wrapssl.")]
+    assert found and not set(found) & set(above), sorted(set(found) & set(above))

@@ -39,7 +39,7 @@ def compare_with_random(train: Any, test: Any, n: int, method: str = DEFAULT_MET
     accuracy), and ``picked_classes`` / ``random_classes`` (classes present
     in each subset).
     """
-    from ..evaluate import linear_probe  # one probe for the whole package
+    from ..evaluate.metrics import linear_probe  # one probe for the whole package
 
     x, y = _labelled_rows(train, "train")
     xt, yt = _labelled_rows(test, "test")
