@@ -23,7 +23,7 @@ def batches_per_step(trainer: Trainer) -> float:
     return batches / adam_steps.pop()
 
 
-@pytest.mark.parametrize("where", ["environment", "accelerator_kwargs", "plugin"])
+@pytest.mark.parametrize("where", ["environment", "accelerator_options", "plugin"])
 def test_accumulation_set_for_accelerate_is_honoured(tmp_path, monkeypatch, where):
     from accelerate.utils import GradientAccumulationPlugin
 
@@ -31,14 +31,14 @@ def test_accumulation_set_for_accelerate_is_honoured(tmp_path, monkeypatch, wher
     extra = {}
     if where == "environment":  # what `accelerate launch` and `accelerate config` hand to the script
         monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
-    elif where == "accelerator_kwargs":
-        extra["accelerator_kwargs"] = {"gradient_accumulation_steps": 3}
+    elif where == "accelerator_options":
+        extra["accelerator_options"] = {"gradient_accumulation_steps": 3}
     else:
-        extra["accelerator_kwargs"] = {"gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=3)}
+        extra["accelerator_options"] = {"gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=3)}
     trainer = make(tmp_path, steps=4, batch_size=4, checkpoint_every=100, **extra)
     trainer()
     assert trainer.grad_accum == 3 and batches_per_step(trainer) == 3
-    assert trainer.config["gradient_accumulation_steps"] == 3
+    assert trainer.record["gradient_accumulation_steps"] == 3
 
 
 def test_accumulation_argument_wins_over_the_environment_and_says_so(tmp_path, monkeypatch):
@@ -55,10 +55,10 @@ def test_bad_accumulation_settings_name_the_fix(tmp_path, monkeypatch):
         make(tmp_path)
     monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     with pytest.raises(ValueError, match="give it once"):
-        make(tmp_path, gradient_accumulation_steps=2, accelerator_kwargs={"gradient_accumulation_steps": 4})
+        make(tmp_path, gradient_accumulation_steps=2, accelerator_options={"gradient_accumulation_steps": 4})
 
 
-@pytest.mark.parametrize("where", ["environment", "accelerator_kwargs"])
+@pytest.mark.parametrize("where", ["environment", "accelerator_options"])
 def test_dynamo_backend_from_accelerate_compiles_the_encoders(tmp_path, monkeypatch, where):
     """`accelerate config`'s dynamo backend reaches torch.compile for the encoders; the run matches an eager one."""
     calls = []
@@ -74,7 +74,7 @@ def test_dynamo_backend_from_accelerate_compiles_the_encoders(tmp_path, monkeypa
     if where == "environment":
         monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
     else:
-        extra["accelerator_kwargs"] = {"dynamo_backend": "eager"}
+        extra["accelerator_options"] = {"dynamo_backend": "eager"}
     compiled = make(tmp_path / "c", steps=3, **extra)
     compiled()
     assert calls and all(c.get("backend") == "eager" for c in calls)
@@ -134,7 +134,7 @@ class Recorder(GeneralTracker):
 def test_trackers_end_through_accelerate(tmp_path):
     recorder = Recorder()
     with make(tmp_path, steps=2, checkpoint_every=100, log_every=2,
-              accelerator_kwargs={"log_with": [recorder]}) as trainer:
+              accelerator_options={"log_with": [recorder]}) as trainer:
         trainer()
         trainer()  # already at its last step: nothing more is logged, trackers stay open
         assert recorder.events == ["start", "config",
@@ -149,7 +149,7 @@ def test_a_failed_run_ends_its_trackers(tmp_path):
     recorder = Recorder()
     trainer = Trainer(tiny_net(), dataset=images(), image_size=12, hidden_layer=-2, num_train_steps=4, batch_size=8,
                       checkpoint_folder=tmp_path, log_every=1, method=NaNFrom(2), progress=False, plot=False,
-                      accelerator_kwargs={"log_with": [recorder]})
+                      accelerator_options={"log_with": [recorder]})
     with pytest.raises(NonFiniteLossError):
         trainer()
     assert recorder.events[-1] == "finish"

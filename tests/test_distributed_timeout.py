@@ -2,7 +2,7 @@
 
 Each rank is a forked child of the test process with the environment torchrun gives (a process of its own, for real
 signals and a real gloo group, without a new interpreter's imports); it runs the app's main() and exits as
-`python -m wrapssl.train` does: a message from SystemExit goes to stderr with code 1, a number is the exit code.
+`python -m wrapssl train` does: a message from SystemExit goes to stderr with code 1, a number is the exit code.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def _rank(rank: int, port: int, args: list[str], err: str, stop_after_step: int 
     a full swap or a preempted node would) after ``stop_after_step``."""
     import torch
 
-    from wrapssl import train as app
+    from wrapssl import app
+    from wrapssl.callbacks import Callback
     from wrapssl.trainer import Trainer
 
     os.environ.update({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank),
@@ -44,13 +45,19 @@ def _rank(rank: int, port: int, args: list[str], err: str, stop_after_step: int 
         reset_accelerate()
         torch.set_num_threads(1)
         if stop_after_step is not None and rank == 1:
-            real = Trainer._after_step
+            class Stop(Callback):  # on the Trainer's public hook, after the step
+                def due(self, step: int, last: bool) -> bool:
+                    return step == stop_after_step
 
-            def after_step(self, *a, **k):
-                real(self, *a, **k)
-                if self.step == stop_after_step:
+                def on_step(self, trainer, info) -> None:
                     os.kill(os.getpid(), signal.SIGSTOP)
-            Trainer._after_step = after_step
+
+            real = Trainer.__init__
+
+            def init(self, *a, **k):
+                real(self, *a, **k)
+                self.add_callback(Stop())
+            Trainer.__init__ = init
         app.main(args)
         code = 0
     except SystemExit as e:
@@ -101,7 +108,7 @@ def test_a_stopped_rank_ends_the_others_at_the_timeout(tmp_path):
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: another process stopped answering") and "waited 5 s" in last
-    assert "--timeout" in last and "running the same command again continues the run" in last
+    assert "collective_timeout=" in last and "running the same command again continues the run" in last
     assert waited < 200
 
 

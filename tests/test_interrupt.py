@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import reset_accelerate
-from wrapssl import train as app
+from wrapssl import app, pretrain
+from wrapssl.callbacks import Callback
 from wrapssl.checkpoints import latest_checkpoint, load_checkpoint
 from wrapssl.trainer import Trainer
 
@@ -27,14 +28,21 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def signal_at(monkeypatch, step: int, signum: int) -> None:
-    """Make the running app receive ``signum`` right after optimiser step ``step``, as from a terminal or a cluster."""
-    real = Trainer._after_step
+    """Make the running app receive ``signum`` right after optimiser step ``step``, as from a terminal or a cluster:
+    every Trainer gets a callback on its public hook that sends it."""
+    class SendSignal(Callback):
+        def due(self, at: int, last: bool) -> bool:
+            return at == step
 
-    def after_step(self, *args, **kwargs):
-        if self.step == step:
+        def on_step(self, trainer, info) -> None:
             os.kill(os.getpid(), signum)
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(Trainer, "_after_step", after_step)
+
+    real = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.add_callback(SendSignal())
+    monkeypatch.setattr(Trainer, "__init__", init)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -63,7 +71,7 @@ def test_a_signal_checkpoints_the_step_and_the_printed_command_continues_exactly
 def test_ctrl_c_before_training_keeps_what_was_there(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(app, "score_baselines", interrupted)
+    monkeypatch.setattr(pretrain, "score_baselines", interrupted)
     with pytest.raises(SystemExit) as stopped:
         app.main([*RUN, "--steps", "2", "--out", str(tmp_path)])
     assert stopped.value.code == 130

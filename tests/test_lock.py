@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import reset_accelerate, small_cnn
 from wrapssl import Trainer
-from wrapssl import train as app
+from wrapssl import app
 from wrapssl.runs import RunLockedError
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -32,7 +32,7 @@ RUN = ["--image-size", "8", "--batch-size", "16", "--log-every", "1", "--checkpo
 STALLED = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from wrapssl import train as app
+    from wrapssl import app
     from wrapssl.trainer import Trainer
 
     save = Trainer.save_checkpoint
@@ -89,7 +89,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_after_sigkill_the_s
     message = str(refused.value)
     assert message.startswith(f"error: {out} is being trained by process {proc.pid} on {socket.gethostname()} "
                               "since 20")
-    assert message.endswith("; wait for it, stop it, or pick another --out") and "\n" not in message
+    assert message.endswith("; wait for it, stop it, or pick another checkpoint_folder") and "\n" not in message
     assert snapshot(out) == before  # the refused run wrote nothing: no metrics.csv, no checkpoint touched
 
     reset_accelerate()  # the library says the same in its own words

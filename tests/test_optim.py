@@ -1,4 +1,4 @@
-"""LARS against a naive per-parameter loop; warmup + cosine against its closed form; decay groups."""
+"""LARS against a naive per-parameter loop; warmup + cosine against its closed form and LambdaLR; decay groups."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from wrapssl.ema import cosine_momentum
 from wrapssl.optim import LARS, WarmupCosine, build_optimizer, param_groups
+from wrapssl.schedules import Schedules
 
 
 def _net() -> nn.Sequential:
@@ -98,18 +100,24 @@ def test_warmup_cosine_closed_form(total, warmup, min_ratio):
         assert f(warmup - 1) == pytest.approx(1.0)
 
 
-def test_warmup_cosine_drives_lambda_lr():
-    p = nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=0.4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(20, 4))
-    seen = []
-    for _ in range(20):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert seen[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])
-    assert seen[4] == pytest.approx(0.4) and seen[-1] == pytest.approx(0.4 * (1 + math.cos(math.pi * 15 / 16)) / 2)
-    assert sched.state_dict()["lr_lambdas"][0]["total_steps"] == 20  # plain data, weights_only-safe
+@pytest.mark.parametrize("total,warmup,min_ratio,cosine", [(20, 4, 0.0, True), (7, 0, 0.1, True), (10, 3, 0.0, False)])
+def test_precomputed_schedules_give_what_lambda_lr_gives_step_for_step(total, warmup, min_ratio, cosine):
+    """The Trainer's precomputed lr of each step equals torch's LambdaLR on the same factor, for every parameter
+    group; the momentum of each step is the EMA's cosine."""
+    ref_opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 0.4},
+                               {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1}], lr=0.4)
+    ref = torch.optim.lr_scheduler.LambdaLR(ref_opt, WarmupCosine(total, warmup, min_ratio, cosine))
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))]}],
+                          lr=99.0)
+    schedules = Schedules(total, warmup, min_ratio, cosine, base_momentum=0.99, momentum_steps=total,
+                          base_lrs=[0.4, 0.1])
+    for step in range(total):
+        schedules.set_lr(opt, step)
+        assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref_opt.param_groups], step
+        assert schedules.momentum[step] == cosine_momentum(0.99, step, total)
+        ref_opt.step()
+        ref.step()
+    assert schedules.momentum[total] == 1.0 and len(schedules.lr) == total + 1
 
 
 def test_warmup_cosine_rejects_bad_settings():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import reset_accelerate
-from wrapssl import train as app
+from wrapssl import app
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -63,12 +63,12 @@ def test_more_steps_with_resume_rebuild_the_schedule(tmp_path, capsys):
         run(tmp_path, "--steps", "8", "--baselines")
     message = str(refused.value)
     assert message.startswith("error: ") and "\n" not in message
-    assert "--steps 4 -> 8" in message and "--resume" in message and "another --out" in message
+    assert "num_train_steps 4 -> 8" in message and "resume='auto'" in message and "checkpoint_folder" in message
     assert not (tmp_path / "checkpoint-00000006.pt").exists()
     extended = run(tmp_path, "--steps", "8", "--baselines", "--resume")  # ... and continued with them when asked
     assert "schedule rebuilt for the new settings (num_train_steps 4 -> 8" in capsys.readouterr().out.replace(
         "--steps", "num_train_steps")
-    base = app.DEFAULTS["lr"] * 16 / 256
+    base = app.parse_args([]).learning_rate * 16 / 256
     lrs = logged(tmp_path, "lr")
     for step in range(1, 5):  # the first run's own 4-step schedule
         assert lrs[step] == pytest.approx(cosine_lr(base, step, 4), rel=1e-9)
@@ -119,4 +119,4 @@ def test_metrics_json_of_a_continued_run_keeps_its_arguments(tmp_path):
     run(tmp_path, "--steps", "2")
     run(tmp_path, "--steps", "3", "--resume")
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["steps"] == 3 and saved["args"]["steps"] == 3 and saved["args"]["resume"] == "auto"
+    assert saved["steps"] == 3 and saved["args"]["num_train_steps"] == 3 and saved["args"]["resume"] == "auto"

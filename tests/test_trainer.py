@@ -1,6 +1,7 @@
 """Trainer: byol-pytorch arguments, schedules, checkpoints (atomic, resumable bit-exactly), NaN stop, kNN monitor."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -16,6 +17,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from conftest import crop_scales, reset_accelerate, small_cnn
+from wrapssl.callbacks import Callback, KnnMonitor, export_backbone
+from wrapssl.config import TrainConfig
 from wrapssl.data import TensorImages
 from wrapssl.ema import cosine_momentum
 from wrapssl.methods import BYOLMethod
@@ -72,9 +75,11 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 def test_byol_pytorch_trainer_arguments(tmp_path):
     """BYOLTrainer's keyword set (byol-pytorch 0.9.1) runs unchanged; byol_kwargs reach the learner."""
+    from wrapssl.compat import BYOLTrainer
+
     net = tiny_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    trainer = Trainer(
+    trainer = BYOLTrainer(
         net, image_size=12, hidden_layer="9", learning_rate=3e-4, dataset=images(), num_train_steps=2,
         batch_size=8, optimizer_klass=torch.optim.Adam, checkpoint_every=1, checkpoint_folder=str(tmp_path),
         byol_kwargs=dict(moving_average_decay=0.9, use_momentum=True, sync_batchnorm=False, **HEADS),
@@ -125,6 +130,89 @@ def test_bad_arguments_raise_helpfully(tmp_path):
         make(tmp_path, resume=tmp_path / "nope.pt")
 
 
+# ----------------------------------------------------------------------------- one config, the hook, one counter
+
+def test_a_config_and_the_same_keywords_build_the_same_run(tmp_path):
+    """Trainer(config=TrainConfig(...)) and Trainer(**the same keywords) train to bit-identical weights and record
+    the same settings; keywords that are no field are the method's."""
+    settings = dict(image_size=12, hidden_layer=-2, num_train_steps=3, batch_size=8, checkpoint_every=10,
+                    log_every=1, deterministic=True, **QUIET)
+    by_keywords = Trainer(tiny_net(), dataset=images(), checkpoint_folder=tmp_path / "k", **settings, **HEADS)
+    by_keywords()
+    reset_accelerate()
+    config = TrainConfig(checkpoint_folder=tmp_path / "c", **settings, method_kwargs=dict(HEADS))
+    by_config = Trainer(tiny_net(), dataset=images(), config=config)
+    by_config()
+    assert by_keywords.config.method_kwargs == HEADS and by_config.config is config
+    assert by_keywords.record == by_config.record
+    assert_same_tensors(by_keywords.learner.state_dict(), by_config.learner.state_dict())
+    with pytest.raises(TypeError, match="not both"):
+        Trainer(tiny_net(), dataset=images(), config=config, batch_size=4)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(batch_size=1), "batch_size must be at least 2"),
+    (dict(schedule="linear"), "schedule must be 'cosine' or 'constant'"),
+    (dict(min_lr_ratio=2.0), r"min_lr_ratio must lie in \[0, 1\]"),
+    (dict(warmup_steps=20), r"warmup_steps \(20\) is longer than the run \(10 steps\)"),
+    (dict(num_workers=-1), "num_workers must be an int >= 0"),
+    (dict(epochs=2.0), "exactly one of num_train_steps and epochs"),
+    (dict(log_every=0), "log_every must be a positive int"),
+])
+def test_a_config_refuses_a_bad_setting_by_itself(bad, message):
+    """Every setting is checked where the config is built, before any net or data is touched; replace() too."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"num_train_steps": 10, **bad})
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TrainConfig(num_train_steps=10), **bad)
+
+
+class Recorder(Callback):
+    """Keeps every StepInfo it gets (with the trainer's step at that moment) and counts the ends of fit()."""
+
+    def __init__(self, every: int | None = None):
+        self.every, self.infos, self.steps, self.ends = every, [], [], 0
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.every is None or step % self.every == 0 or last
+
+    def on_step(self, trainer, info) -> None:
+        self.infos.append(info)
+        self.steps.append(trainer.step)
+
+    def on_fit_end(self, trainer) -> None:
+        self.ends += 1
+
+
+def test_callbacks_get_each_step_with_the_lr_momentum_and_loss_it_used(tmp_path):
+    every, third = Recorder(), Recorder(every=3)
+    trainer = make(tmp_path, steps=5, log_every=2, checkpoint_every=100, callbacks=[every])
+    trainer.add_callback(third)
+    trainer()
+    assert [i.step for i in every.infos] == every.steps == [1, 2, 3, 4, 5]
+    assert [i.last for i in every.infos] == [False] * 4 + [True]
+    assert [i.step for i in third.infos] == [3, 5] and every.ends == third.ends == 1
+    m0, losses = trainer.learner.momentum, dict(trainer.history["loss"])
+    for info in every.infos:
+        s = info.step - 1  # 0-based: no warmup in a 5-step run (5 // 10 = 0), then the cosine
+        assert info.lr == pytest.approx(trainer.lr * (1 + math.cos(math.pi * s / 5)) / 2, rel=1e-12)
+        assert info.momentum == pytest.approx(cosine_momentum(m0, s, 5), rel=1e-12)
+        assert info.loss == losses.get(info.step)  # the logged mean at log points (2, 4 and the last), else None
+    assert [s for s, _ in trainer.history["loss"]] == [2, 4, 5]
+    trainer()  # already trained: no step, but fit() ends again
+    assert len(every.infos) == 5 and every.ends == 2
+
+
+def test_one_step_counter_the_learners(tmp_path):
+    trainer = make(tmp_path, steps=3, checkpoint_every=100, health_every=None)
+    trainer()
+    assert trainer.step == trainer.learner.step == 3
+    with pytest.raises(AttributeError):
+        trainer.step = 5  # a read-only view: the Learner's count is the one that moves
+    trainer.learner.step = 2
+    assert trainer.step == 2
+
+
 # ----------------------------------------------------------------------------- schedules and steps
 
 def test_lr_and_momentum_follow_their_schedules(tmp_path):
@@ -159,7 +247,7 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path):
 @pytest.mark.parametrize("clip", [None, 1e-3])
 def test_gradient_clipping_bounds_the_update(tmp_path, clip):
     """Plain SGD at lr 1: one step moves the trainable parameters by exactly the (clipped) gradient norm."""
-    trainer = make(tmp_path, steps=1, optimizer="sgd", weight_decay=0.0, optimizer_kwargs=dict(momentum=0.0),
+    trainer = make(tmp_path, steps=1, optimizer="sgd", weight_decay=0.0, optimizer_options=dict(momentum=0.0),
                    learning_rate=1.0, warmup_steps=0, max_grad_norm=clip, checkpoint_every=100)
     params = [p for p in trainer.learner.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
@@ -191,8 +279,23 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert (second.epoch, second.samples_in_epoch) == (first.epoch, first.samples_in_epoch)
     assert_same_tensors(second.learner.state_dict(), first.learner.state_dict())
     assert_same_tensors(second.optimizer.state_dict()["state"], first.optimizer.state_dict()["state"])
-    assert second.scheduler.state_dict()["last_epoch"] == 4
+    # no private field of any torch class (LambdaLR's _step_count and _last_lr were); the learner's entries are its
+    # state_dict, whose keys are module paths (with torch's own "_extra_state" suffix)
+    assert not private_keys({k: v for k, v in raw.items() if k != "learner"})
     assert second.history == first.history
+
+
+def private_keys(tree, path: str = "") -> list[str]:
+    """Dotted paths of the string keys starting with "_" anywhere in a nested checkpoint."""
+    found = []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            here = f"{path}.{k}" if path else str(k)
+            found += [here] * (isinstance(k, str) and k.startswith("_")) + private_keys(v, here)
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            found += private_keys(v, f"{path}[{i}]")
+    return found
 
 
 def test_deterministic_flag_switches_torch_to_deterministic_kernels(tmp_path, monkeypatch):
@@ -250,7 +353,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", torn_save)  # a disk that fills up half-way through the file
-    trainer.step = 6  # pretend two more steps were taken
+    trainer.learner.step = 6  # pretend two more steps were taken
     with pytest.raises(OSError, match="disk full"):
         trainer.save_checkpoint()
     assert latest_checkpoint(tmp_path) == good and good.read_bytes() == good_bytes
@@ -258,7 +361,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     backbone = tmp_path / "backbone.pt"
     backbone_bytes = backbone.read_bytes()
     with pytest.raises(OSError):  # same for the exported backbone
-        trainer.save_backbone()
+        export_backbone(trainer)
     assert backbone.read_bytes() == backbone_bytes
 
 
@@ -501,12 +604,13 @@ def test_train_minutes_skip_evaluations(tmp_path, monkeypatch):
     trainer = make(tmp_path, steps=4, eval_every=2, eval_dataset=(TensorImages(images(16), torch.arange(16) % 2),
                                                                   TensorImages(images(8), torch.arange(8) % 2)),
                    health_every=None)
-    slow_knn = trainer.knn
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, KnnMonitor))
+    slow_knn = monitor.knn
 
-    def knn_taking_a_second():
+    def knn_taking_a_second(trainer):
         time.sleep(1.0)
-        return slow_knn()
-    monkeypatch.setattr(trainer, "knn", knn_taking_a_second)
+        return slow_knn(trainer)
+    monkeypatch.setattr(monitor, "knn", knn_taking_a_second)
     start = time.perf_counter()
     trainer()
     wall = (time.perf_counter() - start) / 60

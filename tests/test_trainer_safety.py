@@ -125,7 +125,8 @@ def test_stale_temp_files_of_killed_writes_are_removed(tmp_path):
 def test_a_net_in_eval_mode_is_warned_about_and_trained_in_train_mode(tmp_path):
     net = tiny_net().eval()
     stats = net[1].running_mean.clone()
-    with pytest.warns(RuntimeWarning, match=r"is in eval mode .* BatchNorm statistics update"):
+    with pytest.warns(RuntimeWarning, match=r"the Trainer trains the net in train mode.* in eval mode .* BatchNorm "
+                                            "statistics update"):
         trainer = Trainer(net, dataset=images(), image_size=12, hidden_layer=-2, num_train_steps=1, batch_size=8,
                           checkpoint_folder=tmp_path, **QUIET, **HEADS)
     trainer()

@@ -26,20 +26,20 @@ __all__ = ["make_accelerator", "accumulation_steps", "dynamo_compile_options", "
 _ACCUMULATION_ENV = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
 
 
-def accumulation_steps(argument: int | None, accelerator_kwargs: dict) -> int:
-    """Batches per optimiser step: the argument, else ``accelerator_kwargs``, else Accelerate's environment, else 1.
+def accumulation_steps(argument: int | None, accelerator_options: dict) -> int:
+    """Batches per optimiser step: the argument, else ``accelerator_options``, else Accelerate's environment, else 1.
 
-    Pops the accumulation settings from ``accelerator_kwargs`` (the Trainer builds its own plugin).
+    Pops the accumulation settings from ``accelerator_options`` (the Trainer builds its own plugin).
     """
-    plugin = accelerator_kwargs.pop("gradient_accumulation_plugin", None)
-    given = accelerator_kwargs.pop("gradient_accumulation_steps", None)
+    plugin = accelerator_options.pop("gradient_accumulation_plugin", None)
+    given = accelerator_options.pop("gradient_accumulation_steps", None)
     if plugin is not None:
         if given is not None and given != plugin.num_steps:
-            raise ValueError("accelerator_kwargs has both gradient_accumulation_steps and a "
+            raise ValueError("accelerator_options has both gradient_accumulation_steps and a "
                              "gradient_accumulation_plugin with different steps; give one")
         given = plugin.num_steps
     if argument is not None and given is not None and argument != given:
-        raise ValueError(f"gradient_accumulation_steps is {argument} but accelerator_kwargs says {given}; give it once")
+        raise ValueError(f"gradient_accumulation_steps is {argument} but accelerator_options says {given}; give it once")
     from_env = os.environ.get(_ACCUMULATION_ENV)
     if argument is None and given is None and from_env:
         try:
@@ -54,16 +54,16 @@ def accumulation_steps(argument: int | None, accelerator_kwargs: dict) -> int:
     return steps
 
 
-def dynamo_compile_options(accelerator_kwargs: dict) -> dict | None:
+def dynamo_compile_options(accelerator_options: dict) -> dict | None:
     """``torch.compile`` options of the dynamo backend Accelerate was configured with, or None for no backend.
 
-    Pops ``dynamo_backend`` / ``dynamo_plugin`` from ``accelerator_kwargs``; the environment of
+    Pops ``dynamo_backend`` / ``dynamo_plugin`` from ``accelerator_options``; the environment of
     ``accelerate launch`` (``ACCELERATE_DYNAMO_*``) is read when neither is given.
     """
-    plugin = accelerator_kwargs.pop("dynamo_plugin", None)
-    backend = accelerator_kwargs.pop("dynamo_backend", None)
+    plugin = accelerator_options.pop("dynamo_plugin", None)
+    backend = accelerator_options.pop("dynamo_backend", None)
     if plugin is not None and backend is not None:
-        raise ValueError("accelerator_kwargs has both dynamo_backend and dynamo_plugin; give one")
+        raise ValueError("accelerator_options has both dynamo_backend and dynamo_plugin; give one")
     if plugin is None:
         plugin = TorchDynamoPlugin(backend=backend)  # None: ACCELERATE_DYNAMO_BACKEND, as Accelerate reads it
     if plugin.backend == DynamoBackend.NO or plugin.disable:
@@ -98,7 +98,7 @@ def make_accelerator(kwargs: dict, accumulation: int, mixed_precision: str | Non
     """
     if mixed_precision is not None:
         if kwargs.get("mixed_precision", mixed_precision) != mixed_precision:
-            raise ValueError("mixed_precision is given twice (argument and accelerator_kwargs) "
+            raise ValueError("mixed_precision is given twice (argument and accelerator_options) "
                              "with different values; give it once")
         kwargs["mixed_precision"] = mixed_precision
     # The Learner skips the net past the hidden layer (e.g. a ResNet's fc), so those parameters never

@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object, set_seed
 
 from .files import atomic_save
 from .monitor import non_finite
 
 __all__ = ["CHECKPOINT_FORMAT", "list_checkpoints", "latest_checkpoint", "load_checkpoint", "write_checkpoint",
-           "rng_state", "set_rng_state"]
+           "trainer_state", "save_trainer", "restore_trainer", "rng_state", "set_rng_state"]
 
 CHECKPOINT_FORMAT = "wrapssl.trainer"
 CHECKPOINT_VERSION = 1
@@ -115,6 +116,57 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_cpu(v) for v in obj)
     return obj
+
+
+def trainer_state(trainer: Any) -> dict:
+    """A Trainer's full training state as tensors and primitive containers (``weights_only``-loadable): no
+    private field of any torch class; the lr and momentum schedules are rebuilt from the settings on resume."""
+    scaler = trainer.accelerator.scaler
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": trainer.step,
+            "learner": to_cpu(trainer.learner.state_dict()), "optimizer": to_cpu(trainer.optimizer.state_dict()),
+            "scaler": to_cpu(scaler.state_dict()) if scaler is not None else None,
+            "data": {"epoch": trainer.epoch, "samples_in_epoch": trainer.samples_in_epoch, "seed": trainer.seed},
+            "config": dict(trainer.record), "history": trainer.run_log.state_dict()}
+
+
+def save_trainer(trainer: Any) -> Path:
+    """Write ``trainer_state`` with every process's RNG state (each resumes its own augmentation stream) as the
+    checkpoint of its step, atomically, from the main process; prune old ones. Collective."""
+    acc = trainer.accelerator
+    state = trainer_state(trainer)
+    state["rng"] = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+    if acc.is_main_process:
+        write_checkpoint(state, trainer.folder, trainer.step, trainer.config.keep_checkpoints)
+    acc.wait_for_everyone()
+    return checkpoint_path(trainer.folder, trainer.step)
+
+
+def restore_trainer(trainer: Any, state: dict, rng: bool = True) -> None:
+    """Put a Trainer at a ``trainer_state`` (and this process's RNG state when ``rng``): weights, the one step
+    counter (the Learner's), the optimiser's moments (its hyperparameters stay this run's), the data position and
+    the log. Checkpoints of earlier versions (with a "scheduler" entry) load the same way."""
+    try:
+        trainer.learner.load_state_dict(state["learner"])
+    except RuntimeError as e:
+        raise ValueError(f"the checkpoint does not fit this net/method ({e}); resume with the same "
+                         "architecture, hidden_layer and method, or start a new checkpoint_folder") from e
+    optimizer, acc = trainer.optimizer, trainer.accelerator
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+    if state.get("scaler") is not None and acc.scaler is not None:
+        acc.scaler.load_state_dict(state["scaler"])
+    trainer.learner.step = int(state["step"])
+    trainer.schedules.set_lr(optimizer, trainer.step)  # this run's schedule, at the step reached
+    trainer.epoch, trainer.samples_in_epoch = int(state["data"]["epoch"]), int(state["data"]["samples_in_epoch"])
+    trainer.run_log.load_state_dict(state.get("history", {}))
+    if rng:
+        states = state.get("rng") or []
+        if len(states) == acc.num_processes:
+            set_rng_state(states[acc.process_index])
+        else:  # a different process count: fresh but reproducible streams
+            set_seed(trainer.seed + 1_000 * trainer.step, device_specific=True)
 
 
 def rng_state() -> dict:

@@ -14,13 +14,15 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, normalization
+from .encoder import LayerSpec
 from .heads import mlp, simplicial_embedding
-from .hidden import LayerSpec, input_channels
 from .learner import Learner, standardized_to_unit
 from .methods.byol import BYOL as BYOLMethod
+from .nnutil import input_channels
 from .trainer import Trainer
 
 __all__ = ["BYOL", "BYOLTrainer", "MockDataset", "ByolPytorchMethod"]
@@ -128,7 +130,9 @@ class _Unstandardized(Dataset):
 class BYOLTrainer(Trainer):
     """``byol_pytorch.BYOLTrainer`` (0.9.1): wrapssl's ``Trainer`` around byol-pytorch's BYOL.
 
-    Same arguments; ``byol_kwargs`` take every ``BYOL`` keyword. Float images in the dataset
+    Same arguments, translated to the Trainer's: ``optimizer_klass`` is ``optimizer``, ``optimizer_kwargs``
+    ``optimizer_options``, ``accelerator_kwargs`` ``accelerator_options``, and ``byol_kwargs`` (every ``BYOL``
+    keyword) the method's keywords (their ``sync_batchnorm``, the Trainer's). Float images in the dataset
     may be standardised (``MockDataset``'s are): see the module's docstring. The improved net
     is written to ``checkpoint_folder`` as ``backbone.pt`` every ``checkpoint_every`` steps,
     beside resumable checkpoints; every other ``Trainer`` keyword works too.
@@ -136,14 +140,21 @@ class BYOLTrainer(Trainer):
 
     def __init__(self, net: nn.Module, *, image_size: int, hidden_layer: LayerSpec | None = None,
                  learning_rate: float, dataset: Dataset, num_train_steps: int, batch_size: int = 16,
-                 byol_kwargs: dict | None = None, **kwargs):
+                 byol_kwargs: dict | None = None, optimizer_klass: type[Optimizer] | None = None,
+                 optimizer_kwargs: dict | None = None, accelerator_kwargs: dict | None = None, **kwargs):
         byol = dict(byol_kwargs or {})
         method = ByolPytorchMethod(**{k: byol.pop(k) for k in HEAD_KEYWORDS if k in byol})
         byol.setdefault("moving_average_decay", 0.99)  # byol-pytorch's, where wrapssl's BYOL starts at 0.996
         byol.pop("float_input", None)  # the images reach the Learner as uint8, already mapped back
+        sync_batchnorm = byol.pop("sync_batchnorm", None)  # BYOL's argument is the Trainer's setting here
+        if kwargs.get("sync_batchnorm") is None and sync_batchnorm is not None:
+            kwargs["sync_batchnorm"] = sync_batchnorm
+        if optimizer_klass is not None:
+            kwargs["optimizer"] = optimizer_klass
         stats: tuple[Sequence[float], Sequence[float]] | None = byol.get("normalize", (IMAGENET_MEAN, IMAGENET_STD))
         norm = normalization(kwargs.get("channels") or input_channels(net), stats)
         data = _Unstandardized(dataset, norm.mean[0], norm.std[0]) if isinstance(dataset, Dataset) else dataset
         super().__init__(net, dataset=data, image_size=image_size, hidden_layer=hidden_layer,
                          learning_rate=learning_rate, num_train_steps=num_train_steps, batch_size=batch_size,
-                         byol_kwargs=byol, method=method, **kwargs)
+                         method=method, method_kwargs={**byol, **kwargs.pop("method_kwargs", {})},
+                         accelerator_options=accelerator_kwargs, optimizer_options=optimizer_kwargs, **kwargs)

@@ -15,6 +15,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Iterator
 
+import torch
+
 __all__ = ["Interrupted", "TrainingInterrupted", "StopRequest", "sigterm_interrupts", "ignore_stop_signals",
            "SIGNALS"]
 
@@ -83,6 +85,22 @@ class StopRequest:
         print(f"\nwrapssl: {name} received: stopping after this step and writing a checkpoint "
               f"({'Ctrl-C again to stop at once, without one' if signum == signal.SIGINT else 'please wait'})",
               file=sys.stderr, flush=True)
+
+    def agreed(self, accelerator: Any, log_point: bool) -> bool:
+        """True when the run should stop now: at once on one process, at the next log point on many (all
+        processes must checkpoint the same step; the flag rides on a reduction there)."""
+        if accelerator.num_processes == 1:
+            return self.requested is not None
+        if not log_point:
+            return False
+        flag = torch.tensor([float(self.requested is not None)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+    def interrupted(self, step: int, total: int, checkpoint: Path | None) -> TrainingInterrupted:
+        """The error that ends a run stopped at ``step`` (of ``total``), saved in ``checkpoint``."""
+        name = self.requested or "SIGTERM"  # None: another process received it
+        return TrainingInterrupted(f"training stopped by {name} at step {step} of {total}; {checkpoint} holds it. "
+                                   "Run again (same settings, or resume='auto') to continue", name, step, checkpoint)
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

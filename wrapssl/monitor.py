@@ -1,4 +1,6 @@
-"""The non-finite monitor: loss sums and the first bad step kept on the device, read only when logging.
+"""What a run measures as it trains: non-finite losses and blown-up weights, time, images/s, the progress bar.
+
+The non-finite monitor keeps loss sums and the first bad step on the device, read only when logging.
 
 Each step adds the loss to an on-device running sum and records, still on the
 device, the first step whose loss was not finite. Both are read once per
@@ -18,10 +20,12 @@ from typing import Any, Mapping
 import torch
 from accelerate import Accelerator
 from torch import nn
+from tqdm.auto import tqdm
 
-__all__ = ["NonFiniteLossError", "LossMonitor", "Throughput", "WeightWatch", "all_finite", "non_finite", "weight_norm",
+__all__ = ["NonFiniteLossError", "LossMonitor", "Throughput", "TrainClock", "RunEstimate", "Progress", "stop_if_unsound", "WeightWatch", "all_finite", "non_finite", "weight_norm",
            "failure_message", "MAX_WEIGHT_GROWTH"]
 
+ESTIMATE_AFTER = 10  # steps after which the run's remaining time is printed
 MAX_WEIGHT_GROWTH = 1000.0  # weight norm growth that marks a diverged run (normal runs stay within a few x)
 
 
@@ -77,6 +81,37 @@ class Throughput:
         return self.steps * self.images_per_step / max(time.perf_counter() - self.start, 1e-9)
 
 
+class TrainClock:
+    """Seconds spent training, the time of evaluations and other checks left out (``pause``, then ``start``)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.started = 0.0, None
+
+    def resume(self, history: Mapping[str, Any], step: int) -> None:
+        """Count from now on; a run resumed at ``step`` > 0 goes on from the "train_minutes" its log ends with."""
+        minutes = history.get("train_minutes")
+        if minutes and step > 0:
+            self.seconds = 60 * minutes[-1][1]
+        self.start()
+
+    def start(self) -> None:
+        """Count from now on (a no-op while counting)."""
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def pause(self) -> None:
+        """Stop counting until the next ``start``."""
+        if self.started is not None:
+            self.seconds += time.perf_counter() - self.started
+            self.started = None
+
+    @property
+    def minutes(self) -> float:
+        """Minutes counted so far."""
+        running = time.perf_counter() - self.started if self.started is not None else 0.0
+        return (self.seconds + running) / 60
+
+
 def duration(seconds: float) -> str:
     """A duration as a person reads it: 40 s, 25 min, 3.5 h."""
     if seconds < 90:
@@ -107,6 +142,34 @@ class RunEstimate:
         return (f"wrapssl: {per_step:.3g} s per step: about {duration(per_step * (total - step))} for the "
                 f"{total - step} step{'s' * (total - step != 1)} left at this speed (evaluations and checkpoints "
                 "not counted)")
+
+
+class Progress:
+    """What one fit() shows and measures as it goes: the progress bar, the loss window (``loss``), images/s and
+    the remaining-time note said once after ``ESTIMATE_AFTER`` steps."""
+
+    def __init__(self, accelerator: Accelerator, images_per_step: int, step: int, total: int, show: bool):
+        self.loss, self.meter, self.estimate = LossMonitor(accelerator.device), Throughput(images_per_step), \
+            RunEstimate(ESTIMATE_AFTER)
+        self.show, self.total = show and accelerator.is_main_process, total
+        self.bar = tqdm(total=total, initial=step, desc="pretraining", dynamic_ncols=True, disable=not self.show)
+
+    def stepped(self, step: int, seconds: float) -> None:
+        """Count optimiser step ``step`` (``seconds``: training time so far); print the estimate when due."""
+        self.bar.update(1)
+        self.meter.steps += 1
+        note = self.estimate.update(step, self.total, seconds)
+        if note and self.show:
+            self.bar.write(note)  # above the progress bar, not into its line
+
+    def values(self, loss: float, lr: float, momentum: float | None, minutes: float) -> dict[str, float]:
+        """The values a log point records (no momentum without one); starts the next loss window."""
+        values = {"loss": loss, "lr": lr, "momentum": momentum, "images_per_s": self.meter.rate(),
+                  "train_minutes": minutes}
+        values = {k: v for k, v in values.items() if v is not None}
+        self.loss.reset()
+        self.bar.set_postfix({k[:5]: f"{v:.4g}" for k, v in values.items() if k != "train_minutes"})
+        return values
 
 
 def non_finite(tensors: Mapping[str, Any]) -> list[str]:
@@ -153,6 +216,25 @@ class WeightWatch:
         if not now <= self.limit * max(self.start, 1e-12):  # an overflowed (inf) norm of finite weights too
             return f"the weights' norm grew from {self.start:.4g} to {now:.4g} (more than {self.limit:g}x)"
         return None
+
+
+def stop_if_unsound(trainer: Any, watch: WeightWatch | None, losses: LossMonitor | None = None) -> float | None:
+    """The mean loss of ``losses``' window over all processes (None without it); if a loss was not finite or
+    ``trainer``'s weights are not sound (not finite, or grown past ``watch``'s limit), the trainer is ended and
+    NonFiniteLossError says the step and what to try."""
+    loss, step = losses.read(trainer.accelerator) if losses is not None else (None, None)
+    problem = "the loss became NaN or infinite" if step is not None else None
+    if problem is None:
+        step = trainer.step
+        bad = non_finite(trainer.learner.state_dict()) if watch is None else None
+        problem = watch.problem(trainer.learner) if watch is not None else \
+            (f"the weights became NaN or infinite ({', '.join(bad[:2])})" if bad else None)
+    if problem:
+        message = failure_message(problem, step, trainer.num_train_steps, trainer.last_checkpoint, trainer.lr,
+                                  str(trainer.accelerator.mixed_precision), trainer.config.max_grad_norm)
+        trainer.end()
+        raise NonFiniteLossError(message)
+    return loss
 
 
 def failure_message(problem: str, step: int, total_steps: int, last_checkpoint: Path | None, lr: float,

@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules for pretraining: LARS, decay groups, warmup + cosine."""
+"""Optimisers for pretraining and their learning-rate factor: LARS, weight-decay groups, warmup + cosine."""
 from __future__ import annotations
 
 import math
@@ -94,8 +94,9 @@ class WarmupCosine:
     """LR factor for optimiser step ``s`` (0-based): linear warmup to 1, then cosine to ``min_ratio``.
 
     ``factor(s) = (s+1)/warmup`` for ``s < warmup``, then
-    ``min_ratio + (1-min_ratio)·½(1+cos(π·(s−warmup)/(total−warmup)))``; a
-    callable object (not a closure) so ``LambdaLR.state_dict()`` stays plain data.
+    ``min_ratio + (1-min_ratio)·½(1+cos(π·(s−warmup)/(total−warmup)))``. The Trainer
+    precomputes it per step (``schedules.Schedules``); as a callable object (not a closure)
+    it also drives torch's ``LambdaLR`` with a state_dict of plain data.
     """
 
     def __init__(self, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0, cosine: bool = True):

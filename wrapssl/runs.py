@@ -20,14 +20,18 @@ import datetime
 import os
 import socket
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
-from .checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
+from accelerate.utils import broadcast_object_list
+from torch import nn
+
+from .checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, restore_trainer
 
 __all__ = ["SCHEDULE_SETTINGS", "RunConflictError", "RunLockedError", "RunLock", "changed_settings",
-           "describe_changes", "choose_checkpoint"]
+           "describe_changes", "choose_checkpoint", "lock_folder", "resume_run", "run_record"]
 
 # Settings a resumed run may change: the learning-rate schedule, the optimiser's hyperparameters and the
 # EMA momentum are rebuilt from the new values at the step reached.
@@ -102,6 +106,65 @@ def choose_checkpoint(folder: Path, resume: str | os.PathLike | bool | None, con
         raise _conflict(folder, latest, load_checkpoint(latest), {}, f", {where}; the two would mix",
                         "Move its checkpoints away, or resume into an empty checkpoint_folder")
     return path, state
+
+
+def resume_run(trainer: Any, resume: str | os.PathLike | bool | None) -> None:
+    """Put ``trainer`` at the checkpoint that ``resume`` and its folder point to, if any (``choose_checkpoint``);
+    say what it continues and which schedule settings changed."""
+    found = choose_checkpoint(trainer.folder, resume, trainer.record)
+    print_ = trainer.accelerator.print
+    if found is None:
+        if resume is True or resume == "auto":
+            print_(f"wrapssl: no checkpoint in {trainer.folder}; starting from step 0")
+        return
+    path, state = found
+    step, total = int(state["step"]), trainer.num_train_steps
+    if step > total:
+        raise ValueError(f"{path} is at step {step}, past this run's num_train_steps={total}; "
+                         f"ask for more than {step} steps to continue it")
+    changed = changed_settings(state.get("config", {}), trainer.record)
+    rebuilt = {k: v for k, v in changed.items() if k in SCHEDULE_SETTINGS and not k.startswith("method.")}
+    others = {k: v for k, v in changed.items() if k not in SCHEDULE_SETTINGS}
+    if others:
+        warnings.warn(f"resuming {path} with changed settings ({describe_changes(others)}); the run will not "
+                      "match an uninterrupted one", stacklevel=3)
+    restore_trainer(trainer, state)
+    trainer.last_checkpoint = trainer.resumed_from = path
+    how = "re-run with the same settings: " if resume is None else ""
+    print_(f"wrapssl: {how}resumed from {path} at step {step} of {total}")
+    if rebuilt and step < total:
+        print_(f"wrapssl: schedule rebuilt for the new settings ({describe_changes(rebuilt)}): step {step + 1} "
+               f"trains at lr {trainer.optimizer.param_groups[0]['lr']:.4g}, as a run planned with these settings "
+               "from the start would")
+
+
+def run_record(trainer: Any, learner_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's settings as JSON-able primitives, stored in its checkpoints and trackers: what a resumed run is
+    compared with (the keys stay as they are, so runs written by earlier versions still resume)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            return v
+        if isinstance(v, os.PathLike):
+            return os.fspath(v)
+        if isinstance(v, nn.Module):  # a teacher net: its class, not its whole repr
+            return type(v).__name__
+        return getattr(v, "__name__", repr(v))
+    cfg, acc = trainer.config, trainer.accelerator
+    record = {
+        "net": type(trainer.net).__name__, "method": plain(getattr(cfg.method, "name", cfg.method)),
+        "hidden_layer": plain(cfg.hidden_layer), "image_size": trainer.image_size, "channels": trainer.channels,
+        "dataset_size": len(trainer.dataset), "batch_size": cfg.batch_size, "num_processes": acc.num_processes,
+        "global_batch": trainer.global_batch, "gradient_accumulation_steps": trainer.grad_accum,
+        "num_train_steps": trainer.num_train_steps, "learning_rate": trainer.lr, "optimizer": plain(cfg.optimizer),
+        "weight_decay": plain(cfg.weight_decay), "scale_lr": cfg.scale_lr, "warmup_steps": trainer.warmup_steps,
+        "schedule": cfg.schedule, "min_lr_ratio": cfg.min_lr_ratio, "mixed_precision": str(acc.mixed_precision),
+        "max_grad_norm": plain(cfg.max_grad_norm), "seed": trainer.seed,
+        # with the class name, the parameter count tells resnet18 from resnet50
+        "net_params": sum(p.numel() for p in trainer.net.parameters()),
+        "init": None if cfg.init is None else os.fspath(cfg.init),
+    }
+    record.update({f"method.{k}": plain(v) for k, v in learner_kwargs.items()})
+    return record
 
 
 LOCK_NAME = ".lock"
@@ -181,6 +244,22 @@ class RunLock:
     def __del__(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def lock_folder(accelerator: Any, folder: Path) -> RunLock | None:
+    """The folder's run lock, taken by the main process; every process raises if the folder cannot be locked
+    (``RunLockedError``: another live run trains into it)."""
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock.acquire(folder)
+        except OSError as e:
+            refused = (isinstance(e, RunLockedError), str(e))
+    if accelerator.num_processes > 1:
+        refused = broadcast_object_list([refused])[0]
+    if refused is not None:
+        raise (RunLockedError if refused[0] else OSError)(refused[1])
+    return lock
 
 
 def _read_holder(file: Any) -> dict[str, str]:
