@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..augment import resize, to_float
 from ..checks import positive_int
 from ..nnutil import eval_mode, private_rng
 from .render import PathLike, figure_class, save
@@ -49,6 +48,7 @@ def _check_views(views: Any, batch: int) -> None:
 @torch.no_grad()
 def augmentation_grid_figure(learner: Any, images: torch.Tensor, n: int = 8, seed: int | None = 0) -> "Figure":
     """The grid figure: one row per image, the original then each view of the learner's recipe."""
+    from ..augment import to_float  # kornia loads only for the grids, not for every figure
     Figure = figure_class()
     n = positive_int(n, "n")
     if isinstance(images, torch.Tensor):
@@ -95,6 +95,7 @@ def reconstruction_grid_figure(learner: Any, images: torch.Tensor, n: int = 8, s
                                ) -> "Figure":
     """The figure of a masked-image-modeling learner (``method="mae"``): one column per image, rows original,
     masked (hidden patches grey) and reconstruction (predicted patches, visible ones as they were)."""
+    from ..augment import resize, to_float
     Figure = figure_class()
     n = positive_int(n, "n")
     if not callable(getattr(learner.method, "reconstruct", None)):
