@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import reset_accelerate
-from wrapssl import train as app
+from wrapssl import app
 from wrapssl.data import ArrayFolder, load_array_file, load_dataset
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")

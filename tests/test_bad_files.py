@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wrapssl import train as app
+from wrapssl import app
 from wrapssl.data import ImageFolder
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")

@@ -128,7 +128,7 @@ def test_the_few_label_probe_chooses_its_weight_decay_on_the_training_rows_only(
 def test_the_app_reports_label_budgets_on_a_folder(tmp_path, digit_folder):
     """`wrapssl train` on a folder with class subfolders ends with the few-label rows, in metrics.json and
     budget_curve.png; a budget the smallest class cannot fill is skipped with a note."""
-    from wrapssl.train import main
+    from wrapssl.app import main
     metrics = main(["--data", str(digit_folder), "--image-size", "16", "--steps", "2", "--batch-size", "32",
                     "--labels", "3/class", "500/class", "--draws", "2", "--finetune-steps", "3",
                     "--out", str(tmp_path / "run"), "--eval-every", "2", "--knn-k", "20", "--no-plots"])
@@ -172,7 +172,7 @@ def test_two_processes_end_with_the_few_label_report(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "wrapssl.train", "--data", "digits", "--steps", "2", "--batch-size", "8", "--knn-k", "20",
+           "-m", "wrapssl", "train", "--data", "digits", "--steps", "2", "--batch-size", "8", "--knn-k", "20",
            "--labels", "2/class", "--draws", "1", "--finetune-steps", "2", "--no-plots", "--out", str(out)]
     from conftest import run_in_own_session
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from conftest import reset_accelerate, small_cnn
 from wrapssl import Trainer
 from wrapssl import cli
-from wrapssl import train as app
+from wrapssl import app
 from wrapssl.data import TensorImages, collate, load_dataset, unreadable_files
 from wrapssl.shards import TarShards, expand_braces, write_shards
 

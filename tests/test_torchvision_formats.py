@@ -84,7 +84,8 @@ def test_stl10_resizes_and_reads_lazily(tmp_path):
     small = STL10(tmp_path, "train", image_size=48)
     expected = torch.nn.functional.interpolate(full[1][0][None].float(), size=(48, 48), mode="bilinear",
                                                antialias=True, align_corners=False)[0].round().clamp(0, 255)
-    assert torch.equal(small[1][0], expected.to(torch.uint8))
+    assert small[1][0].dtype == torch.uint8  # resized in uint8: within one grey level of the float computation
+    assert (small[1][0].int() - expected.int()).abs().max() <= 1
     assert isinstance(full.images[0], np.memmap)  # a 2.6 GB unlabeled split stays on disk
 
 
