@@ -8,8 +8,8 @@ import torch
 
 from ..checks import positive_int
 from .duplicates import near_duplicates
-from .geometry import (DIST_SLACK, SIM_SLACK, check_clusters, check_n, chunk_rows, distance, rotated_bounds,
-                       similarities, unit_rows)
+from .geometry import (DIST_SLACK, SIM_SLACK, check_clusters, check_n, distance, rotated_bounds, similarities,
+                       unit_rows)
 from .kmeans import cluster
 
 __all__ = ["probcover", "probcover_radius", "coverage_radius"]
@@ -63,8 +63,8 @@ def _ball_graph(x: torch.Tensor, delta: float, max_edges: int, seed: int) -> tup
         src = torch.cat([pairs[:, 0], pairs[:, 1], own])
         dst = torch.cat([pairs[:, 1], pairs[:, 0], own])
     else:  # δ >= √2: near_duplicates takes positive cosines only; the graph is dense and (by the check) small
-        found = [(x[rows] @ x.T >= threshold).nonzero() + torch.stack([rows[0], rows[0] * 0])
-                 for rows in own.split(chunk_rows(size))]
+        found = [(sims >= threshold).nonzero() + torch.stack([rows[0], rows[0] * 0])
+                 for rows, sims in similarities(x, own, self_match=True)]
         src, dst = torch.cat(found).unbind(1)
     order = src.argsort(stable=True)
     indptr = torch.zeros(size + 1, dtype=torch.long, device=x.device)
