@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from wrapssl.evaluate import Embeddings
 
-# the module, not the function: wrapssl exports select(), which shadows the submodule attribute
+# the package wrapssl.select (its function of the same name is sel.select)
 sel = importlib.import_module("wrapssl.select")
 
 
