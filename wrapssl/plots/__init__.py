@@ -1,4 +1,4 @@
-"""Figures of a training run: training curves, image grids, embedding maps, result charts; a leaf of the package.
+"""Figures of a training run: training curves, image grids, embedding maps and result charts.
 
 matplotlib is an optional extra (``pip install wrapssl[plots]``) imported only inside these
 functions; figures never go through pyplot, so the user's backend and windows are left alone,
