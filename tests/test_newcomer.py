@@ -248,7 +248,7 @@ def test_the_script_of_a_checkout_runs_from_the_folder_that_holds_it(tmp_path):
 def test_the_first_steps_give_an_estimate_of_the_runs_time(run):
     import re
 
-    from wrapssl.trainer import ESTIMATE_AFTER
+    from wrapssl.monitor import ESTIMATE_AFTER
 
     lines = [line for line in run["stdout"].splitlines() if "s per step" in line]
     assert len(lines) == 1, run["stdout"]

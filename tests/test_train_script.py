@@ -105,12 +105,14 @@ def test_every_flag_is_named_after_the_setting_it_sets():
 
 def test_the_parsers_names_are_the_registries():
     """The parser builds without torch from copies of the registries' names; they must not drift apart."""
-    from wrapssl import data, optim, trainer
+    from wrapssl import data, optim
+    from wrapssl.config import TrainConfig
 
     assert sorted(recipes.METHODS) == sorted(available_methods())
     assert recipes.OPTIMIZERS == optim.OPTIMIZERS and recipes.DATASETS == data.DATASETS
     assert (recipes.FASHION_MNIST_DIR, recipes.MAX_PIXELS) == (data.FASHION_MNIST_DIR, data.MAX_PIXELS)
-    assert recipes.DEFAULT_TIMEOUT == trainer.DEFAULT_TIMEOUT
+    timeout = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "collective_timeout")
+    assert recipes.DEFAULT_TIMEOUT == timeout
     assert set(recipes.DATA) == set(data.DATASETS) and set(recipes.METHOD) == set(available_methods())
 
 

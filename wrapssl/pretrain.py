@@ -6,7 +6,6 @@ and writes, recipes.py holds the defaults. A user mistake found here ends the ap
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from accelerate.utils import gather_object
 from . import recipes
 from .argparsing import key_values
 from .archs import build_arch
+from .config import TrainConfig
 from .data import UnreadableDataError, unreadable_files
 from .evaluate import format_scores
 from .files import atomic_write_text
@@ -33,11 +33,7 @@ __all__ = ["run", "make_trainer", "UnreadableDataError"]
 
 
 def trainer_fields() -> set[str]:
-    """The names of the Trainer's settings (its typed config's fields, else its keywords)."""
-    try:
-        from .config import TrainConfig
-    except ImportError:  # before the typed config: the Trainer's keywords
-        return {name for name, p in inspect.signature(Trainer).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    """The names of the Trainer's settings: its typed config's fields."""
     return {f.name for f in fields(TrainConfig)}
 
 
@@ -67,10 +63,11 @@ def make_trainer(args: argparse.Namespace, name: str, data: RunData, out: Path) 
                            **key_values(args.method_arg, "--method-arg"), **normalize_kwargs(args, data, channels)}
         if args.teacher is not None:
             method_settings.update(teacher=args.teacher, teacher_arch=args.teacher_arch or args.arch)
-        settings = {**trainer_settings(args), "hidden_layer": hidden, "channels": channels,
-                    "checkpoint_folder": out, "scale_lr": True,
-                    "eval_every": _eval_every(args, data) if knn_sets is not None else None}
-        trainer = Trainer(net, dataset=data.train, eval_dataset=knn_sets, **settings, **method_settings)
+        config = TrainConfig(**{**trainer_settings(args), "hidden_layer": hidden, "channels": channels,
+                                "checkpoint_folder": out, "scale_lr": True,
+                                "eval_every": _eval_every(args, data) if knn_sets is not None else None},
+                             method_kwargs=method_settings)
+        trainer = Trainer(net, dataset=data.train, eval_dataset=knn_sets, config=config)
     except RunConflictError as e:
         raise SystemExit(f"error: {conflict_message(e)}") from None
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:

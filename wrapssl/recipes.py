@@ -20,7 +20,7 @@ OPTIMIZERS = ("adamw", "sgd", "lars")  # wrapssl.optim.OPTIMIZERS
 DATASETS = ("fashion-mnist", "digits", "cifar10", "stl10")  # wrapssl.data.DATASETS
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # wrapssl.data.FASHION_MNIST_DIR
 MAX_PIXELS = 2 * 89_478_485  # wrapssl.data.MAX_PIXELS: PIL's decompression-bomb limit
-DEFAULT_TIMEOUT = 1800.0  # wrapssl.trainer.DEFAULT_TIMEOUT: seconds a collective waits for the other processes
+DEFAULT_TIMEOUT = 1800.0  # TrainConfig.collective_timeout's: seconds a collective waits for the other processes
 
 
 @dataclass(frozen=True)

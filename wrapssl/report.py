@@ -74,11 +74,11 @@ def make_plots(trainer: Trainer, data: RunData, queries: Embeddings | None, metr
             scores = metrics["scores"]
             levels = {ROW_NAMES[r]: scores[r]["knn"] for r in ("raw_pixels", "random_init") if r in scores}
             plots.learning_curve(metrics["learning_curve"], out / "learning_curve.png", levels,
-                                 title=f"{trainer.config['method']} on {metrics['data']}: kNN (k={metrics['knn_k']}, "
+                                 title=f"{trainer.record['method']} on {metrics['data']}: kNN (k={metrics['knn_k']}, "
                                        f"{metrics['knn_memory']} images as memory)")
         if metrics.get("label_budgets", {}).get("budgets"):
             plots.budget_curve(metrics["label_budgets"], out / "budget_curve.png",
-                               title=f"{trainer.config['method']} on {metrics['data']}: test accuracy with few labels")
+                               title=f"{trainer.record['method']} on {metrics['data']}: test accuracy with few labels")
         images = torch.stack([data.train[i][0] for i in range(8)]).to(trainer.accelerator.device)
         plots.augmentation_grid(trainer.learner, images, out / "augmentations.png")
         if queries is not None:
