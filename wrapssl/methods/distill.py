@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..augment import IMAGENET_MEAN, IMAGENET_STD, Views
+from ..checks import positive_int
 from ..heads import mlp
 from ..losses import RegressionLoss
 from .base import EncoderSpec, Method, TeacherRequest, crop_and_flip, register_method
@@ -62,10 +63,9 @@ class Distill(Method):
         if not isinstance(teacher, nn.Module) and teacher_arch is None:
             raise ValueError(f"teacher={os.fspath(teacher)!r} is a weights file: name its architecture with "
                              "teacher_arch= (a name build_arch knows, e.g. 'resnet18' or 'timm:vit_small_patch16_224')")
-        if teacher_image_size is not None and (isinstance(teacher_image_size, bool) or teacher_image_size < 1):
-            raise ValueError(f"teacher_image_size must be a positive int, got {teacher_image_size!r}")
-        if head_layers < 1 or hidden_size < 1:
-            raise ValueError(f"head_layers and hidden_size must be positive, got {head_layers} and {hidden_size}")
+        positive_int(teacher_image_size, "teacher_image_size", allow_none=True)
+        positive_int(head_layers, "head_layers")
+        positive_int(hidden_size, "hidden_size")
         # what the Learner builds and serves in setup (the teacher itself stays out of parameters() and state_dict())
         self.teacher_request = TeacherRequest(teacher, teacher_arch, teacher_layer, teacher_image_size,
                                               teacher_normalize, teacher_pooling)
