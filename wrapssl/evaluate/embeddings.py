@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checks import positive_int
 from ..files import atomic_open
+from ..nnutil import module_device
 
 
 @dataclass
@@ -67,20 +68,13 @@ class Embeddings:
                        z["files"].tolist())
 
 
-def _model_device(model: Any) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU if it has none)."""
-    if isinstance(model, nn.Module):
-        for t in (*model.parameters(), *model.buffers()):
-            return t.device
-    return torch.device("cpu")
-
-
 @contextlib.contextmanager
 def _plain_embedder(net: nn.Module, hidden_layer: Any, device: torch.device
                     ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """An images → (B, D) function for a plain net; eval mode inside, every module's flag restored after."""
     from ..augment import normalization, to_float
-    from ..hidden import Encoder, eval_mode, input_channels
+    from ..encoder import Encoder
+    from ..nnutil import eval_mode, input_channels
 
     encoder = Encoder(net, hidden_layer)
     channels = input_channels(net)
@@ -118,7 +112,8 @@ def embed_dataset(model: Any, dataset: Dataset, batch_size: int = 256, device: s
     positive_int(batch_size, "batch_size")
     if not (callable(getattr(model, "embed", None)) or isinstance(model, nn.Module)):
         raise TypeError(f"model must be a wrapssl Learner (with .embed) or an nn.Module, got {type(model).__name__}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else \
+        module_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if callable(getattr(model, "embed", None)):
         embedder: contextlib.AbstractContextManager = contextlib.nullcontext(model.embed)
