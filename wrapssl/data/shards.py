@@ -1,5 +1,6 @@
-"""Tar shards (the WebDataset layout) as training data: read in order, split over ranks and workers, shuffled
-through a buffer, resumed mid-epoch.
+"""Tar shards as a training dataset (TarShards): streamed, dealt to ranks and workers, shuffled, resumable.
+
+Shards follow the WebDataset layout; each is read in order and its samples pass through a shuffle buffer.
 
 The image of a sample is the member with an image extension (jpg, jpeg, png, webp, bmp); ``.cls`` holds
 an integer label (kNN labels; -1 without one). The files, patterns and the tar reader: ``shard_files``.

@@ -1,5 +1,8 @@
-"""The report's rows: a representation's kNN and linear-probe scores beside the trivial baselines (raw pixels,
-random init) on one protocol, all scores of ``wrapssl evaluate``, and the text table."""
+"""The report's rows: a representation's scores beside the trivial baselines (raw pixels, random init).
+
+One protocol (kNN with all labelled training rows as memory, and a linear probe); ``evaluate`` gives all
+scores of ``wrapssl evaluate``; ``format_scores`` prints the rows as a table.
+"""
 from __future__ import annotations
 
 from typing import Any
