@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .evaluate import ROW_NAMES, Embeddings, baseline_scores, embed_dataset, format_scores, probe_scores
+from .nnutil import private_rng
 from .rundata import RunData
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def score_learner(trainer: Trainer, data: RunData, k: int) -> tuple[dict[str, fl
         a, b = trainer.last_eval[1:]
     else:
         device = trainer.accelerator.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with private_rng(device):  # the run's random stream stays as if nothing was scored
             a = embed_dataset(trainer.learner, data.memory, batch_size=512, device=device)
             b = embed_dataset(trainer.learner, data.queries, batch_size=512, device=device)
     return probe_scores(a, b, k=k), (a, b)
