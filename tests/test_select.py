@@ -147,6 +147,9 @@ def test_density_weights_prefer_dense_regions():
     plain = sel.select(x, 30, method="kcenter", seed=0).indices
     dense = sel.select(x, 30, method="kcenter", weights="density", seed=0).indices
     assert (dense < 400).sum() > (plain < 400).sum()  # fewer outliers once density counts
+    for bad in (0, -1):  # -1 used to slice off one row silently; 0 made every row equally dense
+        with pytest.raises(ValueError, match="^sample must be a positive int"):
+            sel.density_weights(x, sample=bad)
 
 
 def test_uncertainty_weights_prefer_rows_between_clusters():

@@ -6,10 +6,9 @@ from typing import Any
 
 import torch
 
-from ..checks import positive_int
 from .duplicates import near_duplicates
-from .geometry import (DIST_SLACK, SIM_SLACK, check_clusters, check_n, distance, rotated_bounds, similarities,
-                       unit_rows)
+from .geometry import (DIST_SLACK, SIM_SLACK, check_clusters, check_n, distance, rotated_bounds, sample_rows,
+                       similarities, unit_rows)
 from .kmeans import cluster
 
 __all__ = ["probcover", "probcover_radius", "coverage_radius"]
@@ -32,8 +31,7 @@ def probcover_radius(embeddings: Any, n_clusters: int = 10, purity: float = 0.95
     if x.shape[0] <= n_clusters:
         raise ValueError(f"need more than n_clusters={n_clusters} rows to measure purity, got {x.shape[0]}")
     assign = cluster(x, n_clusters, seed)
-    gen = torch.Generator().manual_seed(seed)
-    pool = torch.randperm(x.shape[0], generator=gen)[:positive_int(sample, "sample")].to(x.device)
+    pool = sample_rows(x, sample, seed)
     nearest_other = []
     for rows, sims in similarities(x, pool, self_match=True):  # a row's own cluster is masked, itself included
         sims.masked_fill_(assign[rows, None] == assign[None, :], -math.inf)
@@ -52,7 +50,7 @@ def _ball_graph(x: torch.Tensor, delta: float, max_edges: int, seed: int) -> tup
     """
     size = x.shape[0]
     threshold = 1 - delta * delta / 2  # |a - b|² = 2 - 2 a·b for unit vectors
-    probe = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:1000].to(x.device)
+    probe = sample_rows(x, 1000, seed)
     estimate = float((x[probe] @ x.T >= threshold).sum(1).float().mean()) * size
     if estimate > max_edges:
         raise ValueError(f"balls of radius {delta:.3g} hold about {estimate:,.0f} neighbours in all (limit "

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..checks import positive_int
-from .geometry import SIM_SLACK, distance, rotated_bounds, similarities, unit_rows
+from .geometry import SIM_SLACK, distance, rotated_bounds, sample_rows, similarities, unit_rows
 
 __all__ = ["near_duplicates", "nearest_neighbour_distance", "relative_threshold"]
 
@@ -81,8 +81,7 @@ def nearest_neighbour_distance(embeddings: Any, sample: int = 2048, seed: int = 
     n = x.shape[0]
     if n < 2:
         raise ValueError("need at least 2 embeddings to measure nearest-neighbour distances")
-    pool = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:positive_int(sample, "sample")]
-    best = [sims.amax(1) for _, sims in similarities(x, pool.to(x.device))]
+    best = [sims.amax(1) for _, sims in similarities(x, sample_rows(x, sample, seed))]
     return float(distance(torch.cat(best)).median())
 
 

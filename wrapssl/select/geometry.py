@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..checks import int_at_least
+from ..checks import int_at_least, positive_int
 
 # Float32 dot products of unit vectors are off by ~1e-6, so a distance near 0 can be off by
 # ~1e-3 after the square root; pruning bounds keep this much slack so they never drop a true update.
@@ -50,6 +50,12 @@ def check_n(n: Any, size: int) -> int:
 def check_clusters(n_clusters: Any) -> int:
     """``n_clusters`` as an int >= 2, else a ValueError that says what it stands for."""
     return int_at_least(n_clusters, "n_clusters", 2, what="an int >= 2 (roughly the number of classes)")
+
+
+def sample_rows(x: torch.Tensor, sample: Any, seed: int) -> torch.Tensor:
+    """Indices of ``sample`` rows of x drawn without replacement (all rows, shuffled, if there are fewer)."""
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    return order[:positive_int(sample, "sample")].to(x.device)
 
 
 def chunk_rows(cols: int, budget: int = 1 << 23) -> int:

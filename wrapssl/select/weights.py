@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..checks import positive_int
-from .geometry import check_clusters, unit_rows
+from .geometry import check_clusters, sample_rows, unit_rows
 
 __all__ = ["density_weights", "uncertainty_weights"]
 
@@ -21,8 +21,7 @@ def density_weights(embeddings: Any, k: int = 10, sample: int = 4096, seed: int 
     x = unit_rows(embeddings)
     n = x.shape[0]
     k = positive_int(k, "k")
-    gen = torch.Generator().manual_seed(seed)
-    pool = torch.randperm(n, generator=gen)[:sample].to(x.device)
+    pool = sample_rows(x, sample, seed)
     k = min(k, len(pool) - 1)
     if k < 1:
         return torch.ones(n, device=x.device)  # a single row has no neighbour; every row is equally dense
