@@ -158,15 +158,14 @@ def _embed(args: argparse.Namespace, split: str):
 
 def _baselines(args: argparse.Namespace, backbone: Any, recorded: dict[str, Any], train_ds, test_ds
                ) -> dict[str, dict[str, float]]:
-    """Raw pixels and the randomly initialised net (the run's seed), scored as the backbone is."""
-    from .evaluate import probe_scores, raw_pixels
+    """Raw pixels and the randomly initialised net (the run's seed), scored as the backbone is (the app's rows:
+    the raw pixels by the same helper; the random init rebuilt from the seed the app's net started from)."""
+    from .backbone import random_init
+    from .evaluate import baseline_scores, probe_scores
 
     size = args.image_size or backbone.info.image_size
     print("scoring the baselines: raw pixels ...", file=sys.stderr)
-    rows = {"raw_pixels": probe_scores(raw_pixels(train_ds, size), raw_pixels(test_ds, size), args.k,
-                                       args.temperature)}
-    from .backbone import random_init
-
+    rows = baseline_scores(train_ds, test_ds, size, k=args.k, temperature=args.temperature)
     fresh = random_init(backbone, int(recorded.get("seed") or 0))
     a = _embed_with_progress(backbone, train_ds, args, "train split (random init)", net=fresh)
     b = _embed_with_progress(backbone, test_ds, args, "test split (random init)", net=fresh)
