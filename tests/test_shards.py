@@ -139,6 +139,33 @@ def test_unreadable_samples_are_listed_and_skipped(tmp_path):
     assert list(bad) == ["b-0.tar/00000003"] and "UnidentifiedImageError" in bad["b-0.tar/00000003"]
 
 
+def test_the_first_unreadable_sample_warning_starts_its_own_line(tmp_path, capsys):
+    """As for folders: the warning never lands glued to a progress bar's line on stderr."""
+    import sys
+    import warnings
+
+    from tqdm import tqdm
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), i * 60, np.uint8)).save(folder / f"{i}.png")
+    (folder / "9.png").write_bytes(b"not an image")
+    write_shards(load_dataset(str(folder)), str(tmp_path / "w-%d.tar"), 8)
+    shards = TarShards(str(tmp_path / "w-0.tar"), shuffle_buffer=1)
+    with warnings.catch_warnings(), tqdm(total=3, desc="pretraining", file=sys.stderr) as bar:
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        bar.update(1)
+        assert len(list(shards)) == 4  # the bad sample: warned about and skipped; the epoch keeps its length
+        bar.update(1)
+    err = capsys.readouterr().err
+    shown = err[:err.index("RuntimeWarning")].replace("\r", "\n").split("\n")[-1]
+    assert "unreadable data" in err and "pretraining" not in shown and "%|" not in shown, repr(shown)
+    assert err.count("pretraining") >= 2  # the bar is drawn again after the warning
+
+
 def test_the_app_trains_on_a_brace_pattern_and_lists_unreadable_samples(tmp_path, capsys):
     folder = tmp_path / "flat"
     folder.mkdir()

@@ -22,6 +22,19 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _CHANNEL_PEEK = 32  # headers read to decide a folder's channel count
 
 
+def warn_once(warned: torch.Tensor, message: str) -> None:
+    """Warn (RuntimeWarning) unless the shared flag ``warned`` is set, then set it; on a line of its own, clear of
+    progress bars, in whichever process (DataLoader worker or not) finds the unreadable data."""
+    if warned[0]:
+        return
+    warned[0] = True
+    if torch.utils.data.get_worker_info() is not None:
+        # a DataLoader worker cannot clear the main process's progress bar: end its line first
+        sys.stderr.write("\n")
+    with tqdm.external_write_mode(file=sys.stderr):  # this process's progress bars step aside
+        warnings.warn(message, RuntimeWarning, stacklevel=4)  # the caller of the dataset method that found it
+
+
 class UnreadableDataError(RuntimeError):
     """Not one file of a folder could be read."""
 
@@ -153,18 +166,9 @@ class ImageFolder(Dataset):
 
     def _warn(self, index: int, error: Exception) -> None:
         """Warn about the first unreadable file of this dataset, in whichever process finds it."""
-        if self._warned[0]:
-            return
-        self._warned[0] = True
-        if torch.utils.data.get_worker_info() is not None:
-            # a DataLoader worker cannot clear the main process's progress bar: end its line first
-            sys.stderr.write("\n")
-        with tqdm.external_write_mode(file=sys.stderr):  # this process's progress bars step aside
-            warnings.warn(
-                f"{self.num_bad} unreadable image(s) under {str(self.root)!r} so far, e.g. {self.files[index]!r} "
-                f"({type(error).__name__}: {error}); each is replaced by the next readable image. "
-                "This warning is shown once; dataset.num_bad and dataset.unreadable() list them all.",
-                RuntimeWarning, stacklevel=3)
+        warn_once(self._warned, f"{self.num_bad} unreadable image(s) under {str(self.root)!r} so far, e.g. "
+                  f"{self.files[index]!r} ({type(error).__name__}: {error}); each is replaced by the next readable "
+                  "image. This warning is shown once; dataset.num_bad and dataset.unreadable() list them all.")
 
 
 class ArrayFolder(ImageFolder):

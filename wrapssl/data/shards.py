@@ -25,7 +25,6 @@ import bisect
 import io
 import os
 import random
-import warnings
 from typing import Iterator, Sequence
 
 import torch
@@ -35,7 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..checks import int_at_least
 from .adapters import TensorImages
 from .decode import MAX_PIXELS, _pair, _pil_limit_off, _pil_to_tensor, _source_channels
-from .folders import UnreadableDataError
+from .folders import UnreadableDataError, warn_once
 from .shard_files import _READ_ERRORS, ShardError, _count, _counts, _tar_samples, _unreadable_shard, shard_paths
 
 
@@ -240,12 +239,8 @@ class TarShards(IterableDataset):
 
     def _warn(self, what: str) -> None:
         """Warn about the first unreadable sample or shard, in whichever process finds it."""
-        if self._warned[0]:
-            return
-        self._warned[0] = True
-        warnings.warn(f"unreadable data in the shards of {os.fspath(self.spec)!r}, e.g. {what}; it is skipped. This "
-                      "warning is shown once; dataset.num_bad and dataset.unreadable() list them all.",
-                      RuntimeWarning, stacklevel=3)
+        warn_once(self._warned, f"unreadable data in the shards of {os.fspath(self.spec)!r}, e.g. {what}; it is "
+                  "skipped. This warning is shown once; dataset.num_bad and dataset.unreadable() list them all.")
 
     # ------------------------------------------------------------------ random access, probes, reports
 
