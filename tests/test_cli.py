@@ -175,6 +175,15 @@ def test_help_shows_the_value_each_option_takes_when_not_given(command, capsys):
     assert not hidden, f"the help of {command} {hidden} does not show the value used without it"
 
 
+def test_the_select_methods_offered_are_the_modules():
+    """The parser names select's methods without loading it (so `wrapssl select --help` is fast): the same ones,
+    its default first."""
+    from wrapssl.select import DEFAULT_METHOD, METHODS
+
+    assert set(cli.SELECT_METHODS) == set(METHODS) and cli.SELECT_METHODS[0] == DEFAULT_METHOD
+    assert cli.build_parser().parse_args(["select", "x.npz", "-n", "1"]).method == DEFAULT_METHOD
+
+
 def test_bad_numbers_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["select", "x.npz", "-n", "0"])

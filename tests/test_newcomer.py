@@ -205,14 +205,18 @@ print(json.dumps(results))
 def test_help_and_version_answer_without_loading_torch():
     import wrapssl
 
-    asked = [["--version"], ["train", "--version"], ["--help"], ["train", "--help"]]
+    commands = ["embed", "evaluate", "finetune", "plot", "select", "shards"]
+    asked = [["--version"], ["train", "--version"], ["--help"], ["train", "--help"]] + [[c, "--help"] for c in commands]
     done = _python(RUNNER, json.dumps(asked))
     assert done.returncode == 0, done.stderr
-    (version, code_v, _), (train_version, code_t, _), (help_text, code_h, _), (train_help, code_th, loaded) = \
+    (version, code_v, _), (train_version, code_t, _), (help_text, code_h, _), (train_help, code_th, _), *each = \
         json.loads(done.stdout)
     assert version == train_version == f"wrapssl {wrapssl.__version__}\n" and code_v == code_t == 0
     assert help_text.startswith("usage: wrapssl") and "train" in help_text and code_h == 0
     assert train_help.startswith("usage: wrapssl train") and "--num-train-steps" in train_help and code_th == 0
+    for command, (text, code, _) in zip(commands, each):
+        assert text.startswith(f"usage: wrapssl {command}") and code == 0, command
+    loaded = each[-1][2]  # after every answer above
     assert loaded == []  # the heavy libraries load when a command runs, not for --help or --version
 
 

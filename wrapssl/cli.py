@@ -20,6 +20,8 @@ DESCRIPTION = """Pretrain with `wrapssl train`, then use what the run learned. S
 or a Trainer checkpoint-N.pt. Outputs go into the run folder (or beside the input file)
 unless --out says otherwise."""
 COSINE = arg_type(float, lambda v: -1 <= v <= 1, "a cosine in [-1, 1]")
+# wrapssl.select's methods, its default first, named here without loading it (tests/test_cli.py checks they agree)
+SELECT_METHODS = ("typiclust", "probcover", "kcenter", "random")
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -49,17 +51,8 @@ def _backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
-def _select_names(wanted: str | None) -> tuple[Sequence[str], str | None]:
-    """``wrapssl.select``'s method names and default, read (loading torch) only when ``wanted`` may be select."""
-    if wanted not in (None, "select"):
-        return (), None  # the select subcommand is not parsed: its choices do not matter
-    from .select import DEFAULT_METHOD, METHODS
-    return METHODS, DEFAULT_METHOD
-
-
-def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser of the ``wrapssl`` command; ``wanted``: the subcommand about to be parsed, if known
-    (the others then skip what is costly to build, so that `wrapssl --help` stays light)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``wrapssl`` command; builds without torch, so that every `--help` is fast."""
     parser = Parser(prog="wrapssl", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=VERSION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -140,12 +133,11 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
                                          "run recorded in its metrics.json, else the label numbers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsample and the projection")
 
-    methods, default_method = _select_names(wanted)
     p = command("select", "pick images to label (better than random at small budgets); find near-duplicates",
                 cmd_select)
     p.add_argument("embeddings", help=".npz written by 'wrapssl embed'")
     p.add_argument("-n", type=positive_int_arg, required=True, help="how many items to select (required)")
-    p.add_argument("--method", choices=methods, default=default_method,
+    p.add_argument("--method", choices=SELECT_METHODS, default=SELECT_METHODS[0],
                    help="typiclust: the most typical item of each of n clusters (best measured on Fashion-MNIST: "
                         "+4.5 points over random picks at 100 labels, +1 at 1,000); probcover: greedy coverage "
                         "of balls around items; kcenter: cover the space (coreset; spends picks on outliers, "
@@ -198,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if argv[:1] == ["train"]:  # the training app parses its own flags
         return cmd_train(argv[1:])
-    args = build_parser(argv[0] if argv else "").parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.func(args)
     return 0
 
