@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import reset_accelerate
-from wrapssl import train as app
+from wrapssl import app
 from wrapssl.archs import SmallResNet, build_arch
 from wrapssl.evaluate import embed_dataset, knn_accuracy
 from wrapssl.data import load_dataset
