@@ -39,7 +39,8 @@ def accumulation_steps(argument: int | None, accelerator_options: dict) -> int:
                              "gradient_accumulation_plugin with different steps; give one")
         given = plugin.num_steps
     if argument is not None and given is not None and argument != given:
-        raise ValueError(f"gradient_accumulation_steps is {argument} but accelerator_options says {given}; give it once")
+        raise ValueError(f"gradient_accumulation_steps is {argument} but accelerator_options says {given}; "
+                         "give it once")
     from_env = os.environ.get(_ACCUMULATION_ENV)
     if argument is None and given is None and from_env:
         try:

@@ -22,8 +22,9 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["NonFiniteLossError", "LossMonitor", "Throughput", "TrainClock", "RunEstimate", "Progress", "stop_if_unsound", "WeightWatch", "all_finite", "non_finite", "weight_norm",
-           "failure_message", "MAX_WEIGHT_GROWTH"]
+__all__ = ["NonFiniteLossError", "LossMonitor", "Throughput", "TrainClock", "RunEstimate", "Progress",
+           "stop_if_unsound", "WeightWatch", "all_finite", "non_finite", "weight_norm", "failure_message",
+           "MAX_WEIGHT_GROWTH"]
 
 ESTIMATE_AFTER = 10  # steps after which the run's remaining time is printed
 MAX_WEIGHT_GROWTH = 1000.0  # weight norm growth that marks a diverged run (normal runs stay within a few x)

@@ -1,6 +1,7 @@
 """Per-step schedules computed up front: the learning-rate factor and the EMA momentum of every optimiser step."""
 from __future__ import annotations
 
+from array import array
 from typing import Any, Sequence
 
 from .ema import cosine_momentum
@@ -10,14 +11,14 @@ __all__ = ["Schedules"]
 
 
 class Schedules:
-    """The learning-rate factor and the EMA momentum of every optimiser step ``s`` (0-based), as lists.
+    """The learning-rate factor and the EMA momentum of every optimiser step ``s`` (0-based), as arrays.
 
-    ``lr[s]`` multiplies each parameter group's base learning rate for step ``s`` (linear warmup,
-    then cosine to ``min_lr_ratio`` or constant: ``optim.WarmupCosine``); ``momentum[s]`` is the
-    EMA momentum of step ``s`` (``base_momentum`` rising to 1 on a cosine over
-    ``momentum_steps``, constant if None); ``base_lrs``: the parameter groups' learning rates. Both hold ``total_steps + 1`` entries, the last being
-    the value after the run. Built from the settings, never saved: a resumed run with other
-    settings gets the schedule those settings make, at the step reached (as dinov2 and
+    ``lr[s]`` multiplies each parameter group's base learning rate (``base_lrs``) for step ``s``
+    (linear warmup, then cosine to ``min_lr_ratio`` or constant: ``optim.WarmupCosine``);
+    ``momentum[s]`` is the EMA momentum of step ``s`` (``base_momentum`` rising to 1 on a cosine
+    over ``momentum_steps``, constant if None). Both hold ``total_steps + 1`` entries, the last
+    being the value after the run. Built from the settings, never saved: a resumed run with
+    other settings gets the schedule those settings make, at the step reached (as dinov2 and
     moco-v3 pass precomputed values into the step).
     """
 
@@ -25,8 +26,10 @@ class Schedules:
                  base_momentum: float = 1.0, momentum_steps: int | None = None, base_lrs: Sequence[float] = ()):
         factor = WarmupCosine(total_steps, warmup_steps, min_lr_ratio, cosine=cosine)
         self.total_steps, self.base_lrs = int(total_steps), list(base_lrs)
-        self.lr = [factor(s) for s in range(self.total_steps + 1)]
-        self.momentum = [cosine_momentum(base_momentum, s, momentum_steps) for s in range(self.total_steps + 1)]
+        # arrays of doubles: 8 bytes a step, and indexing gives plain Python floats (checkpoint-safe)
+        self.lr = array("d", (factor(s) for s in range(self.total_steps + 1)))
+        self.momentum = array("d", (cosine_momentum(base_momentum, s, momentum_steps)
+                                    for s in range(self.total_steps + 1)))
 
     def set_lr(self, optimizer: Any, step: int) -> None:
         """Give each parameter group of ``optimizer`` its base lr (``base_lrs``) times the factor of step ``step``."""

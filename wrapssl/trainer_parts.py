@@ -21,7 +21,8 @@ from .optim import build_optimizer
 from .sampler import ResumableSampler
 from .tracking import RunLog, make_trackers
 
-__all__ = ["make_accelerator_and_log", "build_learner", "build_loader", "prepare", "load_init", "square_side", "steps_per_epoch"]
+__all__ = ["make_accelerator_and_log", "build_learner", "build_loader", "prepare", "load_init", "square_side",
+           "steps_per_epoch"]
 
 
 def make_accelerator_and_log(config: TrainConfig, accelerator_options: dict | None
