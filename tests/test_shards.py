@@ -18,8 +18,7 @@ from conftest import reset_accelerate, small_cnn
 from wrapssl import Trainer
 from wrapssl import cli
 from wrapssl import app
-from wrapssl.data import TensorImages, collate, load_dataset, unreadable_files
-from wrapssl.shards import TarShards, expand_braces, write_shards
+from wrapssl.data import TarShards, TensorImages, collate, expand_braces, load_dataset, unreadable_files, write_shards
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
