@@ -99,6 +99,9 @@ def test_every_flag_is_named_after_the_setting_it_sets():
     full = app.parse_args(["--num-train-steps", "7", "--learning-rate", "0.5", "--gradient-accumulation-steps", "2",
                            "--checkpoint-folder", "o", "--collective-timeout", "9", "--eval-k", "3", "--no-plot"])
     assert vars(short) == vars(full)
+    assert app.AppSettings.from_args(app.parse_args([])) == app.AppSettings()  # the dataclass holds the defaults
+    assert app.AppSettings.from_args(app.parse_args(["--data", "digits", "--knn-test", "5"])) == \
+        app.AppSettings(data="digits", knn_test=5)
     assert (full.num_train_steps, full.learning_rate, full.gradient_accumulation_steps, full.checkpoint_folder,
             full.collective_timeout, full.eval_k, full.plot) == (7, 0.5, 2, "o", 9.0, 3, False)
 

@@ -19,12 +19,13 @@ import argparse
 import os
 import shlex
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import recipes
-from .argparsing import VERSION, HelpFormatter, Parser, add_budget_args, key_values
+from .argparsing import (DEFAULT_BUDGETS, DEFAULT_DRAWS, DEFAULT_FINETUNE_STEPS, VERSION, HelpFormatter, Parser,
+                         add_budget_args, key_values)
 from .checks import (arg_type, fraction_arg, non_negative_float_arg, non_negative_int_arg, positive_float_arg,
                      positive_int_arg)
 
@@ -32,27 +33,27 @@ from .checks import (arg_type, fraction_arg, non_negative_float_arg, non_negativ
 BATCH_SIZE = arg_type(int, lambda v: v >= 2, "a whole number >= 2 (batch norm and the losses compare images)")
 
 
-
 @dataclass
 class AppSettings:
     """The app's own settings, around the Trainer's: what data, which net, the report. Each is a flag of the same
-    name (``data_root`` is ``--data-root``); every other flag is a Trainer keyword of its name."""
+    name (``data_root`` is ``--data-root``) with this default; every other flag is a Trainer keyword of its name
+    (a field of ``TrainConfig``)."""
 
     data: str = recipes.DEFAULT_RUN["data"]
     data_root: str | None = None
     max_pixels: int = recipes.MAX_PIXELS
     normalize: Any = None  # None, "auto" or (means, stds)
     arch: str = recipes.DEFAULT_RUN["arch"]
-    method_arg: list[str] | None = None
+    method_arg: list[str] = field(default_factory=list)  # KEY=VALUE, repeatable
     teacher: str | None = None
     teacher_arch: str | None = None
     min_crop: float | None = None
     knn_train: int | None = None
     knn_test: int | None = None
     baselines: bool = True
-    labels: list[str] | None = None
-    draws: int = 3
-    finetune_steps: int = 300
+    labels: list[str] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    draws: int = DEFAULT_DRAWS
+    finetune_steps: int = DEFAULT_FINETUNE_STEPS
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AppSettings:
@@ -60,15 +61,18 @@ class AppSettings:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
+APP = AppSettings()  # the flags' defaults
+
+
 def _data_args(p: Parser) -> None:
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=recipes.DEFAULT_RUN["data"],
+    d.add_argument("--data", default=APP.data,
                    help=f"a named data set ({', '.join(recipes.DATASETS)}) or a folder of images (one subfolder per "
                         "class gives kNN labels; a flat folder trains without the kNN report). stl10 pretrains on "
                         "its 100k unlabeled split and reports kNN from train (memory) to test (queries). Other "
                         "channel counts: a folder of .npy (or, with tifffile, .tif) arrays, or a tensor file "
                         "(.pt/.npy, N x C x H x W); see docs/training.md")
-    d.add_argument("--data-root", default=None,
+    d.add_argument("--data-root", default=APP.data_root,
                    help=f"folder holding a named data set's files in torchvision's layout (cifar-10-batches-py, "
                         f"stl10_binary; nothing is downloaded). Default for fashion-mnist: "
                         f"{recipes.FASHION_MNIST_DIR} (apt-get install -y dataset-fashion-mnist)")
@@ -77,10 +81,10 @@ def _data_args(p: Parser) -> None:
                        f"{r.image_size} for {n}" for n, r in recipes.DATA.items()) +
                         f", {recipes.FOLDER_IMAGE_SIZE} for folders). Compute grows with its square: on CPU stay at "
                         "or below 64")
-    d.add_argument("--max-pixels", type=non_negative_int_arg, default=recipes.MAX_PIXELS,
+    d.add_argument("--max-pixels", type=non_negative_int_arg, default=APP.max_pixels,
                    help="images above this many pixels are counted as unreadable (PIL's decompression-bomb "
                         "guard); raise it for huge scans or maps, 0 for no limit")
-    d.add_argument("--normalize", nargs="+", default=None, metavar="STATS",
+    d.add_argument("--normalize", nargs="+", default=APP.normalize, metavar="STATS",
                    help="per-channel statistics applied after augmentation: MEAN,MEAN,... STD,STD,... (values "
                         "of images in [0, 1], one per channel), or 'auto' to estimate them from up to 1,000 "
                         "images. Default: ImageNet's for 1- and 3-channel data, 'auto' for other channel counts")
@@ -91,7 +95,7 @@ def _data_args(p: Parser) -> None:
 
 def _model_args(p: Parser) -> None:
     m = p.add_argument_group("model and method")
-    m.add_argument("--arch", default=recipes.DEFAULT_RUN["arch"],
+    m.add_argument("--arch", default=APP.arch,
                    help="'small_resnet' (28-64 px on CPU), any torchvision model name (resnet50, vit_b_16, "
                         "convnext_tiny, ...) or 'timm:<name>'. Weights are never downloaded")
     m.add_argument("--hidden-layer", default=None,
@@ -101,14 +105,14 @@ def _model_args(p: Parser) -> None:
                    help="self-supervised method. simclr learns fastest in short CPU runs; byol, dino and swav need "
                         "long runs (benchmarks/RESULTS.md, the method table). Each gets the app's short-run "
                         "settings (wrapssl/recipes.py, docs/training.md)")
-    m.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+    m.add_argument("--method-arg", action="append", default=APP.method_arg, metavar="KEY=VALUE",
                    help="method hyperparameter, repeatable, e.g. temperature=0.2 (simclr: 0.1-0.5; lower values "
                         "weigh hard negatives more and want larger batches; this app uses 0.2, which beat the "
                         "method's 0.5 at batch 256 in our runs) or projection_hidden_size=1024")
-    m.add_argument("--teacher", default=None, metavar="PATH",
+    m.add_argument("--teacher", default=APP.teacher, metavar="PATH",
                    help="--method distill: the teacher's weights (a backbone.pt from an earlier run, or a "
                         "torchvision/timm state dict); the student (--arch) learns to predict its features")
-    m.add_argument("--teacher-arch", default=None, metavar="NAME",
+    m.add_argument("--teacher-arch", default=APP.teacher_arch, metavar="NAME",
                    help="the teacher's architecture, as --arch names it (default: --arch)")
     m.add_argument("--channels", type=positive_int_arg, default=None,
                    help="input channels of the net (default: 3 for grey and colour images, which repeats grey "
@@ -118,7 +122,7 @@ def _model_args(p: Parser) -> None:
     m.add_argument("--init", default=None, metavar="PATH",
                    help="weights to start from: a torchvision/timm state dict, a backbone.pt or a checkpoint of "
                         "the same --arch (the classifier may differ: pretraining never runs it). Default: random")
-    m.add_argument("--min-crop", type=fraction_arg, default=None,
+    m.add_argument("--min-crop", type=fraction_arg, default=APP.min_crop,
                    help="smallest area fraction of the global random crops (default 0.25 for the 28-px built-in "
                         "data, else the method's 0.08); below 0.2 small images lose their object")
 
@@ -182,14 +186,14 @@ def _output_args(p: Parser) -> None:
     r.add_argument("--eval-every", type=positive_int_arg, default=None,
                    help="kNN accuracy every N steps during training, for the learning curve (each costs one "
                         "embedding pass over memory and queries; default: a third of the steps)")
-    r.add_argument("--knn-train", type=positive_int_arg, default=None,
+    r.add_argument("--knn-train", type=positive_int_arg, default=APP.knn_train,
                    help="training images embedded as the kNN memory (default: all, the protocol of `wrapssl "
                         "evaluate`; the test split is the queries)")
-    r.add_argument("--knn-test", type=positive_int_arg, default=None,
+    r.add_argument("--knn-test", type=positive_int_arg, default=APP.knn_test,
                    help="cap on the kNN query images (default: all)")
     r.add_argument("--eval-k", "--knn-k", type=positive_int_arg, default=200, metavar="K",
                    help="neighbours voting in the kNN classifier")
-    r.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+    r.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=APP.baselines,
                    help="also score raw pixels and the randomly initialised net on the same protocol (kNN and "
                         "linear probe): a pretrained backbone that does not beat them has not learned anything "
                         "useful")

@@ -15,6 +15,8 @@ from . import __version__
 
 VERSION = f"wrapssl {__version__}"  # what --version prints
 DEFAULT_BUDGETS = ("10/class", "100/class")  # the few-label report's label budgets
+DEFAULT_DRAWS = 3  # class-balanced draws of labelled images per budget
+DEFAULT_FINETUNE_STEPS = 300  # steps of each fine-tuning in the few-label report
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,8 +72,8 @@ def add_budget_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
                         "net from scratch (fine-tuned), the pretrained net (linear and fine-tuned) and images "
                         "picked by `wrapssl select` against random picks; 'none' skips it. It costs about a minute "
                         "per budget for the small ResNet on 2 CPU cores")
-    p.add_argument("--draws", type=positive_int_arg, default=3,
+    p.add_argument("--draws", type=positive_int_arg, default=DEFAULT_DRAWS,
                    help="draws of labelled images per budget (their mean and spread are reported)")
-    p.add_argument("--finetune-steps", type=positive_int_arg, default=300,
+    p.add_argument("--finetune-steps", type=positive_int_arg, default=DEFAULT_FINETUNE_STEPS,
                    help="steps of each fine-tuning in the few-label report (batch 64; `wrapssl finetune` has the "
                         "other settings)")
