@@ -62,6 +62,7 @@ class Trainer:
         if config is not None and settings:
             raise TypeError(f"give config= or keyword settings, not both (got {', '.join(settings)})")
         self.config = cfg = config if config is not None else TrainConfig.from_keywords(**settings)
+        self.callbacks: list[Callback] = default_callbacks(cfg, eval_dataset) + [*callbacks]  # checks eval_dataset
         warn_if_frozen(net, "the Trainer trains the net in train mode", "BatchNorm statistics update and dropout "
                        "is active", stacklevel=2)
         self.folder = Path(cfg.checkpoint_folder)
@@ -98,7 +99,6 @@ class Trainer:
         self.epoch, self.samples_in_epoch = 0, 0
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
-        self.callbacks: list[Callback] = default_callbacks(cfg, eval_dataset) + [*callbacks]
         self.record = run_record(self, learner_kwargs)  # the settings a checkpoint stores, as plain data
         self._run_lock = lock_folder(acc, self.folder)  # before any file of the folder is read: one run at a time
         try:
