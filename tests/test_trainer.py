@@ -158,6 +158,8 @@ def test_a_config_and_the_same_keywords_build_the_same_run(tmp_path):
     (dict(num_workers=-1), "num_workers must be an int >= 0"),
     (dict(epochs=2.0), "exactly one of num_train_steps and epochs"),
     (dict(log_every=0), "log_every must be a positive int"),
+    (dict(eval_k=0), "eval_k must be a positive int"),
+    (dict(image_size=-8), "image_size must be a positive int"),
 ])
 def test_a_config_refuses_a_bad_setting_by_itself(bad, message):
     """Every setting is checked where the config is built, before any net or data is touched; replace() too."""

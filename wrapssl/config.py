@@ -125,13 +125,16 @@ class TrainConfig:
                              "batch), got 1")
         for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
             setattr(self, name, positive_int(getattr(self, name), name))
-        for name in ("eval_every", "health_every"):
+        for name in ("image_size", "channels", "eval_every", "health_every"):
             setattr(self, name, positive_int(getattr(self, name), name, allow_none=True))
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0 (0 decodes in the main process), "
                              f"got {self.num_workers!r}")
         self.collective_timeout = positive_float(self.collective_timeout, "collective_timeout (seconds)",
                                                  allow_none=True)
+        self.eval_k, self.eval_batch_size = positive_int(self.eval_k, "eval_k"), positive_int(self.eval_batch_size,
+                                                                                           "eval_batch_size")
+        positive_float(self.eval_temperature, "eval_temperature")
         positive_float(self.learning_rate, "learning_rate")
         non_negative_float(self.weight_decay, "weight_decay", allow_none=True)
         int_at_least(self.warmup_steps, "warmup_steps", 0, allow_none=True)
