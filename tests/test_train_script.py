@@ -109,14 +109,28 @@ def test_every_flag_is_named_after_the_setting_it_sets():
 def test_the_parsers_names_are_the_registries():
     """The parser builds without torch from copies of the registries' names; they must not drift apart."""
     from wrapssl import data, optim
-    from wrapssl.config import TrainConfig
 
     assert sorted(recipes.METHODS) == sorted(available_methods())
     assert recipes.OPTIMIZERS == optim.OPTIMIZERS and recipes.DATASETS == data.DATASETS
     assert (recipes.FASHION_MNIST_DIR, recipes.MAX_PIXELS) == (data.FASHION_MNIST_DIR, data.MAX_PIXELS)
-    timeout = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "collective_timeout")
-    assert recipes.DEFAULT_TIMEOUT == timeout
     assert set(recipes.DATA) == set(data.DATASETS) and set(recipes.METHOD) == set(available_methods())
+
+
+def test_the_flags_defaults_are_the_configs_or_the_default_runs():
+    """Without flags, each Trainer setting is TrainConfig's default or the default run's (recipes.DEFAULT_RUN);
+    the learning rate is the method's and the folder is worked out from the method and the data."""
+    from wrapssl.config import TrainConfig
+
+    taken = vars(app.parse_args([]))
+    config = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    for name in trainer_fields() & set(taken):
+        if name == "learning_rate":
+            assert taken[name] == recipes.method_defaults(taken["method"])[0]
+        elif name == "checkpoint_folder":
+            assert taken[name] is None  # runs/<method>-<data>
+        else:
+            assert taken[name] == recipes.DEFAULT_RUN.get(name, config[name]), name
+    assert (taken["batch_size"], taken["num_train_steps"], taken["method"]) == (256, 1000, "simclr")
 
 
 def test_missing_fashion_mnist_says_how_to_install(train_script, tmp_path):

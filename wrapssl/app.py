@@ -19,7 +19,7 @@ import argparse
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +28,7 @@ from .argparsing import (DEFAULT_BUDGETS, DEFAULT_DRAWS, DEFAULT_FINETUNE_STEPS,
                          add_budget_args, key_values)
 from .checks import (arg_type, fraction_arg, non_negative_float_arg, non_negative_int_arg, positive_float_arg,
                      positive_int_arg)
+from .config import TrainConfig
 
 # at least 2: BatchNorm and every loss compare images of a batch
 BATCH_SIZE = arg_type(int, lambda v: v >= 2, "a whole number >= 2 (batch norm and the losses compare images)")
@@ -61,7 +62,9 @@ class AppSettings:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-APP = AppSettings()  # the flags' defaults
+APP = AppSettings()  # the defaults of the app's own flags
+# the defaults of the Trainer's flags: TrainConfig's, with the default run's in their place (recipes.DEFAULT_RUN)
+RUN = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **recipes.DEFAULT_RUN}
 
 
 def _data_args(p: Parser) -> None:
@@ -88,7 +91,7 @@ def _data_args(p: Parser) -> None:
                    help="per-channel statistics applied after augmentation: MEAN,MEAN,... STD,STD,... (values "
                         "of images in [0, 1], one per channel), or 'auto' to estimate them from up to 1,000 "
                         "images. Default: ImageNet's for 1- and 3-channel data, 'auto' for other channel counts")
-    d.add_argument("--num-workers", type=non_negative_int_arg, default=0,
+    d.add_argument("--num-workers", type=non_negative_int_arg, default=RUN["num_workers"],
                    help="DataLoader processes decoding images; 0 is best for in-memory data (Fashion-MNIST, "
                         "CIFAR-10), use 4-8 per GPU for folders of JPEGs")
 
@@ -101,7 +104,7 @@ def _model_args(p: Parser) -> None:
     m.add_argument("--hidden-layer", default=None,
                    help="layer whose output is the representation: a name from net.named_modules() or an int "
                         "index into its children (default: the net's pre-logits, the input of its classifier)")
-    m.add_argument("--method", default=recipes.DEFAULT_RUN["method"], choices=recipes.METHODS,
+    m.add_argument("--method", default=RUN["method"], choices=recipes.METHODS,
                    help="self-supervised method. simclr learns fastest in short CPU runs; byol, dino and swav need "
                         "long runs (benchmarks/RESULTS.md, the method table). Each gets the app's short-run "
                         "settings (wrapssl/recipes.py, docs/training.md)")
@@ -135,7 +138,7 @@ def _optimisation_args(p: Parser) -> None:
                              "not given)")
     length.add_argument("--epochs", type=positive_float_arg, default=None,
                         help="passes over the data, instead of --num-train-steps (default: use --num-train-steps)")
-    o.add_argument("--batch-size", type=BATCH_SIZE, default=recipes.DEFAULT_RUN["batch_size"],
+    o.add_argument("--batch-size", type=BATCH_SIZE, default=RUN["batch_size"],
                    help="images per process per batch. Contrastive methods want 256 or more (more negatives); "
                         "below 64 BatchNorm statistics get noisy")
     o.add_argument("--learning-rate", "--lr", type=positive_float_arg, default=None, metavar="LR",
@@ -145,7 +148,7 @@ def _optimisation_args(p: Parser) -> None:
                         "2e-3. If the loss turns NaN, halve it or lengthen the warmup. SGD: 0.05 (SimSiam); "
                         "LARS: 0.2-0.3 (BYOL, SimCLR) (default: the method's, 8e-3 for simclr, moco and nnclr, "
                         "1e-3 for mae, 2e-3 for the others)")
-    o.add_argument("--optimizer", default="adamw", choices=recipes.OPTIMIZERS,
+    o.add_argument("--optimizer", default=RUN["optimizer"], choices=recipes.OPTIMIZERS,
                    help="adamw is robust at any batch; lars was designed for batches of 1024 and more")
     o.add_argument("--weight-decay", type=non_negative_float_arg, default=None,
                    help="default 0.05 (adamw), 1e-4 (sgd), 1.5e-6 (lars); biases and norms never decay")
@@ -160,7 +163,7 @@ def _optimisation_args(p: Parser) -> None:
     o.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
                    help="bf16 on GPUs that support it (A100, H100) saves memory and time; fp16 needs loss "
                         "scaling (done for you) and can overflow; keep 'no' on CPU (default: accelerate's config)")
-    o.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentations")
+    o.add_argument("--seed", type=int, default=RUN["seed"], help="seed for weights, data order and augmentations")
     o.add_argument("--compile", action="store_true",
                    help="torch.compile the encoders (also switched on by a dynamo backend in `accelerate "
                         "config`): the first steps compile (about a minute); it pays most when the hidden layer "
@@ -180,8 +183,9 @@ def _output_args(p: Parser) -> None:
                         "--num-train-steps or a new --learning-rate rebuild the schedule at the step reached, as "
                         "if the run had been planned so. Or a checkpoint path to continue from (default: continue "
                         "only a run with the same settings; start fresh in an empty --checkpoint-folder)")
-    r.add_argument("--checkpoint-every", type=positive_int_arg, default=100, help="steps between checkpoints")
-    r.add_argument("--log-every", type=positive_int_arg, default=10,
+    r.add_argument("--checkpoint-every", type=positive_int_arg, default=RUN["checkpoint_every"],
+                   help="steps between checkpoints")
+    r.add_argument("--log-every", type=positive_int_arg, default=RUN["log_every"],
                    help="steps between log lines; the NaN check also runs then (no per-step GPU sync)")
     r.add_argument("--eval-every", type=positive_int_arg, default=None,
                    help="kNN accuracy every N steps during training, for the learning curve (each costs one "
@@ -191,19 +195,19 @@ def _output_args(p: Parser) -> None:
                         "evaluate`; the test split is the queries)")
     r.add_argument("--knn-test", type=positive_int_arg, default=APP.knn_test,
                    help="cap on the kNN query images (default: all)")
-    r.add_argument("--eval-k", "--knn-k", type=positive_int_arg, default=200, metavar="K",
+    r.add_argument("--eval-k", "--knn-k", type=positive_int_arg, default=RUN["eval_k"], metavar="K",
                    help="neighbours voting in the kNN classifier")
     r.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=APP.baselines,
                    help="also score raw pixels and the randomly initialised net on the same protocol (kNN and "
                         "linear probe): a pretrained backbone that does not beat them has not learned anything "
                         "useful")
     add_budget_args(r)
-    r.add_argument("--collective-timeout", "--timeout", type=positive_float_arg, default=recipes.DEFAULT_TIMEOUT,
+    r.add_argument("--collective-timeout", "--timeout", type=positive_float_arg, default=RUN["collective_timeout"],
                    metavar="SECONDS",
                    help="seconds a process waits for the others at a collective operation (multi-process runs) "
                         "before the run ends with an error: a stopped or hung process cannot block the job forever. "
                         "Keep it above the longest evaluation (the main process scores while others wait)")
-    r.add_argument("--plot", "--plots", action=argparse.BooleanOptionalAction, default=True,
+    r.add_argument("--plot", "--plots", action=argparse.BooleanOptionalAction, default=RUN["plot"],
                    help="write the learning curve, loss curve, augmentation grid and embedding map PNGs (needs "
                         "matplotlib)")
 

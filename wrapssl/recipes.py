@@ -11,7 +11,9 @@ from typing import Any, Callable
 
 # The default run is chosen to finish, evaluations included, within 10 minutes on 2 idle CPU cores (7:48 measured)
 # and to beat raw pixels and the randomly initialised net; what we measured is in benchmarks/RESULTS.md, section 6.
-DEFAULT_RUN = dict(data="fashion-mnist", arch="small_resnet", method="simclr", batch_size=256, num_train_steps=1000)
+# Where the app's flags differ from TrainConfig's defaults, and the data and net it runs without flags:
+DEFAULT_RUN = dict(data="fashion-mnist", arch="small_resnet", method="simclr", batch_size=256, num_train_steps=1000,
+                   checkpoint_every=100)
 FOLDER_IMAGE_SIZE = 64  # side of the views for a folder of images or tar shards
 
 # Copies of the registries, for a parser that loads no torch (checked against them by the tests)
@@ -20,7 +22,6 @@ OPTIMIZERS = ("adamw", "sgd", "lars")  # wrapssl.optim.OPTIMIZERS
 DATASETS = ("fashion-mnist", "digits", "cifar10", "stl10")  # wrapssl.data.DATASETS
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # wrapssl.data.FASHION_MNIST_DIR
 MAX_PIXELS = 2 * 89_478_485  # wrapssl.data.MAX_PIXELS: PIL's decompression-bomb limit
-DEFAULT_TIMEOUT = 1800.0  # TrainConfig.collective_timeout's: seconds a collective waits for the other processes
 
 
 @dataclass(frozen=True)
