@@ -113,8 +113,8 @@ class TrainConfig:
     def from_keywords(cls, **settings: Any) -> "TrainConfig":
         """A config from the Trainer's keywords: fields by name, every other keyword into ``method_kwargs``."""
         names = {f.name for f in dataclasses.fields(cls)}
-        method_kwargs = {**settings.pop("method_kwargs", {}), **{k: settings.pop(k) for k in list(settings)
-                                                                  if k not in names}}
+        method_kwargs = {**(settings.pop("method_kwargs", None) or {}),
+                         **{k: settings.pop(k) for k in list(settings) if k not in names}}
         return cls(**settings, method_kwargs=method_kwargs)
 
     def validate(self) -> None:
