@@ -33,7 +33,7 @@ from .nnutil import private_rng
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["StepInfo", "Callback", "KnnMonitor", "HealthCheck", "BackboneExport", "LossCurvePlot",
+__all__ = ["StepInfo", "Callback", "Every", "KnnMonitor", "HealthCheck", "BackboneExport", "LossCurvePlot",
            "default_callbacks", "run_callbacks", "export_backbone", "check_health"]
 
 
