@@ -68,6 +68,7 @@ RUN = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MIS
 
 
 def _data_args(p: Parser) -> None:
+    """The data flags: what to train on, its size and statistics."""
     d = p.add_argument_group("data")
     d.add_argument("--data", default=APP.data,
                    help=f"a named data set ({', '.join(recipes.DATASETS)}) or a folder of images (one subfolder per "
@@ -97,6 +98,7 @@ def _data_args(p: Parser) -> None:
 
 
 def _model_args(p: Parser) -> None:
+    """The model and method flags: which net, which layer, which method and its settings."""
     m = p.add_argument_group("model and method")
     m.add_argument("--arch", default=APP.arch,
                    help="'small_resnet' (28-64 px on CPU), any torchvision model name (resnet50, vit_b_16, "
@@ -131,6 +133,7 @@ def _model_args(p: Parser) -> None:
 
 
 def _optimisation_args(p: Parser) -> None:
+    """The optimisation flags: how long, how large a batch, how fast."""
     o = p.add_argument_group("optimisation")
     length = o.add_mutually_exclusive_group()
     length.add_argument("--num-train-steps", "--steps", type=positive_int_arg, default=None, metavar="N",
@@ -174,6 +177,7 @@ def _optimisation_args(p: Parser) -> None:
 
 
 def _output_args(p: Parser) -> None:
+    """The output flags: where the run goes, how often it checkpoints, logs and scores."""
     r = p.add_argument_group("output")
     r.add_argument("--checkpoint-folder", "--out", default=None, metavar="FOLDER",
                    help="output folder (default: runs/<method>-<data>). Running the same command again continues "
