@@ -2,8 +2,10 @@
 included) and resumes from full and sharded checkpoints to the same weights."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import weakref
 
 import pytest
 import torch
@@ -66,6 +68,13 @@ def full(learner: Learner, opt: torch.optim.Optimizer) -> dict:
 
 def run_cases(rank: int, tmp: str) -> dict:
     out = {}
+    learner = Learner(tiny_vit(), image_size=32, method="byol", **METHODS["byol"])
+    whole = [weakref.ref(p) for p in (learner.encoder.net.blocks[0].attn.qkv.weight,
+                                      learner.target_encoder.net.blocks[0].attn.qkv.weight)]
+    shard_learner(learner)
+    gc.collect()
+    out["unsharded_freed"] = [w() is None for w in whole]  # no copy of the whole weights stays alive
+
     for method in METHODS:  # sharded against unsharded with DDP-style averaged gradients, 2 steps
         ref, ref_opt = build(method, sharded=False)
         learner, opt = build(method, sharded=True)
@@ -168,6 +177,11 @@ def test_sharded_vit_trains_as_the_unsharded_one(ranks, method):
         target = [k for k in want if k.startswith("target_encoder.net.")]
         assert target and any(not torch.equal(want[k], initial[k.removeprefix("target_encoder.net.")])
                               for k in target)
+
+
+@pytest.mark.slow
+def test_sharding_frees_the_whole_weights_of_net_and_target(ranks):
+    assert ranks[0]["unsharded_freed"] == [True, True]
 
 
 @pytest.mark.slow

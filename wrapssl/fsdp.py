@@ -142,6 +142,9 @@ def shard_learner(learner: nn.Module, plugin: Any = None, mesh: Any = None) -> n
         fully_shard(unit, **kwargs)
     kwargs.pop("reshard_after_forward", None)  # the root keeps its leftovers gathered for the backward
     fully_shard(learner, **kwargs)
+    ema = getattr(learner, "_ema", None)
+    if ema is not None:  # it caches the parameter lists: drop the unsharded ones now, not at its first update
+        ema._collect()
     if next(learner.buffers(), None) is not None:
         learner.register_forward_pre_hook(_before_training_forward)
     return learner
