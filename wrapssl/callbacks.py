@@ -109,7 +109,8 @@ class KnnMonitor(Every):
 
     def knn(self, trainer: "Trainer") -> float:
         """kNN accuracy of the current representation (run it on one process)."""
-        from .evaluate import embed_dataset, knn_accuracy
+        from .evaluate.embeddings import embed_dataset
+        from .evaluate.metrics import knn_accuracy
 
         train, test = self.eval_dataset
         device = trainer.accelerator.device

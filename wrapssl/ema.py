@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .hidden import copy_module
+from .nnutil import copy_module
 
 
 def cosine_momentum(base: float, step: int, total_steps: int | None) -> float:
