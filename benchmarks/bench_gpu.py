@@ -243,7 +243,7 @@ def net_section(name: str, args) -> dict:
 def main_job(args, budget: float) -> dict:
     """The app's default run with --mixed-precision bf16, as a subprocess: wall time and its scores."""
     out = Path(tempfile.mkdtemp(prefix="bench_gpu_main_"))
-    cmd = [sys.executable, "-m", "wrapssl.train", "--mixed-precision", "bf16", "--num-workers", "4", "--out", str(out)]
+    cmd = [sys.executable, "-m", "wrapssl", "train", "--mixed-precision", "bf16", "--num-workers", "4", "--out", str(out)]
     cmd += ["--steps", "20", "--knn-train", "500", "--knn-test", "200", "--no-plots"] if args.smoke else []
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start = time.perf_counter()

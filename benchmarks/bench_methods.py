@@ -3,8 +3,8 @@
 1. Calibration: for each method, the seconds of one training step (Learner forward, backward and AdamW
    step on a batch of 256 Fashion-MNIST images at 28 px, the app's default net), timed back to back
    in one process so the ratios are fair on a shared machine.
-2. Each method then trains through the app (`python -m wrapssl.train --method M --steps N`) for
-   N = budget / step-seconds steps, with the app's own settings for it (`wrapssl.train.method_defaults`:
+2. Each method then trains through the app (`python -m wrapssl train --method M --steps N`) for
+   N = budget / step-seconds steps, with the app's own settings for it (`wrapssl.recipes.method_defaults`:
    smaller heads than the ImageNet papers, EMA momentum 0.99 as lightly's CIFAR-10 benchmarks use,
    DINO's teacher-temperature warm-up scaled to the run), and is scored by the app's report protocol: kNN (k=200, t=0.1, all 60,000
    training images as memory, the 10,000 test images as queries) and a linear probe, beside raw
@@ -57,11 +57,11 @@ METHODS = ["simclr", "moco", "nnclr", "byol", "simsiam", "barlow_twins", "vicreg
 def step_seconds(method: str, lr: float, kwargs: dict, images: torch.Tensor, reps: int) -> float:
     """Median seconds of one training step of ``method`` on the app's default net (two warm-up steps)."""
     from wrapssl.archs import build_arch
-    from wrapssl.train import DEFAULTS, MIN_CROP
+    from wrapssl.recipes import DEFAULT_RUN, min_crop
 
     torch.manual_seed(0)
-    net, hidden = build_arch(DEFAULTS["arch"], channels=3, num_classes=10, image_size=28)
-    learner = Learner(net, 28, hidden, method=method, crop_scale=(MIN_CROP["fashion-mnist"], 1.0), **kwargs)
+    net, hidden = build_arch(DEFAULT_RUN["arch"], channels=3, num_classes=10, image_size=28)
+    learner = Learner(net, 28, hidden, method=method, crop_scale=(min_crop("fashion-mnist"), 1.0), **kwargs)
     opt = torch.optim.AdamW(learner.parameters(), lr=lr)
     times = []
     for i in range(reps + 2):
@@ -91,7 +91,7 @@ def main() -> None:
     if args.curves:
         raise SystemExit(0 if curves() else 1)
     from wrapssl.data import load_dataset
-    from wrapssl.train import method_defaults
+    from wrapssl.recipes import method_defaults
 
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -106,7 +106,7 @@ def main() -> None:
     for i, m in enumerate(methods):
         steps = max(10, round(args.budget / calib[m]))
         lr, kwargs = method_defaults(m, steps)
-        cmd = [sys.executable, "-m", "wrapssl.train", "--method", m, "--steps", str(steps), "--seed", str(args.seed),
+        cmd = [sys.executable, "-m", "wrapssl", "train", "--method", m, "--steps", str(steps), "--seed", str(args.seed),
                "--eval-every", str(steps), "--no-plots", "--baselines" if i == 0 else "--no-baselines",
                "--out", str(out / m)]
         print(" ".join(cmd[1:]), flush=True)

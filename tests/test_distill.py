@@ -217,5 +217,5 @@ def test_the_trainer_records_a_teacher_by_class_or_path_not_by_repr(tmp_path):
         trainer = Trainer(small_cnn(), dataset=images, image_size=16, hidden_layer=-2, method="distill",
                           teacher=teacher, teacher_arch="small_resnet", num_train_steps=1, batch_size=8,
                           checkpoint_folder=tmp_path / "run", plot=False)
-        assert trainer.config["method.teacher"] == expected
+        assert trainer.record["method.teacher"] == expected
         trainer.end()

@@ -40,7 +40,7 @@ def same(a, b) -> bool:
 def launch(*flags: str) -> list[str]:
     """`accelerate launch` of the training app with ``flags`` before the module."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
-            "--dynamo_backend", "no", *flags, "-m", "wrapssl.train"]
+            "--dynamo_backend", "no", *flags, "-m", "wrapssl", "train"]
 
 
 @pytest.mark.slow
