@@ -242,3 +242,24 @@ def test_fsdp1_gets_a_one_line_error(monkeypatch):
     assert plugin.fsdp_version == 2 and "FULL" in str(plugin.state_dict_type)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert requested_plugin({}) is None
+
+
+def test_units_are_the_repeated_blocks_of_the_net_and_its_target():
+    from torchvision.models import resnet18
+    vit = Learner(tiny_vit(), image_size=32, method="byol", **METHODS["byol"])
+    blocks = [*vit.encoder.net.blocks, *vit.target_encoder.net.blocks]
+    assert {id(m) for m in shard_units(vit)} == {id(m) for m in blocks}
+    assert {id(m) for m in shard_units(vit, ["Block"])} == {id(m) for m in blocks}
+    resnet = Learner(resnet18(), image_size=32, method="simclr")  # no target: the online net's 8 BasicBlocks
+    stages = [resnet.encoder.net.get_submodule(f"layer{i}") for i in range(1, 5)]
+    assert {id(m) for m in shard_units(resnet)} == {id(b) for stage in stages for b in stage}
+
+
+def test_bad_fsdp_settings_get_one_line_errors(tmp_path):
+    learner = Learner(tiny_vit(), image_size=32, method="byol", **METHODS["byol"])
+    with pytest.raises(ValueError, match="transformer_cls_names_to_wrap names \\['Blok'\\]") as info:
+        shard_units(learner, ["Blok"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="holds no sharded checkpoint") as info:
+        load_shards(tmp_path, learner, torch.optim.SGD(learner.parameters(), lr=0.1))
+    assert "\n" not in str(info.value)

@@ -227,8 +227,7 @@ def save_shards(folder: str | os.PathLike, learner: nn.Module, optimizer: torch.
 
 
 def load_shards(folder: str | os.PathLike, learner: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load ``save_shards``' folder into the sharded learner and optimiser; the process count may differ.
-    Collective."""
+    """Load ``save_shards``' folder into the sharded learner and optimiser. Collective."""
     import torch.distributed.checkpoint as dcp
     if not (Path(folder) / ".metadata").is_file():
         raise FileNotFoundError(f"{folder} holds no sharded checkpoint (no .metadata); resume from another "
