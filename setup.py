@@ -4,8 +4,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-# the version is written once, in wrapssl/__init__.py
-VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "wrapssl" / "__init__.py").read_text(), re.M).group(1)
+# the version is written once, in wrapssl/version.py
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "wrapssl" / "version.py").read_text(), re.M).group(1)
 
 setup(
     name="wrapssl",

@@ -31,7 +31,7 @@ TARGETS = {"wall_minutes": 10.0, "knn": 0.88, "linear": 0.90, "finetuned@100": 0
 
 def budget_scores(metrics: dict) -> dict[str, float]:
     """The few-label numbers the targets name, from metrics.json's label_budgets."""
-    from wrapssl.budgets import format_budgets
+    from wrapssl.evaluate.budgets import format_budgets
 
     result = metrics.get("label_budgets") or {}
     if result:

@@ -3,7 +3,6 @@ names the fix, before any heavy work (no data read for the report, no kNN, no tr
 traceback; so do a diverging run, a full disk and an --out that cannot be written."""
 from __future__ import annotations
 
-import errno
 import importlib.util
 import os
 import subprocess

@@ -396,7 +396,7 @@ def test_embed_dataset_rejects_bad_arguments():
 
 
 def test_embed_dataset_with_plain_net_restores_modes_and_statistics():
-    pytest.importorskip("wrapssl.hidden")
+    pytest.importorskip("wrapssl.encoder")
     from wrapssl.augment import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(0)

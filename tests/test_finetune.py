@@ -11,7 +11,7 @@ from torch.utils.data import Subset
 
 from wrapssl.archs import build_arch
 from wrapssl.backbone import BackboneInfo, load_backbone, read_backbone_info, save_backbone
-from wrapssl.budgets import Budget, draw_labels
+from wrapssl.evaluate.budgets import Budget, draw_labels
 from wrapssl.data import load_dataset
 from wrapssl.finetune import (Classifier, FinetuneConflictError, accuracy, dataset_labels, finetune,
                               load_classifier)

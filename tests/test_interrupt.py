@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import reset_accelerate
 from wrapssl import app, pretrain

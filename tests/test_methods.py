@@ -1,6 +1,5 @@
 """The method zoo: each loss against a naive NumPy/loop computation, method state, and the Learner round trip."""
 import math
-from itertools import combinations
 
 import numpy as np
 import pytest

@@ -162,7 +162,6 @@ class ShapeError(Exception):
 def test_a_nets_own_exception_keeps_its_type_and_gains_context(error):
     import traceback
 
-    import torch
     from torch import nn
 
     from wrapssl import Learner

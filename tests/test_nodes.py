@@ -91,7 +91,7 @@ def test_two_machines_of_one_process_match_one_machine_of_two(tmp_path):
 def test_two_processes_stream_tar_shards_and_a_locked_out_is_refused_on_every_rank(tmp_path):
     from wrapssl.data import TensorImages
     from wrapssl.runs import RunLock
-    from wrapssl.shards import write_shards
+    from wrapssl.data.shard_writer import write_shards
 
     images = torch.randint(0, 256, (128, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     write_shards(TensorImages(images), str(tmp_path / "s" / "t-%02d.tar"), 16)  # 8 shards for 2 x 2 readers

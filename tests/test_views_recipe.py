@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from wrapssl import Learner, simclr_views
-from wrapssl.methods.simclr import SimCLR, nt_xent
+from wrapssl.losses.ntxent import nt_xent
+from wrapssl.methods.simclr import SimCLR
 
 
 def tiny_net():

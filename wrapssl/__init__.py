@@ -5,7 +5,7 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"  # the one place the version is written (setup.py reads it from here)
+from .version import __version__  # noqa: F401 (written once, in version.py)
 
 # Each public name and the module that defines it. They are imported on first use (PEP 562), so that
 # `import wrapssl` loads nothing heavy and changes nothing in the user's process, and `wrapssl --help`
@@ -19,7 +19,8 @@ _EXPORTS = {
     "multicrop_views": "augment", "set_crop_scale": "augment", "Embeddings": "evaluate",
     "embed_dataset": "evaluate", "knn_accuracy": "evaluate", "linear_probe": "evaluate",
     "load_backbone": "backbone", "Embedder": "backbone", "load_classifier": "finetune_runs",
-    "FinetuneSettings": "finetune", "label_budgets": "budgets",
+    "FinetuneSettings": "finetune", "label_budgets": "evaluate.budgets",
+    "TrainConfig": "config", "Callback": "callbacks", "StepInfo": "callbacks",
 }
 # fine-tuning itself: ``from wrapssl.finetune import finetune`` (the module shares the name)
 
@@ -46,7 +47,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what static checkers and IDEs see
     from .archs import build_arch, load_weights
     from .backbone import Embedder, load_backbone
-    from .budgets import label_budgets
+    from .callbacks import Callback, StepInfo
+    from .config import TrainConfig
+    from .evaluate.budgets import label_budgets
     from .finetune import FinetuneSettings
     from .finetune_runs import load_classifier
     from .augment import Views, byol_views, multicrop_views, set_crop_scale, simclr_views, view_transform

@@ -234,7 +234,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     loaded."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .budgets import parse_budgets  # loads torch: after --help and --version have answered
+    from .evaluate.budgets import parse_budgets  # loads torch: after --help and --version have answered
 
     if args.num_train_steps is None and args.epochs is None:
         args.num_train_steps = recipes.DEFAULT_RUN["num_train_steps"]

@@ -11,7 +11,7 @@ import ast
 import os
 from typing import Any, Sequence
 
-from . import __version__
+from .version import __version__
 
 VERSION = f"wrapssl {__version__}"  # what --version prints
 DEFAULT_BUDGETS = ("10/class", "100/class")  # the few-label report's label budgets

@@ -107,7 +107,7 @@ def save_backbone(net: nn.Module, folder: str | os.PathLike, info: BackboneInfo)
     returns the safetensors path."""
     from safetensors.torch import save
 
-    from . import __version__
+    from .version import __version__
     from .files import atomic_open, atomic_save, write_failure
 
     folder = Path(folder)

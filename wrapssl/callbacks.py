@@ -18,7 +18,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate.utils import gather_object
@@ -30,8 +30,9 @@ from .data import as_dataset
 from .health import Health, embedding_health, probe_images
 from .nnutil import private_rng
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+# The callbacks receive the running wrapssl.trainer.Trainer; it is not imported here, because trainer.py
+# imports this module (no import circle, not even for type checkers).
+Trainer = Any
 
 __all__ = ["StepInfo", "Callback", "Every", "KnnMonitor", "HealthCheck", "BackboneExport", "LossCurvePlot",
            "default_callbacks", "run_callbacks", "export_backbone", "check_health"]
@@ -59,14 +60,14 @@ class Callback:
         """Whether ``on_step`` runs after optimiser step ``step``."""
         return True
 
-    def on_step(self, trainer: "Trainer", info: StepInfo) -> None:
+    def on_step(self, trainer: Trainer, info: StepInfo) -> None:
         """Called on every process after optimiser step ``info.step`` when due."""
 
-    def on_fit_end(self, trainer: "Trainer") -> None:
+    def on_fit_end(self, trainer: Trainer) -> None:
         """Called on every process when ``fit()`` has trained to ``num_train_steps``."""
 
 
-def run_callbacks(trainer: "Trainer", due: list[Callback], info: StepInfo) -> None:
+def run_callbacks(trainer: Trainer, due: list[Callback], info: StepInfo) -> None:
     """Call ``on_step`` of the callbacks ``due`` after a step; their time is not training time."""
     trainer.clock.pause()
     for callback in due:
@@ -99,7 +100,7 @@ class KnnMonitor(Every):
         super().__init__(every)
         self.eval_dataset = tuple(as_dataset(d, image_size, f"eval_dataset[{i}]") for i, d in enumerate(eval_dataset))
 
-    def on_step(self, trainer: "Trainer", info: StepInfo) -> None:
+    def on_step(self, trainer: Trainer, info: StepInfo) -> None:
         acc = trainer.accelerator
         value = [self.knn(trainer)] if acc.is_main_process else [0.0]
         if acc.num_processes > 1:
@@ -107,7 +108,7 @@ class KnnMonitor(Every):
         trainer.run_log.log({"knn": value[0], "train_minutes": trainer.train_minutes}, trainer.step)
         acc.wait_for_everyone()
 
-    def knn(self, trainer: "Trainer") -> float:
+    def knn(self, trainer: Trainer) -> float:
         """kNN accuracy of the current representation (run it on one process)."""
         from .evaluate.embeddings import embed_dataset
         from .evaluate.metrics import knn_accuracy
@@ -134,11 +135,11 @@ class HealthCheck(Every):
         self.images: torch.Tensor | None = None
         self.warned = False
 
-    def on_step(self, trainer: "Trainer", info: StepInfo) -> None:
+    def on_step(self, trainer: Trainer, info: StepInfo) -> None:
         if trainer.accelerator.is_main_process:
             self.check(trainer)
 
-    def check(self, trainer: "Trainer") -> Health:
+    def check(self, trainer: Trainer) -> Health:
         """The health now, logged; its collapse warning said once."""
         if self.images is None:
             self.images = probe_images(probe_source(trainer.dataset)).to(trainer.accelerator.device)
@@ -152,13 +153,13 @@ class HealthCheck(Every):
         return trainer.health
 
 
-def check_health(trainer: "Trainer") -> Health:
+def check_health(trainer: Trainer) -> Health:
     """The health of ``trainer``'s representation now, through its HealthCheck (a new one if it has none)."""
     found = next((cb for cb in trainer.callbacks if isinstance(cb, HealthCheck)), None)
     return (found or HealthCheck(1)).check(trainer)
 
 
-def export_backbone(trainer: "Trainer") -> Path:
+def export_backbone(trainer: Trainer) -> Path:
     """The user's net as ``backbone.safetensors`` (weights and what they are: layer, image size, channels,
     normalisation, and ``trainer.backbone_info``) and ``backbone.pt`` in the run folder; main process only."""
     path = trainer.folder / BACKBONE_SAFETENSORS
@@ -177,7 +178,7 @@ class BackboneExport(Callback):
     def due(self, step: int, last: bool) -> bool:
         return False
 
-    def on_fit_end(self, trainer: "Trainer") -> None:
+    def on_fit_end(self, trainer: Trainer) -> None:
         export_backbone(trainer)
 
 
@@ -188,7 +189,7 @@ class LossCurvePlot(Callback):
     def due(self, step: int, last: bool) -> bool:
         return False
 
-    def on_fit_end(self, trainer: "Trainer") -> None:
+    def on_fit_end(self, trainer: Trainer) -> None:
         if not (trainer.accelerator.is_main_process and trainer.history):
             return
         try:

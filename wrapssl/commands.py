@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .hidden import LayerSpec
+    from .encoder import LayerSpec
 
 EMBED_CHUNK = 4096  # images per progress-bar tick when embedding
 
@@ -223,7 +223,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             scores["baselines"] = {name: rows[name] for name in ("raw_pixels", "random_init")}
             print(format_scores(rows, k=args.k, memory=int(scores["n_train"])), file=sys.stderr)
         if args.source and args.labels:
-            from .budgets import parse_budgets, print_report, report
+            from .evaluate.budgets import parse_budgets, print_report, report
             result = report(train_ds, test_ds, parse_budgets(args.labels), backbone, draws=args.draws,
                             seed=int(recorded.get("seed") or 0), embeddings=(train, test),
                             image_size=args.image_size or backbone.info.image_size,
@@ -325,7 +325,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 def cmd_shards(args: argparse.Namespace) -> None:
     """Write tar shards (an image, a .cls label where there is one) from a folder or a built-in data set."""
     from .data import load_dataset
-    from .shards import reading_pattern, write_shards
+    from .data.shard_writer import reading_pattern, write_shards
 
     try:
         source = load_dataset(args.source, root=args.data_root, split=args.split)

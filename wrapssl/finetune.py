@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .backbone import Backbone, BackboneInfo, Classifier, _guess_shape, load_backbone
 from .finetune_runs import (FinetuneConflictError, load_classifier, resume_point, run_config,  # noqa: F401
                             save_checkpoint, save_classifier)  # the first two: importable from here
-from .hidden import LayerSpec, eval_mode, input_channels
+from .encoder import LayerSpec
+from .nnutil import eval_mode, input_channels, private_rng
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "Classifier", "finetune", "load_classifier", "accuracy",
            "FinetuneConflictError"]
@@ -168,8 +169,7 @@ def _augment(images: torch.Tensor, settings: FinetuneSettings, seed: int, crop: 
     """Light views for fine-tuning (``settings.augment``: ``crop`` is its random resized crop, built once; and
     flips), drawn from their own seed (the step's), so a resumed run sees the same views."""
     if crop is not None:
-        with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with private_rng(images.device, seed):
             return crop(images)
     gen = torch.Generator().manual_seed(seed)
     if settings.augment == "shift":

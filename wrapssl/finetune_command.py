@@ -74,7 +74,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a pretrained backbone with a new classification head on labelled images; report its test accuracy."""
     from torch.utils.data import Subset
 
-    from .budgets import draw_labels, parse_budgets
+    from .evaluate.budgets import draw_labels, parse_budgets
     from .finetune import FinetuneSettings, dataset_labels, finetune
 
     backbone, recorded = load_backbone(args.source, args.arch, _layer(args.hidden_layer))

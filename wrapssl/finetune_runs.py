@@ -107,7 +107,7 @@ def save_classifier(model: Classifier, info: BackboneInfo, num_classes: int, cla
     """``classifier.safetensors`` (the net and the head, with their metadata) and ``finetune.json``."""
     from safetensors.torch import save
 
-    from . import __version__
+    from .version import __version__
     from .backbone import _plain_state, layer_to_json
     from .files import atomic_open, atomic_write_text
 

@@ -143,7 +143,7 @@ def budget_report(args: argparse.Namespace, data: RunData, metrics: dict[str, An
     (linear and fine-tuned), and images picked by `wrapssl select` against random ones; printed and kept in
     metrics.json under ``label_budgets``."""
     from .backbone import load_backbone
-    from .budgets import parse_budgets, print_report, report
+    from .evaluate.budgets import parse_budgets, print_report, report
 
     started = time.perf_counter()
     print()

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset, Subset
 
 from . import recipes
 from .data import dataset_name, load_dataset
-from .shards import TarShards, is_shard_spec
+from .data.shard_files import is_shard_spec
+from .data.shards import TarShards
 
 # kNN sets read from tar shards by default: the first samples in shard order (a stream has no random access)
 SHARD_KNN = (10_000, 2_500)

@@ -5,16 +5,13 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..augment import RandomResizedCrop, Views, sequence
 
-if TYPE_CHECKING:  # served by the Learner; a method imports neither
-    from ..teacher import Teacher
-    from ..vit import ViTTokens
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -46,8 +43,8 @@ class EncoderSpec:
     dim: int          # width of the pooled representation
     image_size: int   # side of the views
     channels: int     # channels of the views the net gets
-    tokens: "ViTTokens | None" = field(default=None, repr=False)   # with "tokens" in needs: the user's ViT
-    teacher: "Teacher | None" = field(default=None, repr=False)    # with "teacher" in needs: frozen, hooked
+    tokens: Any = field(default=None, repr=False)     # with "tokens" in needs: the user's ViT (vit.ViTTokens)
+    teacher: Any = field(default=None, repr=False)    # with "teacher" in needs: frozen, hooked (teacher.Teacher)
 
 
 class Method(nn.Module):

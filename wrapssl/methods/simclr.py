@@ -4,7 +4,6 @@ from __future__ import annotations
 from ..augment import Views, simclr_views
 from ..heads import mlp
 from ..losses import NTXentLoss
-from ..losses.ntxent import nt_xent  # noqa: F401  temporary re-export; removed at integration
 from .base import Method, register_method
 
 

@@ -83,7 +83,7 @@ BUDGET_STYLES = {"raw_pixels_linear": ("C7", ":", "s"), "scratch_finetuned": ("C
 
 
 def budget_curve_figure(result: Mapping[str, Any], title: str = "What pretraining buys with few labels") -> "Figure":
-    """Test accuracy against the number of labels (log axis): one line per row of ``wrapssl.budgets.label_budgets``'s
+    """Test accuracy against the number of labels (log axis): one line per row of ``wrapssl.evaluate.budgets.label_budgets``'s
     result, the mean over draws with their min-max range as a band."""
     from ..evaluate.budgets import ROW_TITLES
 
