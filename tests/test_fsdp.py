@@ -15,8 +15,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from wrapssl import Learner
-from wrapssl.fsdp import (gathered, load_shards, load_training_state, net_state_dict, prepare, requested_plugin,
-                          save_shards, shard_learner, shard_units, training_state)
+from wrapssl.fsdp import (checkpoint_entries, gathered, load_shards, net_state_dict, prepare, requested_plugin,
+                          restore_entries, shard_learner, shard_units, training_state)
 
 timm = pytest.importorskip("timm")
 
@@ -109,30 +109,39 @@ def run_cases(rank: int, tmp: str) -> dict:
         step(model, opt, i, rank, backward=accelerator.backward)
     out["accelerate"] = (full(learner, opt), ref.state_dict())
 
-    # resume: 2 steps, checkpoint (full on rank 0 / one shard per process), 1 more step; against 3 straight steps
+    # resume: 2 steps, a checkpoint as the Trainer writes it, 1 more step; against 3 straight steps
+    from accelerate.utils import FullyShardedDataParallelPlugin
     learner, opt = build("byol", sharded=True)
+    ref, ref_opt = build("byol", sharded=False)
     for i in range(2):
         step(learner, opt, i, rank)
-    path = os.path.join(tmp, "checkpoint.pt")
-    state = training_state(learner, opt, full=True)
-    if rank == 0:
-        torch.save(state, path)
+        step(ref, ref_opt, i, rank, average=True)
+    files = {kind: os.path.join(tmp, f"checkpoint-{kind}.pt") for kind in ("full", "sharded", "plain")}
+    for kind in ("full", "sharded"):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=f"{kind.upper()}_STATE_DICT")
+        entries = checkpoint_entries(learner, opt, plugin, os.path.join(tmp, "checkpoint-00000002.pt"))
+        if rank == 0:
+            torch.save({"step": 2, **entries}, files[kind])
+    if rank == 0:  # a run without FSDP
+        torch.save({"step": 2, "learner": ref.state_dict(), "optimizer": ref_opt.state_dict()}, files["plain"])
     dist.barrier()
-    learner_state, opt_state = torch.load(path, weights_only=True)  # every rank reads the checkpoint file
-    save_shards(os.path.join(tmp, "shards"), learner, opt)
     out["net_at_2"] = full(learner, opt)
     out["backbone_at_2"] = net_state_dict(learner)  # rank 0 only
     step(learner, opt, 2, rank)
     out["straight"] = full(learner, opt)
-    for kind in ("full", "sharded"):
+    for kind, path in files.items():
+        state = torch.load(path, weights_only=True)  # every rank reads the checkpoint file
         again, again_opt = build("byol", sharded=True)
-        if kind == "full":
-            load_training_state(again, again_opt, learner_state, opt_state, full=True)
-        else:
-            load_shards(os.path.join(tmp, "shards"), again, again_opt)
+        restore_entries(again, again_opt, state, tmp)
         out[f"step_after_{kind}"] = again.step
         step(again, again_opt, 2, rank)
         out[f"resumed_{kind}"] = full(again, again_opt)
+    plain, plain_opt = build("byol", sharded=False)  # the full checkpoint resumed without FSDP
+    state = torch.load(files["full"], weights_only=True)
+    plain.load_state_dict(state["learner"])
+    plain_opt.load_state_dict(state["optimizer"])
+    step(plain, plain_opt, 2, rank, average=True)
+    out["resumed_without_fsdp"] = plain.state_dict()
     return out
 
 
@@ -205,13 +214,19 @@ def test_accelerate_keeps_the_sharded_learner(ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["full", "sharded"])
+@pytest.mark.parametrize("kind", ["full", "sharded", "plain"])
 def test_resume_from_a_checkpoint_gives_the_weights_of_a_straight_run(ranks, kind):
     assert [rank[f"step_after_{kind}"] for rank in ranks] == [2, 2]  # the EMA schedule's step came back
-    assert_same(ranks[0][f"resumed_{kind}"], ranks[0]["straight"], atol=0)  # every rank's shards, gathered
+    # every rank's shards, gathered; a run without FSDP ("plain") differs in rounding only
+    assert_same(ranks[0][f"resumed_{kind}"], ranks[0]["straight"], atol=1e-5 if kind == "plain" else 0)
     changed = [k for k, v in ranks[0]["straight"].items()
                if isinstance(v, torch.Tensor) and not torch.equal(v, ranks[0]["net_at_2"][k])]
     assert any(k.startswith("target_encoder.") for k in changed)  # the step after resume moved the EMA target
+
+
+@pytest.mark.slow
+def test_a_full_checkpoint_resumes_without_fsdp(ranks):
+    assert_same(ranks[0]["resumed_without_fsdp"], ranks[0]["straight"])
 
 
 @pytest.mark.slow

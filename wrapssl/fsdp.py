@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["requested_plugin", "shard_units", "shard_learner", "is_sharded", "gathered", "sync_buffers", "prepare",
-           "full_checkpoints", "training_state", "load_training_state", "save_shards", "load_shards", "net_state_dict"]
+           "full_checkpoints", "training_state", "load_training_state", "save_shards", "load_shards", "net_state_dict",
+           "checkpoint_entries", "restore_entries"]
 
 FSDP_ENV = "ACCELERATE_USE_FSDP"
 
@@ -246,3 +248,62 @@ def net_state_dict(learner: nn.Module) -> dict[str, torch.Tensor]:
     prefix = "encoder.net."
     state = get_model_state_dict(learner, options=_options(True))
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _names(learner: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each of the optimiser's parameters, in its order (the index an optimiser state_dict uses)."""
+    names = {p: n for n, p in learner.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _by_index(state: dict, names: list[str]) -> dict:
+    """An optimiser state keyed by parameter name turned into ``optimizer.state_dict()``'s layout (by index)."""
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def _by_name(state: dict, names: list[str]) -> dict:
+    """``optimizer.state_dict()``'s layout (by index) turned into one keyed by parameter name."""
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def checkpoint_entries(learner: nn.Module, optimizer: torch.optim.Optimizer, plugin: Any,
+                       checkpoint: str | os.PathLike) -> dict:
+    """The ``learner``, ``optimizer`` and ``fsdp`` entries of a Trainer checkpoint for a sharded learner. Collective.
+
+    Full (the plugin's ``FULL_STATE_DICT``): whole tensors on rank 0 ({} elsewhere) in an unsharded run's layout, so
+    a run with or without FSDP resumes from it. Sharded: each process writes its shards into ``<checkpoint>.shards``
+    beside ``checkpoint`` (a temporary folder, renamed when complete), and the entries name that folder.
+    """
+    if full_checkpoints(plugin):
+        learner_state, optimizer_state = training_state(learner, optimizer, full=True)
+        if optimizer_state:
+            optimizer_state = _by_index(optimizer_state, _names(learner, optimizer))
+        return {"learner": learner_state, "optimizer": optimizer_state, "fsdp": {"layout": "full"}}
+    final = Path(checkpoint).with_suffix(".shards")
+    temp = final.parent / f".{final.name}.tmp"
+    main = dist.get_rank() == 0
+    if main:
+        shutil.rmtree(temp, ignore_errors=True)
+    dist.barrier()
+    save_shards(temp, learner, optimizer)
+    dist.barrier()
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temp, final)
+    dist.barrier()
+    return {"learner": {}, "optimizer": {}, "fsdp": {"layout": "sharded", "shards": final.name}}
+
+
+def restore_entries(learner: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    folder: str | os.PathLike) -> None:
+    """Load a checkpoint's ``learner`` and ``optimizer`` (and ``fsdp``) entries into a sharded learner: from
+    ``checkpoint_entries``, or from a run without FSDP. Every process passes the checkpoint it read. Collective."""
+    fsdp = state.get("fsdp") or {"layout": "full"}
+    if fsdp["layout"] == "sharded":
+        load_shards(Path(folder) / fsdp["shards"], learner, optimizer)
+        return
+    optimizer_state = _by_name(state["optimizer"], _names(learner, optimizer))
+    load_training_state(learner, optimizer, state["learner"], optimizer_state, full=True)
