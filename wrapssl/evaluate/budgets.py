@@ -186,7 +186,7 @@ def label_budgets(memory: Dataset, queries: Dataset, budgets: Sequence[Budget], 
     return {"protocol": {"draws": draws, "seed": seed, "test_images": int((dataset_labels(queries) >= 0).sum()),
                          "linear": "wrapssl.evaluate.linear_probe_cv",
         "finetune": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}},
-        "budgets": results}
+        "budgets": results, "titles": dict(ROW_TITLES)}
 
 
 def _cell(row: dict[str, Any] | None) -> str:

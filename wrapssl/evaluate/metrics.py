@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import positive_int
+from ..kmeans import kmeans
 
 
 def _as_matrix(x: Any, name: str) -> torch.Tensor:
@@ -185,64 +186,6 @@ def choose_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int,
         if best is None or right > best[0] + 1e-9:
             best = (right, wd)
     return best[1]
-
-
-def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (N, K) between rows of x and rows of c."""
-    return (x.square().sum(1, keepdim=True) - 2 * x @ c.T + c.square().sum(1)).clamp_min_(0)
-
-
-def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the nearest centre and the squared distance to it, for every row of x."""
-    rows = max(1, chunk // max(1, c.shape[0]))  # bound the (rows, K) distance block
-    idx, d2 = [], []
-    for start in range(0, x.shape[0], rows):
-        d, i = _sq_dists(x[start:start + rows], c).min(dim=1)
-        idx.append(i)
-        d2.append(d)
-    return torch.cat(idx), torch.cat(d2)
-
-
-def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ seeding: each new centre is the best of a few D²-weighted candidates."""
-    n = x.shape[0]
-    tries = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=gen))
-    centres = [x[first]]
-    d2 = _sq_dists(x, x[first:first + 1])[:, 0]
-    for _ in range(1, k):
-        weights = d2.cpu().double()
-        if weights.sum() <= 0:  # every point already sits on a centre: any choice is as good
-            weights = torch.ones_like(weights)
-        cand = torch.multinomial(weights, tries, replacement=True, generator=gen).to(x.device)
-        new_d2 = torch.minimum(d2[:, None], _sq_dists(x, x[cand]))
-        best = int(new_d2.sum(0).argmin())
-        centres.append(x[cand[best]])
-        d2 = new_d2[:, best]
-    return torch.stack(centres)
-
-
-def kmeans(x: Any, n_clusters: int, seed: int = 0, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centres (K, D) and assignment (N,) of k-means (k-means++ seeding, Lloyd steps to a fixed point)."""
-    x = _as_matrix(x, "x")
-    n_clusters = positive_int(n_clusters, "n_clusters")
-    if n_clusters > x.shape[0]:
-        raise ValueError(f"n_clusters={n_clusters} exceeds the number of points ({x.shape[0]})")
-    gen = torch.Generator().manual_seed(seed)
-    centres = _kmeans_pp(x, n_clusters, gen)
-    assign, d2 = _nearest(x, centres)
-    for _ in range(max_iter):
-        counts = torch.bincount(assign, minlength=n_clusters)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        centres = sums / counts.clamp_min(1)[:, None].to(x.dtype)
-        empty = (counts == 0).nonzero()[:, 0]
-        if len(empty):  # an empty cluster restarts at the points worst served by the others
-            centres[empty] = x[d2.topk(len(empty)).indices]
-        new_assign, d2 = _nearest(x, centres)
-        if torch.equal(new_assign, assign):  # same assignment ⇒ same centres: Lloyd has converged
-            break
-        assign = new_assign
-    return centres, assign
 
 
 def _label_arrays(labels_true: Any, labels_pred: Any) -> tuple[np.ndarray, np.ndarray]:

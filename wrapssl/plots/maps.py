@@ -137,8 +137,8 @@ def _spread(xy: np.ndarray, k: int) -> np.ndarray:
 
 
 def _kmeans(x: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
-    """k-means cluster of every row of x (wrapssl.evaluate's, fixed seed)."""
-    from ..evaluate.metrics import kmeans
+    """k-means cluster of every row of x (wrapssl.kmeans, fixed seed)."""
+    from ..kmeans import kmeans
 
     return kmeans(torch.as_tensor(x, dtype=torch.float32), min(n_clusters, len(x)), seed=seed)[1].numpy()
 

@@ -84,14 +84,15 @@ BUDGET_STYLES = {"raw_pixels_linear": ("C7", ":", "s"), "scratch_finetuned": ("C
 
 def budget_curve_figure(result: Mapping[str, Any], title: str = "What pretraining buys with few labels") -> "Figure":
     """Test accuracy against the number of labels (log axis): one line per row of ``wrapssl.evaluate.budgets.label_budgets``'s
-    result, the mean over draws with their min-max range as a band."""
-    from ..evaluate.budgets import ROW_TITLES
-
+    result, the mean over draws with their min-max range as a band; the legend names each row by the result's
+    ``titles`` (its key where there is none)."""
     Figure = figure_class()
     budgets = list(result.get("budgets") or [])
     if not budgets:
         raise ValueError("the result holds no label budgets; run label_budgets with at least one budget")
-    rows = [r for r in dict.fromkeys((*BUDGET_STYLES, *ROW_TITLES)) if any(r in b["rows"] for b in budgets)]
+    titles = dict(result.get("titles") or {})
+    order = dict.fromkeys((*BUDGET_STYLES, *titles, *(row for b in budgets for row in b["rows"])))
+    rows = [r for r in order if any(r in b["rows"] for b in budgets)]
     fig = Figure(figsize=(7, 4.4), layout="constrained")
     ax = fig.subplots()
     ends: list[tuple[float, float, str]] = []
@@ -102,7 +103,7 @@ def budget_curve_figure(result: Mapping[str, Any], title: str = "What pretrainin
         lo = np.array([100 * p[1]["min"] for p in points])
         hi = np.array([100 * p[1]["max"] for p in points])
         colour, dash, marker = BUDGET_STYLES.get(row, ("C4", "-", "o"))
-        ax.plot(x, mean, linestyle=dash, marker=marker, color=colour, linewidth=2, label=ROW_TITLES.get(row, row))
+        ax.plot(x, mean, linestyle=dash, marker=marker, color=colour, linewidth=2, label=titles.get(row, row))
         ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
         ends.append((mean[-1], x[-1], colour))
     _label_ends(ax, ends)

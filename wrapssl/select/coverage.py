@@ -9,7 +9,7 @@ import torch
 from .duplicates import near_duplicates
 from .geometry import (DIST_SLACK, SIM_SLACK, check_clusters, check_n, distance, rotated_bounds, sample_rows,
                        similarities, unit_rows)
-from .kmeans import cluster
+from ..kmeans import sampled_kmeans
 
 __all__ = ["probcover", "probcover_radius", "coverage_radius"]
 
@@ -30,7 +30,7 @@ def probcover_radius(embeddings: Any, n_clusters: int = 10, purity: float = 0.95
         raise ValueError(f"purity must be in (0, 1), got {purity}; ProbCover uses 0.95")
     if x.shape[0] <= n_clusters:
         raise ValueError(f"need more than n_clusters={n_clusters} rows to measure purity, got {x.shape[0]}")
-    assign = cluster(x, n_clusters, seed)
+    assign = sampled_kmeans(x, n_clusters, seed)
     pool = sample_rows(x, sample, seed)
     nearest_other = []
     for rows, sims in similarities(x, pool, self_match=True):  # a row's own cluster is masked, itself included

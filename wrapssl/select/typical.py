@@ -9,7 +9,7 @@ import torch
 
 from ..checks import positive_int
 from .geometry import check_n, distance, similarities, unit_rows
-from .kmeans import cluster
+from ..kmeans import sampled_kmeans
 
 __all__ = ["typicality", "typiclust"]
 
@@ -77,7 +77,7 @@ def typiclust_picks(x: torch.Tensor, n: int, seed: int, k: int = 20, min_cluster
     neighbours than in the median cluster: k-means gathers scattered outliers
     into one such cluster, and its "most typical" row is still an outlier.
     """
-    assign = cluster(x, n, seed)
+    assign = sampled_kmeans(x, n, seed)
     typ = _typicality(x, k, assign, cap=4096).cpu()
     assign = assign.cpu()
     sizes = torch.bincount(assign, minlength=int(assign.max()) + 1)

@@ -46,7 +46,7 @@ def uncertainty_weights(embeddings: Any, n_clusters: int = 10, seed: int = 0) ->
     the clusters would be least sure of it); 0 means it sits on a centre.
     Set ``n_clusters`` to roughly the number of classes you expect.
     """
-    from ..evaluate.metrics import kmeans  # one k-means for the whole package
+    from ..kmeans import kmeans
 
     x = unit_rows(embeddings)
     n_clusters = min(check_clusters(n_clusters), x.shape[0])
