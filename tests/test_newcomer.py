@@ -229,7 +229,8 @@ def test_the_training_app_prints_its_version(capsys):
 
 
 def test_the_script_of_a_checkout_runs_from_the_folder_that_holds_it(tmp_path):
-    """`python wrapssl/train.py` beside a clone named wrapssl runs the clone's app (its package beside the script)."""
+    """Beside a clone named wrapssl, `python wrapssl/train.py`, `python -m wrapssl.train` (the app's old name) and
+    `python -m wrapssl train` all run the clone's app (its package beside the script), not a half-imported one."""
     import os
     import shutil
     import subprocess
@@ -242,10 +243,12 @@ def test_the_script_of_a_checkout_runs_from_the_folder_that_holds_it(tmp_path):
     checkout.mkdir()
     shutil.copy(repo / "train.py", checkout / "train.py")
     (checkout / "wrapssl").symlink_to(repo / "wrapssl", target_is_directory=True)
-    for flag, expected in (("--version", f"wrapssl {wrapssl.__version__}\n"), ("--help", "usage: wrapssl train")):
-        done = subprocess.run([sys.executable, os.path.join("wrapssl", "train.py"), flag], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120, env=dict(os.environ))
-        assert done.returncode == 0 and done.stdout.startswith(expected), done.stderr[-800:]
+    commands = ([os.path.join("wrapssl", "train.py")], ["-m", "wrapssl.train"], ["-m", "wrapssl", "train"])
+    for command in commands:
+        for flag, expected in (("--version", f"wrapssl {wrapssl.__version__}\n"), ("--help", "usage: wrapssl train")):
+            done = subprocess.run([sys.executable, *command, flag], cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=120, env=dict(os.environ))
+            assert done.returncode == 0 and done.stdout.startswith(expected), (command, done.stderr[-800:])
 
 
 def test_the_first_steps_give_an_estimate_of_the_runs_time(run):
