@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +35,7 @@ __all__ = ["requested_plugin", "shard_units", "shard_learner", "is_sharded", "ga
            "checkpoint_entries", "restore_entries"]
 
 FSDP_ENV = "ACCELERATE_USE_FSDP"
+_RESHARD_AFTER_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the blocks' setting, per learner
 
 
 def requested_plugin(accelerator_kwargs: dict) -> Any:
@@ -142,7 +144,8 @@ def shard_learner(learner: nn.Module, plugin: Any = None, mesh: Any = None) -> n
     names = list(plugin.transformer_cls_names_to_wrap or []) if plugin is not None else None
     for unit in shard_units(learner, names):
         fully_shard(unit, **kwargs)
-    kwargs.pop("reshard_after_forward", None)  # the root keeps its leftovers gathered for the backward
+    # the root keeps its leftovers gathered for the backward (fully_shard's default for a root)
+    _RESHARD_AFTER_FORWARD[learner] = kwargs.pop("reshard_after_forward", True)
     fully_shard(learner, **kwargs)
     ema = getattr(learner, "_ema", None)
     if ema is not None:  # it caches the parameter lists: drop the unsharded ones now, not at its first update
@@ -156,17 +159,21 @@ def shard_learner(learner: nn.Module, plugin: Any = None, mesh: Any = None) -> n
 def gathered(learner: nn.Module, part: nn.Module | None = None) -> Iterator[None]:
     """Whole weights inside: the root's and those of the units in ``part`` (default: all) gathered on every process,
     for code that calls the net outside the Learner's forward (``learner.embed``, ``Embedder``, evaluation and
-    health callbacks); sharded again after. Every process must enter it. A no-op for an unsharded learner."""
+    health callbacks), on every process or on one alone; sharded again after. Every process must enter it. A no-op
+    for an unsharded learner."""
     if not is_sharded(learner):
         yield
         return
     units = [learner, *(m for m in (part or learner).modules() if is_sharded(m) and m is not learner)]
     for unit in units:
         unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)  # a forward inside must not reshard: no collective
     try:
         yield
     finally:
         for unit in units:
+            if unit is not learner:  # the root never reshards after its forward
+                unit.set_reshard_after_forward(_RESHARD_AFTER_FORWARD.get(learner, True), recurse=False)
             unit.reshard()
 
 
