@@ -140,3 +140,23 @@ def test_sigterm_to_a_two_process_run_checkpoints_one_step_on_both(tmp_path):
     step = int(errs[0].split("at step ", 1)[1].split(";")[0])
     assert step % 2 == 0 and load_checkpoint(latest_checkpoint(out))["step"] == step  # a log point, saved
     assert "Traceback" not in errs[0] + errs[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_that_never_joins_ends_the_run_with_one_line_and_writes_nothing(tmp_path, rank):
+    """The main machine waits for a second one that never starts (rank 0), or a second machine finds no main one
+    (rank 1): after --timeout seconds, one `error:` line that says what to do, no traceback, no run folder."""
+    import subprocess
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank), "LOCAL_RANK": "0",
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, "-m", "wrapssl", "train", "--num-train-steps", "2", "--timeout", "3",
+                           "--checkpoint-folder", str(out), "--labels", "none"], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=tmp_path)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert last.startswith("error: the run's 2 processes did not all join within 3 s"), done.stderr[-2000:]
+    assert "--machine_rank" in last and "collective_timeout" in last
+    assert "Traceback" not in done.stderr and not out.exists()

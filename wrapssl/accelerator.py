@@ -20,6 +20,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKw
                               TorchDynamoPlugin)
 
 from .checks import positive_int
+from .distributed import is_collective_failure, join_failure
 
 __all__ = ["make_accelerator", "accumulation_steps", "dynamo_compile_options", "use_deterministic_algorithms"]
 
@@ -132,7 +133,12 @@ def make_accelerator(kwargs: dict, accumulation: int, mixed_precision: str | Non
         kwargs["log_with"] = list(trackers)
         kwargs.setdefault("project_config", ProjectConfiguration(project_dir=os.fspath(folder),
                                                                  logging_dir=os.path.join(folder, "tensorboard")))
-    return Accelerator(**kwargs)
+    try:
+        return Accelerator(**kwargs)  # under a launcher, this joins the process group (rendezvous)
+    except Exception as e:
+        if is_collective_failure(e):  # a process that never joined: one line that says what to do
+            raise join_failure(e, timeout) from e
+        raise
 
 
 def use_deterministic_algorithms() -> None:

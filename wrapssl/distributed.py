@@ -2,6 +2,8 @@
 error a run raises when another process stops answering."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -88,3 +90,16 @@ def collective_failure(error: BaseException, timeout: float | None, checkpoint: 
         f"another process stopped answering ({last}): a collective operation waited {wait} for it. It may be "
         f"stopped, hung or dead: check its output. This process stops here; {kept} running the same command "
         "again continues the run. The wait is collective_timeout= (seconds)")
+
+
+def join_failure(error: BaseException, timeout: float | None) -> CollectiveTimeoutError:
+    """The error to raise when the run's processes did not all join its process group (a machine or process that
+    never started, or cannot reach the main one): what torch saw and what to do. Nothing was trained or written."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    wait = f"{timeout:g} s" if timeout is not None else "torch's default time"
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return CollectiveTimeoutError(
+        f"the run's {os.environ.get('WORLD_SIZE', '?')} processes did not all join within {wait} ({last}). Start the "
+        "same command on every machine (accelerate launch --num_machines N --machine_rank R --main_process_ip IP), "
+        f"check that each reaches {where}, or wait longer with collective_timeout= (seconds); nothing was trained "
+        "or written")
