@@ -1,3 +1,4 @@
+"""Packaging: wrapssl, its core dependencies and the optional extras (plots, eval, timm, arrays, test, bench)."""
 import re
 from pathlib import Path
 
