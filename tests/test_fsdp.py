@@ -35,8 +35,10 @@ def tiny_vit() -> nn.Module:
                              num_classes=10, dynamic_img_size=True, dynamic_img_pad=True)
 
 
-def build(method: str, sharded: bool, **kwargs) -> tuple[Learner, torch.optim.Optimizer]:
+def build(method: str, sharded: bool, channels_last: bool = False, **kwargs) -> tuple[Learner, torch.optim.Optimizer]:
     learner = Learner(tiny_vit(), image_size=32, method=method, **METHODS[method], **kwargs)
+    if channels_last:  # as the Trainer lays out parameters for DDP's buckets; FSDP shards contiguous ones
+        learner.to(memory_format=torch.channels_last)
     if sharded:
         shard_learner(learner)
     opt = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=1e-2)
@@ -104,7 +106,7 @@ def run_cases(rank: int, tmp: str) -> dict:
     from accelerate.utils import FullyShardedDataParallelPlugin
     accelerator = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
     ref, ref_opt = build("dino", sharded=False)
-    learner, opt = build("dino", sharded=True)
+    learner, opt = build("dino", sharded=True, channels_last=True)
     model, opt = prepare(accelerator, learner, opt)
     out["prepared_is_learner"] = model is learner
     for i in range(2):

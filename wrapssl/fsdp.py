@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["requested_plugin", "shard_units", "shard_learner", "is_sharded", "gathered", "sync_buffers", "prepare",
-           "full_checkpoints", "training_state", "load_training_state", "save_shards", "load_shards", "net_state_dict",
-           "checkpoint_entries", "restore_entries"]
+__all__ = ["requested_plugin", "plugin_for", "shard_units", "shard_learner", "is_sharded", "gathered", "sync_buffers",
+           "prepare", "full_checkpoints", "training_state", "load_training_state", "save_shards", "load_shards",
+           "net_state_dict", "checkpoint_entries", "restore_entries"]
 
 FSDP_ENV = "ACCELERATE_USE_FSDP"
 _RESHARD_AFTER_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the blocks' setting, per learner
@@ -52,6 +52,13 @@ def requested_plugin(accelerator_kwargs: dict) -> Any:
                          "launch, set fsdp_version: 2 in `accelerate config`, or "
                          "FullyShardedDataParallelPlugin(fsdp_version=2)")
     return plugin
+
+
+def plugin_for(accelerator: Any, accelerator_options: dict | None) -> Any:
+    """The FSDP plugin of a run: the Accelerator's (on accelerators), else the one asked for in
+    ``accelerator_options`` or by ``accelerate launch --use_fsdp`` (Accelerate drops it on CPUs); None without."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return requested_plugin({"fsdp_plugin": plugin} if plugin is not None else dict(accelerator_options or {}))
 
 
 def _holding_hooked_layer(learner: nn.Module) -> set[nn.Module]:
@@ -140,6 +147,9 @@ def shard_learner(learner: nn.Module, plugin: Any = None, mesh: Any = None) -> n
     if is_sharded(learner):
         return learner
     from torch.distributed.fsdp import fully_shard
+    for p in learner.parameters():  # FSDP shards contiguous parameters only (DDP's channels_last layout is undone)
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
     kwargs = _fully_shard_kwargs(plugin, mesh)
     names = list(plugin.transformer_cls_names_to_wrap or []) if plugin is not None else None
     for unit in shard_units(learner, names):
@@ -178,10 +188,10 @@ def gathered(learner: nn.Module, part: nn.Module | None = None) -> Iterator[None
 
 
 def prepare(accelerator: Any, learner: nn.Module, *objects: Any) -> tuple:
-    """``accelerator.prepare(learner, *objects)`` for a sharded learner: Accelerate keeps it as it is (it leaves
-    an ``FSDPModule`` alone on accelerators), and on CPUs it must not wrap it in DDP."""
+    """``accelerator.prepare(learner, *objects)``, also for a sharded learner: Accelerate keeps that as it is (it
+    leaves an ``FSDPModule`` alone on accelerators), and on CPUs it must not wrap it in DDP."""
     from accelerate.utils import DistributedType
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if not is_sharded(learner) or accelerator.distributed_type == DistributedType.FSDP:
         return accelerator.prepare(learner, *objects)
     prepared = accelerator.prepare(*objects) if objects else ()
     if len(objects) == 1:
@@ -290,7 +300,7 @@ def checkpoint_entries(learner: nn.Module, optimizer: torch.optim.Optimizer, plu
             optimizer_state = _by_index(optimizer_state, _names(learner, optimizer))
         return {"learner": learner_state, "optimizer": optimizer_state, "fsdp": {"layout": "full"}}
     final = Path(checkpoint).with_suffix(".shards")
-    temp = final.parent / f".{final.name}.tmp"
+    temp = final.parent / f".{final.name}.partial.tmp"  # the same name on every process
     main = dist.get_rank() == 0
     if main:
         shutil.rmtree(temp, ignore_errors=True)
