@@ -257,7 +257,9 @@ def test_fsdp1_gets_a_one_line_error(monkeypatch):
     with pytest.raises(ValueError, match="--fsdp_version 2") as info:
         requested_plugin({"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=1)})
     assert "\n" not in str(info.value)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --use_fsdp, FSDP1 by default
+    with pytest.raises(ValueError, match="--fsdp_version 2"):
+        requested_plugin({})
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
     plugin = requested_plugin({})

@@ -35,6 +35,8 @@ __all__ = ["requested_plugin", "plugin_for", "shard_units", "shard_learner", "is
            "net_state_dict", "checkpoint_entries", "restore_entries"]
 
 FSDP_ENV = "ACCELERATE_USE_FSDP"
+FSDP1_REFUSED = ("wrapssl shards with FSDP2 (torch's fully_shard); pass --fsdp_version 2 to accelerate launch, set "
+                 "fsdp_version: 2 in `accelerate config`, or FullyShardedDataParallelPlugin(fsdp_version=2)")
 _RESHARD_AFTER_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the blocks' setting, per learner
 
 
@@ -43,22 +45,21 @@ def requested_plugin(accelerator_kwargs: dict) -> Any:
     --use_fsdp`` (or ``accelerate config``) describes in the environment; None for no FSDP. Only FSDP2."""
     plugin = accelerator_kwargs.get("fsdp_plugin")
     if plugin is None and os.environ.get(FSDP_ENV, "false").lower() in ("1", "true", "yes"):
+        if os.environ.get("FSDP_VERSION", "1") != "2":  # checked first: Accelerate's FSDP1 plugin fails on CPUs
+            raise ValueError(FSDP1_REFUSED)
         from accelerate.utils import FullyShardedDataParallelPlugin
         plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* from the environment, as Accelerate does
     if plugin is None:
         return None
     if plugin.fsdp_version != 2:
-        raise ValueError("wrapssl shards with FSDP2 (torch's fully_shard); pass --fsdp_version 2 to accelerate "
-                         "launch, set fsdp_version: 2 in `accelerate config`, or "
-                         "FullyShardedDataParallelPlugin(fsdp_version=2)")
+        raise ValueError(FSDP1_REFUSED)
     return plugin
 
 
-def plugin_for(accelerator: Any, accelerator_options: dict | None) -> Any:
-    """The FSDP plugin of a run: the Accelerator's (on accelerators), else the one asked for in
-    ``accelerator_options`` or by ``accelerate launch --use_fsdp`` (Accelerate drops it on CPUs); None without."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    return requested_plugin({"fsdp_plugin": plugin} if plugin is not None else dict(accelerator_options or {}))
+def plugin_for(accelerator: Any, requested: Any) -> Any:
+    """The FSDP plugin a run shards with: the Accelerator's (on accelerators it sets mixed precision there), else
+    ``requested``, what ``requested_plugin`` found before the Accelerator was built (Accelerate drops it on CPUs)."""
+    return getattr(accelerator.state, "fsdp_plugin", None) or requested
 
 
 def _holding_hooked_layer(learner: nn.Module) -> set[nn.Module]:
