@@ -102,9 +102,10 @@ def _plain_state(net: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_backbone(net: nn.Module, folder: str | os.PathLike, info: BackboneInfo) -> Path:
+def save_backbone(net: nn.Module, folder: str | os.PathLike, info: BackboneInfo,
+                  state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``backbone.safetensors`` (weights + ``info``) and ``backbone.pt`` into ``folder``, each atomically;
-    returns the safetensors path."""
+    returns the safetensors path. ``state``: the net's weights when ``net`` holds only shards (FSDP)."""
     from safetensors.torch import save
 
     from .version import __version__
@@ -113,7 +114,7 @@ def save_backbone(net: nn.Module, folder: str | os.PathLike, info: BackboneInfo)
     folder = Path(folder)
     info.version = info.version or __version__
     info.net_class = info.net_class or type(net).__name__
-    state = _plain_state(net)
+    state = _plain_state(net) if state is None else {k: v.contiguous() for k, v in state.items()}
     path = folder / BACKBONE_SAFETENSORS
     try:
         with atomic_open(path, "wb") as f:

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, IterableDataset
 from .backbone import BACKBONE_SAFETENSORS, BackboneInfo, layer_to_json, save_backbone
 from .config import TrainConfig, check_eval_dataset
 from .data import as_dataset
+from .fsdp import gathered, is_sharded, net_state_dict
 from .health import Health, embedding_health, probe_images
 from .nnutil import private_rng
 
@@ -102,7 +103,8 @@ class KnnMonitor(Every):
 
     def on_step(self, trainer: Trainer, info: StepInfo) -> None:
         acc = trainer.accelerator
-        value = [self.knn(trainer)] if acc.is_main_process else [0.0]
+        with gathered(trainer.learner, trainer.learner.encoder):  # FSDP: whole weights for the main process
+            value = [self.knn(trainer)] if acc.is_main_process else [0.0]
         if acc.num_processes > 1:
             value = gather_object(value)[:1]
         trainer.run_log.log({"knn": value[0], "train_minutes": trainer.train_minutes}, trainer.step)
@@ -136,8 +138,9 @@ class HealthCheck(Every):
         self.warned = False
 
     def on_step(self, trainer: Trainer, info: StepInfo) -> None:
-        if trainer.accelerator.is_main_process:
-            self.check(trainer)
+        with gathered(trainer.learner, trainer.learner.encoder):  # FSDP: whole weights for the main process
+            if trainer.accelerator.is_main_process:
+                self.check(trainer)
 
     def check(self, trainer: Trainer) -> Health:
         """The health now, logged; its collapse warning said once."""
@@ -163,12 +166,13 @@ def export_backbone(trainer: Trainer) -> Path:
     """The user's net as ``backbone.safetensors`` (weights and what they are: layer, image size, channels,
     normalisation, and ``trainer.backbone_info``) and ``backbone.pt`` in the run folder; main process only."""
     path = trainer.folder / BACKBONE_SAFETENSORS
+    state = net_state_dict(trainer.learner) if is_sharded(trainer.learner) else None  # FSDP: gathered on rank 0
     if trainer.accelerator.is_main_process:
         norm = trainer.learner.normalize
         mean, std = (norm.mean.flatten().tolist(), norm.std.flatten().tolist()) if norm.enabled else (None, None)
         info = BackboneInfo(hidden_layer=layer_to_json(trainer.learner.hidden_layer), image_size=trainer.image_size,
                             channels=trainer.channels, mean=mean, std=std, **trainer.backbone_info)
-        save_backbone(trainer.net, trainer.folder, info)
+        save_backbone(trainer.net, trainer.folder, info, state)
     return path
 
 

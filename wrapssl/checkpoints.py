@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 
 from .files import atomic_save
+from .fsdp import checkpoint_entries, is_sharded, restore_entries
 from .monitor import non_finite
 
 __all__ = ["CHECKPOINT_FORMAT", "list_checkpoints", "latest_checkpoint", "load_checkpoint", "write_checkpoint",
@@ -24,8 +25,8 @@ CHECKPOINT_VERSION = 1
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 _REQUIRED = ("step", "learner", "optimizer", "data")
 # temp files of atomic writes into a run folder (files.atomic_open: ".<name>.<random>.tmp")
-_TEMP_RE = re.compile(r"^\.(checkpoint-\d+\.pt|backbone\.pt|backbone\.safetensors|metrics\.csv|metrics\.json|"
-                      r"config\.json)\..+\.tmp$")
+_TEMP_RE = re.compile(r"^\.(checkpoint-\d+\.pt|checkpoint-\d+\.shards|backbone\.pt|backbone\.safetensors|"
+                      r"metrics\.csv|metrics\.json|config\.json)\..+\.tmp$")
 
 
 def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:
@@ -93,6 +94,7 @@ def write_checkpoint(state: dict, folder: str | os.PathLike, step: int, keep: in
         if old != path:
             with contextlib.suppress(FileNotFoundError):  # another tool may have removed it already
                 old.unlink()
+            shutil.rmtree(old.with_suffix(".shards"), ignore_errors=True)  # an FSDP run's shards
     return path
 
 
@@ -122,8 +124,10 @@ def trainer_state(trainer: Any) -> dict:
     """A Trainer's full training state as tensors and primitive containers (``weights_only``-loadable): no
     private field of any torch class; the lr and momentum schedules are rebuilt from the settings on resume."""
     scaler = trainer.accelerator.scaler
-    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": trainer.step,
-            "learner": to_cpu(trainer.learner.state_dict()), "optimizer": to_cpu(trainer.optimizer.state_dict()),
+    weights = checkpoint_entries(trainer.learner, trainer.optimizer, trainer.fsdp_plugin,
+                                 checkpoint_path(trainer.folder, trainer.step)) if is_sharded(trainer.learner) else \
+        {"learner": to_cpu(trainer.learner.state_dict()), "optimizer": to_cpu(trainer.optimizer.state_dict())}
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": trainer.step, **weights,
             "scaler": to_cpu(scaler.state_dict()) if scaler is not None else None,
             "data": {"epoch": trainer.epoch, "samples_in_epoch": trainer.samples_in_epoch, "seed": trainer.seed},
             "config": dict(trainer.record), "history": trainer.run_log.state_dict()}
@@ -145,14 +149,18 @@ def restore_trainer(trainer: Any, state: dict, rng: bool = True) -> None:
     """Put a Trainer at a ``trainer_state`` (and this process's RNG state when ``rng``): weights, the one step
     counter (the Learner's), the optimiser's moments (its hyperparameters stay this run's), the data position and
     the log. Checkpoints of earlier versions (with a "scheduler" entry) load the same way."""
+    optimizer, acc = trainer.optimizer, trainer.accelerator
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
-        trainer.learner.load_state_dict(state["learner"])
+        if is_sharded(trainer.learner):
+            restore_entries(trainer.learner, optimizer, state, trainer.folder)
+        else:
+            trainer.learner.load_state_dict(state["learner"])
     except RuntimeError as e:
         raise ValueError(f"the checkpoint does not fit this net/method ({e}); resume with the same "
                          "architecture, hidden_layer and method, or start a new checkpoint_folder") from e
-    optimizer, acc = trainer.optimizer, trainer.accelerator
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
+    if not is_sharded(trainer.learner):
+        optimizer.load_state_dict(state["optimizer"])
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
     if state.get("scaler") is not None and acc.scaler is not None:

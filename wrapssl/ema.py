@@ -34,10 +34,11 @@ class EMA:
 
     def __init__(self, online: nn.Module, target: nn.Module):
         self.online, self.target = online, target
-        self._collect()
+        self.refresh()
 
-    def _collect(self) -> None:
-        """Cache the tensor lists, so a step does no Python loop over parameters."""
+    def refresh(self) -> None:
+        """Cache the tensor lists, so a step does no Python loop over parameters; call it after the modules'
+        parameters were replaced (sharding), so the cache holds no old tensors."""
         op, tp = list(self.online.parameters()), list(self.target.parameters())
         ob, tb = list(self.online.buffers()), list(self.target.buffers())
         if len(op) != len(tp) or len(ob) != len(tb):
@@ -56,7 +57,7 @@ class EMA:
     def update(self, momentum: float) -> None:
         """One EMA step with the given momentum."""
         if self._stale():
-            self._collect()
+            self.refresh()
         online, target = self._params
         if target:
             torch._foreach_lerp_(target, online, 1.0 - momentum)

@@ -158,9 +158,8 @@ def shard_learner(learner: nn.Module, plugin: Any = None, mesh: Any = None) -> n
     # the root keeps its leftovers gathered for the backward (fully_shard's default for a root)
     _RESHARD_AFTER_FORWARD[learner] = kwargs.pop("reshard_after_forward", True)
     fully_shard(learner, **kwargs)
-    ema = getattr(learner, "_ema", None)
-    if ema is not None:  # it caches the parameter lists: drop the unsharded ones now, not at its first update
-        ema._collect()
+    if learner.ema is not None:  # it caches the parameter lists: drop the unsharded ones now, not at its first update
+        learner.ema.refresh()
     if next(learner.buffers(), None) is not None:
         learner.register_forward_pre_hook(_before_training_forward)
     return learner
@@ -175,6 +174,10 @@ def gathered(learner: nn.Module, part: nn.Module | None = None) -> Iterator[None
     if not is_sharded(learner):
         yield
         return
+    # A forward of an inner unit before any of the root (an evaluation before the first step) would make that unit
+    # a root of its own, and the training's forward would then fail ("FSDP state has already been lazily
+    # initialized"); initialise from the root first. torch has no public call for it: a no-op once initialised.
+    learner._get_fsdp_state()._lazy_init()
     units = [learner, *(m for m in (part or learner).modules() if is_sharded(m) and m is not learner)]
     for unit in units:
         unit.unshard()
@@ -186,6 +189,9 @@ def gathered(learner: nn.Module, part: nn.Module | None = None) -> Iterator[None
             if unit is not learner:  # the root never reshards after its forward
                 unit.set_reshard_after_forward(_RESHARD_AFTER_FORWARD.get(learner, True), recurse=False)
             unit.reshard()
+        # forwards inside ran on some processes only (an evaluation on the main one): forget the order FSDP recorded
+        # from them, or the next backward prefetches blocks on those processes alone and the run hangs
+        learner.reset_iter_state()
 
 
 def prepare(accelerator: Any, learner: nn.Module, *objects: Any) -> tuple:

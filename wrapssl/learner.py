@@ -214,6 +214,11 @@ class Learner(nn.Module):
         return self.encoder.net
 
     @property
+    def ema(self) -> EMA | None:
+        """The EMA of the target network (None for methods without one)."""
+        return self._ema
+
+    @property
     def current_momentum(self) -> float:
         """The EMA momentum the next ``update_moving_average()`` will use."""
         return cosine_momentum(self.momentum, self.step, self.total_steps)

@@ -178,7 +178,9 @@ def non_finite(tensors: Mapping[str, Any]) -> list[str]:
     names = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not names:
         return []
-    finite = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).tolist()
+    checks = [torch.isfinite(tensors[k]).all() for k in names]
+    # FSDP's shards answer for the whole tensor (a collective: every process calls this)
+    finite = torch.stack([c.full_tensor() if hasattr(c, "full_tensor") else c for c in checks]).tolist()
     return [k for k, ok in zip(names, finite) if not ok]
 
 

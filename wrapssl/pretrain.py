@@ -24,7 +24,9 @@ from .config import TrainConfig
 from .data import UnreadableDataError, unreadable_files
 from .evaluate import format_scores
 from .files import atomic_write_text
-from .report import budget_report, final_report, make_plots, report_unreadable, score_baselines, weights_sha256
+from .fsdp import gathered, is_sharded, net_state_dict
+from .report import (budget_report, final_report, make_plots, report_unreadable, score_baselines, score_learner,
+                     weights_sha256)
 from .runs import RunConflictError
 from .rundata import RunData, data_name, load_data
 from .trainer import Trainer
@@ -170,32 +172,44 @@ def run(args: argparse.Namespace) -> dict:
     metrics: dict[str, Any] = {}
     if trainer.step > 0 and metrics_path.is_file():  # resumed: keep the first run's "before"
         metrics = json.loads(metrics_path.read_text())
-    if data.memory is not None and "scores" not in metrics and acc.is_main_process:
-        metrics.update(data=name, knn_k=args.eval_k, knn_memory=len(data.memory), knn_queries=len(data.queries))
-        metrics["scores"] = score_baselines(trainer, args, data)
-        if metrics["scores"]:  # empty with --no-baselines
-            metrics["knn_before"], metrics["knn_before_step"] = metrics["scores"]["random_init"]["knn"], trainer.step
-            print(format_scores(metrics["scores"], k=args.eval_k, memory=len(data.memory)), flush=True)
-        atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # so that a resumed run finds it
+    with gathered(trainer.learner, trainer.learner.encoder):  # FSDP: whole weights for the main process's scores
+        if data.memory is not None and "scores" not in metrics and acc.is_main_process:
+            metrics.update(data=name, knn_k=args.eval_k, knn_memory=len(data.memory), knn_queries=len(data.queries))
+            metrics["scores"] = score_baselines(trainer, args, data)
+            if metrics["scores"]:  # empty with --no-baselines
+                metrics["knn_before"], metrics["knn_before_step"] = metrics["scores"]["random_init"]["knn"], \
+                    trainer.step
+                print(format_scores(metrics["scores"], k=args.eval_k, memory=len(data.memory)), flush=True)
+            atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # so that a resumed run finds it
+        elif data.memory is not None and "scores" not in metrics and args.baselines and is_sharded(trainer.learner):
+            # FSDP before this process's first training step: every process must run the same forwards (the main
+            # one alone would leave FSDP's state out of step between them); only the main one reports
+            score_learner(trainer, data, args.eval_k)
     acc.wait_for_everyone()
 
     train_start = time.perf_counter()
     with trainer:  # ends the trackers and the process group when the report is done
         trainer()
         metrics.update(train_time_s=round(time.perf_counter() - train_start, 1))
-        hashes, bad = [weights_sha256(net=trainer.net)], [unreadable_files(data.train)]
+        bad = [unreadable_files(data.train)]
+        if is_sharded(trainer.learner):  # FSDP: one copy of the weights, in shards; the whole net on rank 0
+            whole = net_state_dict(trainer.learner)
+            hashes = [weights_sha256(whole)] if acc.is_main_process else []
+        else:  # every process holds the weights, and they must agree
+            hashes = [weights_sha256(trainer.net.state_dict())]
         if acc.num_processes > 1:
             hashes, bad = gather_object(hashes), gather_object(bad)
-        if acc.is_main_process:
-            embeddings = final_report(trainer, args, data, metrics, hashes)
-            report_unreadable(data, metrics, {k: v for found in bad for k, v in found.items()})
-            if embeddings is not None and args.labels:
-                budget_report(args, data, metrics, embeddings, out)
-            if args.plot:
-                make_plots(trainer, data, embeddings[1] if embeddings is not None else None, metrics, out)
-            metrics.update(wall_time_s=round(time.perf_counter() - start, 1))
-            atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
-            print(f"wrote {out}/backbone.pt, backbone.safetensors, checkpoints, metrics.json"
-                  f"{' and plots' if args.plot else ''} in {metrics['wall_time_s']:.0f} s")
+        with gathered(trainer.learner, trainer.learner.encoder):  # FSDP: whole weights for the main process's report
+            if acc.is_main_process:
+                embeddings = final_report(trainer, args, data, metrics, hashes)
+                report_unreadable(data, metrics, {k: v for found in bad for k, v in found.items()})
+                if embeddings is not None and args.labels:
+                    budget_report(args, data, metrics, embeddings, out)
+                if args.plot:
+                    make_plots(trainer, data, embeddings[1] if embeddings is not None else None, metrics, out)
+                metrics.update(wall_time_s=round(time.perf_counter() - start, 1))
+                atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
+                print(f"wrote {out}/backbone.pt, backbone.safetensors, checkpoints, metrics.json"
+                      f"{' and plots' if args.plot else ''} in {metrics['wall_time_s']:.0f} s")
         acc.wait_for_everyone()
     return metrics

@@ -22,10 +22,10 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
-def weights_sha256(net: torch.nn.Module) -> str:
-    """SHA-256 over the state_dict: each key (UTF-8) then its tensor's raw bytes, in sorted key order."""
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a net's state_dict: each key (UTF-8) then its tensor's raw bytes, in sorted key order."""
     h = hashlib.sha256()
-    for key, value in sorted(net.state_dict().items()):
+    for key, value in sorted(state.items()):
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

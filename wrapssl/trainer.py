@@ -66,7 +66,8 @@ class Trainer:
         warn_if_frozen(net, "the Trainer trains the net in train mode", "BatchNorm statistics update and dropout "
                        "is active", stacklevel=2)
         self.folder = Path(cfg.checkpoint_folder)
-        self.accelerator, self.run_log, self.grad_accum, compile = make_accelerator_and_log(cfg, accelerator_options)
+        (self.accelerator, self.run_log, self.grad_accum, compile,
+         self.fsdp_plugin) = make_accelerator_and_log(cfg, accelerator_options)  # the plugin: None without FSDP
         acc = self.accelerator
         self.dataset = as_dataset(dataset, cfg.image_size, "dataset")
         self.image_size = cfg.image_size if cfg.image_size is not None else square_side(self.dataset)
@@ -85,7 +86,7 @@ class Trainer:
                                                 compile, acc)
         self.lr = cfg.learning_rate * (self.global_batch * self.grad_accum / 256 if cfg.scale_lr else 1.0)
         self.model, self.optimizer, self.loader, self.sampler = prepare(acc, learner, self.dataset, cfg, self.lr,
-                                                                        self.seed, optimizer_options)
+                                                                        self.seed, optimizer_options, self.fsdp_plugin)
         self.learner = acc.unwrap_model(self.model)
         self.warmup_steps = cfg.warmup(self.num_train_steps)
         self.schedules = Schedules(self.num_train_steps, self.warmup_steps, cfg.min_lr_ratio, cfg.schedule == "cosine",

@@ -14,6 +14,7 @@ from .accelerator import accumulation_steps, dynamo_compile_options, make_accele
 from .config import TrainConfig
 from .data import collate
 from .interrupt import ignore_stop_signals
+from .fsdp import plugin_for, prepare as fsdp_prepare, requested_plugin, shard_learner
 from .learner import Learner
 from .monitor import non_finite
 from .nnutil import private_rng
@@ -26,15 +27,16 @@ __all__ = ["make_accelerator_and_log", "build_learner", "build_loader", "prepare
 
 
 def make_accelerator_and_log(config: TrainConfig, accelerator_options: dict | None
-                             ) -> tuple[Accelerator, RunLog, int, bool | dict]:
-    """The Accelerator, the run's log (its trackers), the batches per optimiser step and the compile setting, from
-    the config and the extra ``accelerate.Accelerator`` keywords."""
+                             ) -> tuple[Accelerator, RunLog, int, bool | dict, Any]:
+    """The Accelerator, the run's log (its trackers), the batches per optimiser step, the compile setting and the
+    FSDP plugin (None without FSDP), from the config and the extra ``accelerate.Accelerator`` keywords."""
     options, folder = dict(accelerator_options or {}), Path(config.checkpoint_folder)
+    fsdp = requested_plugin(options)  # before the Accelerator: FSDP1 is refused in one line
     accumulation = accumulation_steps(config.gradient_accumulation_steps, options)
     compile = config.compile or dynamo_compile_options(options) or False
     trackers, csv_tracker = make_trackers(config.log_with, folder)
     acc = make_accelerator(options, accumulation, config.mixed_precision, trackers, folder, config.collective_timeout)
-    return acc, RunLog(acc, csv_tracker), accumulation, compile
+    return acc, RunLog(acc, csv_tracker), accumulation, compile, plugin_for(acc, fsdp)
 
 
 def build_learner(net: nn.Module, image_size: int, channels: int, config: TrainConfig, total_steps: int,
@@ -76,17 +78,21 @@ def build_loader(dataset: Dataset, sampler: Any, batch_size: int, num_workers: i
 
 
 def prepare(accelerator: Accelerator, learner: nn.Module, dataset: Dataset, config: TrainConfig, lr: float, seed: int,
-            optimizer_options: dict | None) -> tuple[nn.Module, Any, DataLoader, Any]:
+            optimizer_options: dict | None, fsdp_plugin: Any = None) -> tuple[nn.Module, Any, DataLoader, Any]:
     """(model, optimizer, loader, sampler) made ready by Accelerate: the optimiser over the learner at ``lr``, the
-    loader in a resumable order (a tar-shard stream is its own sampler: it deals itself to ranks and workers)."""
+    loader in a resumable order (a tar-shard stream is its own sampler: it deals itself to ranks and workers).
+    With ``fsdp_plugin`` the learner is sharded first (``fsdp.shard_learner``)."""
+    if fsdp_plugin is not None:
+        learner = shard_learner(learner, fsdp_plugin)
     opt = build_optimizer(config.optimizer, learner, lr, config.weight_decay, **(optimizer_options or {}))
     acc, batch, workers = accelerator, config.batch_size, config.num_workers
     if isinstance(dataset, IterableDataset):
         dataset.plan(acc.num_processes, acc.process_index, batch, workers, seed)
-        model, opt = acc.prepare(learner, opt)  # positioned like the sampler; Accelerate must not shard it again
+        model, opt = fsdp_prepare(acc, learner, opt)  # positioned like the sampler; Accelerate must not shard it again
         return model, opt, build_loader(dataset, None, batch, workers, seed, acc.device), dataset
     sampler = ResumableSampler(len(dataset), batch * acc.num_processes, seed)
-    model, opt, loader = acc.prepare(learner, opt, build_loader(dataset, sampler, batch, workers, seed, acc.device))
+    model, opt, loader = fsdp_prepare(acc, learner, opt, build_loader(dataset, sampler, batch, workers, seed,
+                                                                      acc.device))
     return model, opt, loader, sampler
 
 
