@@ -175,3 +175,24 @@ def test_a_learner_training_a_net_left_in_eval_mode_warns_once():
         learner.train()
         fresh = Learner(tiny_net(), 12, hidden_layer=-2, **HEADS)
         fresh(images(8))  # a net in train mode: no warning
+
+
+def test_local_crops_a_fixed_size_vit_cannot_take_are_refused_before_any_step(tmp_path):
+    """DINO's 14 px local crops through a timm ViT built for 32 px fail at the first step with the net's assertion;
+    the Trainer says so at once, with what to change, and writes nothing. Without local crops the same net is fine."""
+    timm = pytest.importorskip("timm")
+    from wrapssl import Trainer
+
+    def vit():
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1,
+                                 num_heads=2, num_classes=10)
+
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"14x14 views \(its local crops\) do not run through VisionTransformer"
+                                         r".*dynamic_img_size=True.*n_local=0"):
+        Trainer(vit(), dataset=images, image_size=32, method="dino", num_train_steps=1, batch_size=8,
+                checkpoint_folder=tmp_path / "run", plot=False)
+    assert not (tmp_path / "run" / "checkpoint-00000001.pt").exists()
+    trainer = Trainer(vit(), dataset=images, image_size=32, method="dino", num_train_steps=1, batch_size=8,
+                      checkpoint_folder=tmp_path / "ok", plot=False, method_kwargs={"n_local": 0})
+    trainer.end()

@@ -121,14 +121,24 @@ def load_init(net: nn.Module, path: str | os.PathLike, channels: int, image_size
 
 
 def check_views(learner: Learner, channels: int, image_size: int) -> None:
-    """Run the views once on two blank images (own RNG stream), so a recipe that cannot work at this size fails
-    now, before any data is read or any step is taken."""
+    """Run the views once on two blank images (own RNG stream), and the net on a meta-device probe at each other
+    view size (a multi-crop method's local crops), so that a recipe that cannot work with this size or this net
+    fails now, before any data is read or any step is taken."""
     with private_rng(), torch.no_grad():
         try:
-            learner.views(torch.zeros(2, channels, image_size, image_size))
+            views = learner.views(torch.zeros(2, channels, image_size, image_size))
         except Exception as e:
             raise ValueError(f"the views cannot run on {image_size}x{image_size} images ({e}); use a larger "
                              "image_size") from e
+    for side in sorted({v.shape[-1] for v in views} - {image_size}):
+        try:
+            learner.encoder.probe_width(channels, side)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"the method's {side}x{side} views (its local crops) do not run through "
+                             f"{type(learner.net).__name__} ({reason}); use a net that takes any image size (a "
+                             "timm ViT built with dynamic_img_size=True), or no local crops (method_kwargs "
+                             "n_local=0; --method-arg n_local=0), or a local_size the net takes") from e
 
 
 def square_side(dataset: Dataset) -> int:
