@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .encoder import ClassifierInput, Encoder, LayerSpec
-from .nnutil import eval_mode, input_channels, size_hint, with_context
+from .nnutil import eval_mode, input_channels
 
 __all__ = ["BackboneInfo", "Backbone", "Embedder", "Classifier", "save_backbone", "read_backbone_info", "load_backbone", "random_init",
            "layer_to_json", "layer_from_json"]
@@ -300,16 +300,7 @@ class Embedder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1] with the net's channel count → (B, D): normalised, in the net's memory format,
         through the hooked encoder; an error of the net is raised again, of its own type, with what it got."""
-        batch = self.encoder.input_format(self.normalize.to(x.device)(x))
-        try:
-            return self.encoder(batch)
-        except Exception as e:
-            hint = ("; a net that reshapes feature maps with .view() needs contiguous images: pass "
-                    "channels_last=False" if not batch.is_contiguous() else "")
-            size = batch.shape[-1]
-            raise with_context(e, f"{type(self.net).__name__} failed on images of shape {tuple(batch.shape)}: {e}\n"
-                                  f"Check that the net takes {self.channels}-channel images of size {size}"
-                                  f"{hint}{size_hint(self.net, size)}")
+        return self.encoder.run(self.encoder.input_format(self.normalize.to(x.device)(x)), self.channels)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The representations (B, D) of ``images`` as the net is now (its train/eval mode, with gradients)."""

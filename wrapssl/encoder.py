@@ -205,6 +205,19 @@ class Encoder(nn.Module):
             self.layout = self._layout_of(tuple(h.shape), tuple(x.shape))
         return pool(h, self.pooling, self.layout or "NCHW")
 
+    def run(self, batch: torch.Tensor, channels: int, what: str = "images", settings: str = "") -> torch.Tensor:
+        """``self(batch)``; an error of the net is raised again, of its own type, with what it got (``what``: the
+        batch's name, e.g. "views") and what to check (``settings``: where the channels and size were set)."""
+        try:
+            return self(batch)
+        except Exception as e:
+            hint = ("; a net that reshapes feature maps with .view() needs contiguous images: pass "
+                    "channels_last=False" if not batch.is_contiguous() else "")
+            size = batch.shape[-1]
+            raise with_context(e, f"{type(self.net).__name__} failed on {what} of shape {tuple(batch.shape)}: {e}\n"
+                                  f"Check that the net takes {channels}-channel images of size {size}"
+                                  f"{settings}{hint}{size_hint(self.net, size)}")
+
     def _hidden_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the raw hidden output for images of ``shape``, found without touching the net (``meta_probe``:
         on the meta device, or on a throw-away copy for nets that meta tensors cannot run through)."""

@@ -15,7 +15,7 @@ from .ema import EMA, cosine_momentum, make_target
 from .encoder import Encoder, LayerSpec
 from .methods import Method, get_method
 from .methods.base import NEEDS, EncoderSpec
-from .nnutil import input_channels, size_hint, warn_if_frozen, with_context
+from .nnutil import input_channels, warn_if_frozen
 from .prelogits import find_pre_logits
 from .teacher import Teacher, build_teacher
 from .vit import vit_tokens
@@ -245,15 +245,7 @@ class Learner(nn.Module):
 
     def _run(self, encoder: Encoder, batch: torch.Tensor) -> torch.Tensor:
         """``encoder(batch)``; an error of the net is raised again with what the Learner gave it."""
-        try:
-            return encoder(batch)
-        except Exception as e:
-            hint = ("; a net that reshapes feature maps with .view() needs contiguous images: pass "
-                    "channels_last=False" if not batch.is_contiguous() else "")
-            size = batch.shape[-1]
-            raise with_context(e, f"{type(encoder.net).__name__} failed on views of shape {tuple(batch.shape)}: "
-                                  f"{e}\nCheck that the net takes {self.channels}-channel images of size {size} "
-                                  f"(Learner's channels= and image_size=){hint}{size_hint(encoder.net, size)}")
+        return encoder.run(batch, self.channels, "views", " (Learner's channels= and image_size=)")
 
     def _encode_online(self, batches: list[tuple[torch.Tensor, int]]) -> list:
         """The method's online output for each view (a tensor, or a tuple of them), one pass per batch of
