@@ -147,6 +147,11 @@ def run_cases(rank: int, tmp: str) -> dict:
     plain_opt.load_state_dict(state["optimizer"])
     step(plain, plain_opt, 2, rank, average=True)
     out["resumed_without_fsdp"] = plain.state_dict()
+    try:  # last: the net called outside gathered(), as a user's own evaluation would
+        learner.embed(images)
+        out["outside_gathered"] = None
+    except Exception as e:
+        out["outside_gathered"] = str(e)
     return out
 
 
@@ -287,3 +292,10 @@ def test_bad_fsdp_settings_get_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no sharded checkpoint") as info:
         load_shards(tmp_path, learner, torch.optim.SGD(learner.parameters(), lr=0.1))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_calling_the_sharded_net_outside_gathered_says_how_to_call_it(ranks):
+    message = ranks[0]["outside_gathered"]
+    assert message is not None and "DTensor" in message  # torch's own words, kept
+    assert "sharded (FSDP): call it inside `with wrapssl.fsdp.gathered(learner, learner.encoder):`" in message

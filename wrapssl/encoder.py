@@ -213,6 +213,9 @@ class Encoder(nn.Module):
         except Exception as e:
             hint = ("; a net that reshapes feature maps with .view() needs contiguous images: pass "
                     "channels_last=False" if not batch.is_contiguous() else "")
+            if "DTensor" in str(e):  # the net's weights are FSDP shards: a call outside the Learner's forward
+                hint += ("; the net is sharded (FSDP): call it inside `with wrapssl.fsdp.gathered(learner, "
+                         "learner.encoder):`, entered by every process")
             size = batch.shape[-1]
             raise with_context(e, f"{type(self.net).__name__} failed on {what} of shape {tuple(batch.shape)}: {e}\n"
                                   f"Check that the net takes {channels}-channel images of size {size}"
