@@ -10,7 +10,7 @@ from .embeddings import Embeddings, embed_dataset
 from .metrics import (PROBE_WEIGHT_DECAYS, adjusted_mutual_info, choose_weight_decay, cluster_scores, fit_logistic,
                       kmeans, knn_accuracy, knn_predict, linear_probe, linear_probe_cv, normalized_mutual_info,
                       retrieval_scores)
-from .report import ROW_NAMES, baseline_scores, evaluate, format_scores, probe_scores, raw_pixels
+from .scores import ROW_NAMES, baseline_scores, evaluate, format_scores, probe_scores, raw_pixels
 
 __all__ = [
     "Embeddings", "embed_dataset", "knn_predict", "knn_accuracy", "linear_probe", "linear_probe_cv", "fit_logistic",

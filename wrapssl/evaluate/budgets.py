@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, Subset
 from ..checks import positive_int
 from .embeddings import embed_dataset
 from .metrics import linear_probe_cv
-from .report import raw_pixels
+from .scores import raw_pixels
 
 __all__ = ["Budget", "parse_budgets", "draw_labels", "label_budgets", "format_budgets", "report", "print_report",
            "fitting", "ROWS", "ROW_TITLES"]

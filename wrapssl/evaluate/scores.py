@@ -1,4 +1,4 @@
-"""The report's rows: a representation's scores beside the trivial baselines (raw pixels, random init).
+"""A representation's scores in the report's rows, beside the trivial baselines (raw pixels, random init).
 
 One protocol (kNN with all labelled training rows as memory, and a linear probe); ``evaluate`` gives all
 scores of ``wrapssl evaluate``; ``format_scores`` prints the rows as a table.
