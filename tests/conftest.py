@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import socket
 
 # Idle OpenMP threads spin by default and starve the working ones on a busy machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -69,6 +70,13 @@ def fmnist_train():
     x = torch.from_numpy(read_idx(img)[:4096].copy()).unsqueeze(1)
     y = torch.from_numpy(read_idx(FMNIST / "train-labels-idx1-ubyte.gz")[:4096].astype(np.int64))
     return x, y
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for a test's process group or launcher."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def reset_accelerate() -> None:

@@ -8,9 +8,9 @@ compared as the mean over processes (a loss over local anchors averages to the
 global one). One fork of two processes runs every case, to keep the test fast.
 """
 import os
-import socket
 
 import pytest
+from conftest import free_port
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -97,11 +97,6 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -17,13 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import reset_accelerate
+from conftest import free_port, reset_accelerate
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, port: int, args: list[str], err: str, stop_after_step: int | None) -> None:

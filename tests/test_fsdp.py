@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import weakref
 from datetime import timedelta
 
 import pytest
+from conftest import free_port
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -165,11 +165,6 @@ def worker(rank: int, port: int, tmp: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import reset_accelerate
+from conftest import free_port, reset_accelerate
 
 timm = pytest.importorskip("timm")
 STEPS = 4
@@ -38,11 +37,6 @@ def worker(rank: int, port: int, tmp: str, kind: str, phase: str) -> None:
                       FSDP_STATE_DICT_TYPE=f"{kind.upper()}_STATE_DICT")
     run(os.path.join(tmp, f"{phase}-{kind}"), kind)
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(tmp, kind: str, phase: str) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 import torch
 from PIL import Image
 
@@ -19,11 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = ["--image-size", "8", "--batch-size", "8", "--steps", "4", "--checkpoint-every", "2", "--log-every", "1",
        "--no-plots", "--timeout", "120"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def same(a, b) -> bool:
