@@ -14,7 +14,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
-from .checks import positive_int
+from .checks import optional_import, positive_int
 from .encoder import LayerSpec
 from .nnutil import input_channels
 from .prelogits import find_pre_logits
@@ -233,11 +233,8 @@ def _timm_checkpoint_filter(net: nn.Module, state: dict[str, torch.Tensor]) -> d
 
 def _build_timm(name: str, channels: int, num_classes: int, image_size: int | None) -> nn.Module:
     """A randomly initialised timm model, built for ``image_size`` where the model fixes its input size."""
-    try:
-        import timm
-    except ImportError as e:
-        raise ImportError(f"architecture {name!r} needs timm: pip install timm "
-                          f"(or pick a torchvision model, e.g. 'resnet18', or 'small_resnet')") from e
+    timm = optional_import("timm", f"architecture {name!r} needs timm: pip install timm (or pick a torchvision "
+                                   "model, e.g. 'resnet18', or 'small_resnet')")
     kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=channels)
     try:
         if image_size is not None:

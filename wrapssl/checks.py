@@ -1,7 +1,9 @@
-"""Argument checks shared by the package: one home for each, so every message reads the same."""
+"""Argument checks shared by the package, and optional dependencies: one home for each, so every message reads the
+same."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 from typing import Any, Callable
 
@@ -9,7 +11,7 @@ import numpy as np
 
 __all__ = ["positive_int", "non_negative_int", "int_at_least", "positive_float", "non_negative_float",
            "positive_int_arg", "non_negative_int_arg", "positive_float_arg", "non_negative_float_arg", "fraction_arg",
-           "arg_type"]
+           "arg_type", "optional_import"]
 
 
 def int_at_least(value: Any, name: str, minimum: int, allow_none: bool = False, what: str | None = None
@@ -82,3 +84,12 @@ non_negative_int_arg = arg_type(int, lambda v: v >= 0, "a whole number >= 0")
 positive_float_arg = arg_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 non_negative_float_arg = arg_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 fraction_arg = arg_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def optional_import(module: str, missing: str) -> Any:
+    """``module`` imported, or an ImportError saying ``missing`` (what needs it and how to install it)."""
+    try:
+        importlib.import_module(module.partition(".")[0])  # the package first, even when the module is cached
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(missing) from e

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..checks import optional_import
 from ..files import atomic_open
 from .adapters import TensorImages, _identifiers
 from .decode import _pair, _resize_tensor
@@ -121,10 +122,8 @@ class Digits(TensorImages):
     """
 
     def __init__(self, image_size: int | Sequence[int] | None = None, split: str | None = None) -> None:
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as exc:
-            raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from exc
+        load_digits = optional_import("sklearn.datasets", "the 'digits' dataset needs scikit-learn: pip install "
+                                                          "scikit-learn").load_digits
         keep = {None: slice(None), "train": slice(None, DIGITS_TRAIN), "test": slice(DIGITS_TRAIN, None)}
         if split not in keep:
             raise ValueError(f"digits has the splits 'train' and 'test' (or None for all), got {split!r}")

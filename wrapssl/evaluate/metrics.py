@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checks import positive_int
+from ..checks import optional_import, positive_int
 from ..kmeans import kmeans
 
 
@@ -199,12 +199,8 @@ def _label_arrays(labels_true: Any, labels_pred: Any) -> tuple[np.ndarray, np.nd
 
 def _sklearn_metrics() -> Any:
     """scikit-learn's metrics module, or an ImportError that says how to install it."""
-    try:
-        from sklearn import metrics
-    except ImportError as exc:
-        raise ImportError("clustering scores (NMI, AMI) need scikit-learn: pip install scikit-learn "
-                          "(or pip install wrapssl[eval])") from exc
-    return metrics
+    return optional_import("sklearn.metrics", "clustering scores (NMI, AMI) need scikit-learn: pip install "
+                                              "scikit-learn (or pip install wrapssl[eval])")
 
 
 def normalized_mutual_info(labels_true: Any, labels_pred: Any) -> float:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 import torch
 
+from ..checks import optional_import
 from ..files import atomic_open
 
 if TYPE_CHECKING:
@@ -25,21 +26,13 @@ DPI = 110
 
 def figure_class() -> type:
     """matplotlib's Figure class, or an ImportError that says how to install matplotlib."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("wrapssl.plots needs matplotlib: pip install matplotlib "
-                          "(or pip install wrapssl[plots])") from e
-    return Figure
+    return optional_import("matplotlib.figure", "wrapssl.plots needs matplotlib: pip install matplotlib (or pip "
+                                                "install wrapssl[plots])").Figure
 
 
 def need_sklearn(what: str) -> None:
     """Raise an ImportError that says how to install scikit-learn, if it is missing."""
-    try:
-        import sklearn  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"{what} needs scikit-learn: pip install scikit-learn "
-                          "(or pip install wrapssl[eval])") from e
+    optional_import("sklearn", f"{what} needs scikit-learn: pip install scikit-learn (or pip install wrapssl[eval])")
 
 
 def save(fig: "Figure", path: PathLike) -> Path:
