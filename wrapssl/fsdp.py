@@ -169,8 +169,9 @@ def shard_learner(learner: nn.Module, plugin: Any = None, mesh: Any = None) -> n
 def gathered(learner: nn.Module, part: nn.Module | None = None) -> Iterator[None]:
     """Whole weights inside: the root's and those of the units in ``part`` (default: all) gathered on every process,
     for code that calls the net outside the Learner's forward (``learner.embed``, ``Embedder``, evaluation and
-    health callbacks), on every process or on one alone; sharded again after. Every process must enter it. A no-op
-    for an unsharded learner."""
+    health callbacks), on every process or on one alone; sharded again after. Every process must enter it, and
+    before a process's first training step every process must run the same forwards inside (FSDP's processes fall
+    out of step otherwise). A no-op for an unsharded learner."""
     if not is_sharded(learner):
         yield
         return
@@ -189,9 +190,6 @@ def gathered(learner: nn.Module, part: nn.Module | None = None) -> Iterator[None
             if unit is not learner:  # the root never reshards after its forward
                 unit.set_reshard_after_forward(_RESHARD_AFTER_FORWARD.get(learner, True), recurse=False)
             unit.reshard()
-        # forwards inside ran on some processes only (an evaluation on the main one): forget the order FSDP recorded
-        # from them, or the next backward prefetches blocks on those processes alone and the run hangs
-        learner.reset_iter_state()
 
 
 def prepare(accelerator: Any, learner: nn.Module, *objects: Any) -> tuple:
