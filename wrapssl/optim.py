@@ -95,8 +95,7 @@ class WarmupCosine:
 
     ``factor(s) = (s+1)/warmup`` for ``s < warmup``, then
     ``min_ratio + (1-min_ratio)·½(1+cos(π·(s−warmup)/(total−warmup)))``. The Trainer
-    precomputes it per step (``schedules.Schedules``); as a callable object (not a closure)
-    it also drives torch's ``LambdaLR`` with a state_dict of plain data.
+    precomputes it per step (``schedules.Schedules``).
     """
 
     def __init__(self, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0, cosine: bool = True):
